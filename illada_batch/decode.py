@@ -1,0 +1,192 @@
+"""The one decoding loop of the diffusion sampler.
+
+Design note. A ``DecodeBatch`` holds the rows in flight as left-padded tensors
+``[pad | prompt | response]`` with per-row RoPE positions (a row's first real token is at
+position 0, or right after the cached prefix), so padding never changes a row's result.
+Each row carries its own block index, step counter and random generator, so rows that
+joined the batch at different times (continuous batching) decode side by side.
+``denoise_step`` is one forward pass (one NFE) plus the per-row unmasking; ``generate``
+loops it over one batch; the engine loops it while refilling finished rows. The cache is
+a parameter (``prefix_kv``), never a second loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .model import LLaDA, LayerKV
+from .params import SamplingParams
+from .sampler import confidence, gumbel_argmax, select_transfer, transfer_schedule
+
+
+@dataclass
+class DecodeBatch:
+    x: Tensor  # [B, L] tokens: pad | prompt | response (the last gen_length columns)
+    valid: Tensor  # [B, L] bool, False on left padding
+    positions: Tensor  # [B, L] RoPE positions
+    prefix_end: Tensor  # [B] column where a row's isolated prefix ends (0 = none)
+    block: Tensor  # [B] current block per row
+    step: Tensor  # [B] steps taken in the current block
+    nfe: Tensor  # [B] forward passes this row has cost
+    done: Tensor  # [B] bool
+    generators: list[torch.Generator]
+    tags: list = field(default_factory=list)  # the caller's handle per row (request ids)
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+    @classmethod
+    def from_prompts(cls, prompts: list[list[int]], params: SamplingParams, mask_id: int, pad_id: int,
+                     generators: list[torch.Generator], device: torch.device, position_offset: int = 0,
+                     prefix_lengths: list[int] | None = None, tags: list | None = None) -> "DecodeBatch":
+        B, G = len(prompts), params.gen_length
+        L = max(len(p) for p in prompts) + G
+        x = torch.full((B, L), pad_id, dtype=torch.long)
+        valid = torch.zeros((B, L), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            x[i, L - G - len(p):L - G] = torch.tensor(p, dtype=torch.long)
+            valid[i, L - G - len(p):] = True
+        x[:, L - G:] = mask_id
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + position_offset
+        pad = L - G - torch.tensor([len(p) for p in prompts])
+        prefix_end = pad + torch.tensor(prefix_lengths) if prefix_lengths else torch.zeros(B, dtype=torch.long)
+        zeros = torch.zeros(B, dtype=torch.long)
+        return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), zeros.to(device),
+                   zeros.to(device), zeros.to(device), torch.zeros(B, dtype=torch.bool, device=device),
+                   list(generators), list(tags) if tags is not None else list(range(B)))
+
+    def select(self, keep: Tensor) -> "DecodeBatch":
+        """The rows where ``keep`` [B] is True, with left padding trimmed to the longest."""
+        idx = keep.nonzero().squeeze(-1)
+        valid = self.valid[idx]
+        first = int((~valid).sum(-1).min()) if len(idx) else 0
+        trim = slice(first, None)
+        return DecodeBatch(self.x[idx, trim], valid[:, trim], self.positions[idx, trim], self.prefix_end[idx] - first,
+                           self.block[idx], self.step[idx], self.nfe[idx], self.done[idx],
+                           [self.generators[i] for i in idx.tolist()], [self.tags[i] for i in idx.tolist()])
+
+    def extend(self, other: "DecodeBatch", pad_id: int) -> "DecodeBatch":
+        """Both batches' rows, left-padded to a common length."""
+        L = max(self.x.shape[1], other.x.shape[1])
+
+        def lpad(t: Tensor, value) -> Tensor:
+            return torch.nn.functional.pad(t, (L - t.shape[1], 0), value=value)
+
+        cat = torch.cat
+        return DecodeBatch(
+            cat([lpad(self.x, pad_id), lpad(other.x, pad_id)]), cat([lpad(self.valid, False), lpad(other.valid, False)]),
+            cat([lpad(self.positions, 0), lpad(other.positions, 0)]),
+            cat([self.prefix_end + L - self.x.shape[1], other.prefix_end + L - other.x.shape[1]]),
+            cat([self.block, other.block]), cat([self.step, other.step]), cat([self.nfe, other.nfe]),
+            cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags)
+
+    def attention_mask(self, isolate_prefix: bool) -> Tensor:
+        """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself."""
+        if not isolate_prefix:
+            return self.valid
+        col = torch.arange(self.x.shape[1], device=self.x.device)
+        in_prefix = col[None] < self.prefix_end[:, None]  # [B, L]
+        # query i may see key j if j is real and (i is outside the prefix or j is inside it)
+        return self.valid[:, None, :] & (~in_prefix[:, :, None] | in_prefix[:, None, :])
+
+
+def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams,
+                 prefix_kv: list[LayerKV] | None = None, isolate_prefix: bool = False) -> None:
+    """One forward pass for the unfinished rows, then each unmasks its chosen positions."""
+    cfg = model.config
+    mask_id, G, BL = cfg.mask_token_id, params.gen_length, params.block_length
+    rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
+    if len(rows) == 0:
+        return
+    x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
+    block = batch.block[rows]
+    cols = (L - G) + block[:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block's columns
+    attn = batch.attention_mask(isolate_prefix)[rows]
+    positions = batch.positions[rows]
+    inputs, logits_index = x, (cols if params.block_logits_only else None)
+    if params.cfg_scale > 0:  # the unconditional copy: the whole prompt masked
+        prompt = valid.clone()
+        prompt[:, L - G:] = False
+        inputs = torch.cat([x, torch.where(prompt, mask_id, x)])
+        attn, positions = torch.cat([attn, attn]), torch.cat([positions, positions])
+        logits_index = None if logits_index is None else torch.cat([logits_index, logits_index])
+    logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=prefix_kv,
+                       logits_index=logits_index).logits  # [b or 2b, L or BL, V]
+    if logits_index is None:
+        logits = logits.gather(1, torch.cat([cols] * (logits.shape[0] // len(rows)))[..., None]
+                               .expand(-1, -1, logits.shape[-1]))  # [b or 2b, BL, V]
+    if params.cfg_scale > 0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + (params.cfg_scale + 1) * (cond - uncond)
+    if params.suppress_eos:
+        logits[..., cfg.eos_token_id] = -torch.inf
+    gens = [batch.generators[i] for i in rows.tolist()]
+    current = x.gather(1, cols)  # [b, BL]
+    is_mask = current == mask_id
+    tokens = gumbel_argmax(logits, params.temperature, gens)  # [b, BL]
+    conf = confidence(logits, tokens, params.remasking, gens)  # [b, BL] float32
+    if params.zero_eos_confidence:
+        eot = getattr(model.tokenizer, "eot_id", None)
+        stop = (tokens == cfg.eos_token_id) | ((tokens == eot) if eot is not None else False)
+        conf = torch.where(stop, torch.zeros_like(conf), conf)
+    conf = torch.where(is_mask, conf, -torch.inf)
+    schedule = torch.tensor(transfer_schedule(BL, params.steps_per_block), device=x.device)
+    count = schedule[batch.step[rows].clamp(max=params.steps_per_block - 1)]
+    transfer = select_transfer(conf, count, params.threshold)  # [b, BL]
+    batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
+    _advance(batch, rows, cols, params, mask_id, cfg.eos_token_id)
+
+
+def _advance(batch: DecodeBatch, rows: Tensor, cols: Tensor, params: SamplingParams, mask_id: int, eos_id: int) -> None:
+    batch.nfe[rows] += 1
+    batch.step[rows] += 1
+    block_done = ~(batch.x[rows[:, None], cols] == mask_id).any(-1)  # [b]
+    batch.block[rows] += block_done.long()
+    batch.step[rows] = torch.where(block_done, 0, batch.step[rows])
+    batch.done[rows] = batch.block[rows] >= params.num_blocks
+    if params.early_stop:
+        resp = batch.x[rows, -params.gen_length:]  # [b, G]
+        is_eos, is_mask = resp == eos_id, resp == mask_id
+        first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), params.gen_length)  # [b]
+        before = torch.arange(params.gen_length, device=resp.device)[None] < first_eos[:, None]
+        settled = is_eos.any(-1) & ~(is_mask & before).any(-1)  # text up to the first EOS is final
+        if settled.any():
+            batch.x[rows, -params.gen_length:] = torch.where(settled[:, None] & is_mask, eos_id, resp)
+            batch.done[rows] |= settled
+
+
+def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+@torch.no_grad()
+def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
+             gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
+             remasking: str = "low_confidence", seed: int | list[int] | None = None, **options) -> Tensor:
+    """LLaDA's reference ``generate()`` call shape: prompt ids [B, Lp] (left padded, with an
+    ``attention_mask`` when rows differ in length) -> ids [B, Lp + gen_length].
+
+    ``options``: the other ``SamplingParams`` fields (threshold, early_stop, suppress_eos,
+    zero_eos_confidence, block_logits_only). ``seed``: one per row or one for all rows
+    (row i gets seed + i); default: drawn from torch's global generator.
+    """
+    params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
+                            cfg_scale=cfg_scale, remasking=remasking, **options)
+    cfg = model.config
+    B = prompt_ids.shape[0]
+    mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
+    if seed is None:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    else:
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
+    batch = DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
+                                     row_generators(seeds, model.device), model.device)
+    while not bool(batch.done.all()):
+        denoise_step(model, batch, params)
+    out = torch.cat([prompt_ids.to(model.device), batch.x[:, -gen_length:]], dim=1)
+    return out

@@ -1,0 +1,177 @@
+"""The LLaDA architecture, and nothing else (generation lives in ``generate.py``).
+
+LLaDA-8B is a Llama-style transformer without a causal mask: RMSNorm in float32, RoPE
+(non-interleaved halves, float32), SwiGLU ``ff_out(silu(ff_proj(x)) * up_proj(x))``, no
+biases, an untied output head, grouped-query attention when ``n_kv_heads < n_heads``.
+Module names reproduce LLaDA's tensor names (``model.transformer.blocks.0.q_proj.weight``)
+so ``state_dict()`` is the checkpoint layout.
+
+Beyond a plain forward, two hooks serve the prefix cache without a second code path:
+``prefix_kv`` (K/V of a shared prefix that every row's queries also attend to) and
+``return_kv`` (hand back this call's K/V so a prefix can be stored in pages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LLaDAConfig
+
+# One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
+LayerKV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin for integer ``positions`` [B, L] -> two [B, 1, L, head_dim] float32 tensors."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, L, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, L, hd]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, L, hd]; rotate the two halves in float32, return in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                prefix: LayerKV | None) -> tuple[Tensor, LayerKV]:
+        cfg = self.cfg
+        B, L, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = (k, v)
+        if prefix is not None:
+            pk, pv = prefix  # [P, Hkv, hd] shared by every row
+            pk = pk.to(k.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)  # [B, Hkv, P, hd]
+            pv = pv.to(v.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [B, Hkv, P+L, hd]
+        if cfg.n_kv_heads != cfg.n_heads:
+            rep = cfg.n_heads // cfg.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, *, hd]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
+        h = self.ff_norm(x)
+        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x, new_kv
+
+
+@dataclass
+class ForwardOut:
+    logits: Tensor  # [B, L or K, embedding_size]
+    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_kv
+
+
+class LLaDA(nn.Module):
+    """``model(input_ids, attention_mask=None) -> logits [B, L, V]``."""
+
+    def __init__(self, cfg: LLaDAConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tokenizer = None  # set by load_model when the checkpoint has one
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
+            blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
+        ))
+        if not cfg.weight_tying:
+            self.model.transformer.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.wte.weight.dtype
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.run(input_ids, attention_mask=attention_mask).logits
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
+            prefix_kv: list[LayerKV] | None = None, logits_index: Tensor | None = None,
+            return_kv: bool = False, return_logits: bool = True) -> ForwardOut:
+        """The one forward.
+
+        input_ids [B, L]. attention_mask: [B, L] key padding (True/1 = real token) or a full
+        [B, L, L] boolean mask (True = may attend). positions [B, L]: RoPE positions,
+        default ``arange(L)``. prefix_kv: per-layer K/V of a prefix every row also attends
+        to (positions then continue after it). logits_index [B, K]: compute logits only at
+        these positions.
+        """
+        B, L = input_ids.shape
+        P = 0 if prefix_kv is None else prefix_kv[0][0].shape[0]
+        if positions is None:
+            positions = torch.arange(P, P + L, device=input_ids.device).expand(B, L)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = self._attn_mask(attention_mask, B, L, P)
+        t = self.model.transformer
+        x = t.wte(input_ids)  # [B, L, d]
+        kvs = []
+        for block in t.blocks:
+            x, kv = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[len(kvs)])
+            kvs.append(kv)
+        if not return_logits:
+            return ForwardOut(logits=x.new_empty(0), kv=kvs)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
+        x = t.ln_f(x)
+        head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
+        return ForwardOut(logits=F.linear(x, head), kv=kvs if return_kv else None)
+
+    @staticmethod
+    def _attn_mask(attention_mask: Tensor | None, B: int, L: int, P: int) -> Tensor | None:
+        """-> bool [B, 1, L, P+L] (True = attend) or None when everything may attend."""
+        if attention_mask is None:
+            return None
+        m = attention_mask.bool()
+        if m.dim() == 2:
+            if bool(m.all()):
+                return None
+            m = m[:, None, :].expand(B, L, L)  # [B, L(q), L(k)]
+        if P:
+            m = torch.cat([m.new_ones(B, L, P), m], dim=-1)  # the prefix is visible to every query
+        # A query that may attend to nothing (a padding position) would give NaN: let it see itself.
+        self_key = torch.zeros(L, P + L, dtype=torch.bool, device=m.device)
+        self_key[:, P:] = torch.eye(L, dtype=torch.bool, device=m.device)
+        m = m | self_key[None]
+        return m[:, None]

@@ -1,0 +1,68 @@
+"""The diffusion sampler's pure functions: transfer schedule, token choice, remasking.
+
+These follow LLaDA's reference ``generate()``: in a block with M masked positions decoded
+in s steps, step k unmasks ``M // s`` tokens plus one for the first ``M % s`` steps;
+``low_confidence`` keeps the predictions whose softmax probability is highest, ``random``
+keeps random ones; at temperature > 0 the token is the argmax of Gumbel-perturbed logits
+computed in float64. Confidences are float32 or wider. Every random draw comes from the
+row's own generator so a row's tokens never depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+
+class Remasking(str, enum.Enum):
+    LOW_CONFIDENCE = "low_confidence"
+    RANDOM = "random"
+
+
+def transfer_schedule(masked: int, steps: int) -> list[int]:
+    """Tokens to unmask at each of ``steps`` steps for ``masked`` masked positions."""
+    base, extra = divmod(masked, steps)
+    return [base + (k < extra) for k in range(steps)]
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, generators: list[torch.Generator]) -> Tensor:
+    """argmax of ``exp(logits) / (-log u) ** temperature`` in float64, u ~ U(0,1) per row.
+
+    logits [B, K, V] -> tokens [B, K]. Equivalent to adding Gumbel(0, temperature) noise.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    B, K, V = logits.shape
+    noise = torch.stack([torch.rand((K, V), generator=g, device=logits.device, dtype=torch.float64)
+                         for g in generators])  # [B, K, V]
+    perturbed = logits.to(torch.float64).exp() / (-torch.log(noise)) ** temperature  # [B, K, V]
+    return perturbed.argmax(dim=-1)
+
+
+def confidence(logits: Tensor, tokens: Tensor, remasking: Remasking,
+               generators: list[torch.Generator]) -> Tensor:
+    """Score of each prediction [B, K] (float32): its probability, or a uniform draw."""
+    if remasking is Remasking.LOW_CONFIDENCE:
+        probs = torch.softmax(logits.float(), dim=-1)  # [B, K, V]
+        return probs.gather(-1, tokens[..., None]).squeeze(-1)  # [B, K]
+    B, K = tokens.shape
+    return torch.stack([torch.rand(K, generator=g, device=tokens.device, dtype=torch.float32)
+                        for g in generators])  # [B, K]
+
+
+def select_transfer(conf: Tensor, count: Tensor, threshold: float | None) -> Tensor:
+    """Which positions to unmask [B, K] bool.
+
+    conf [B, K] with -inf where nothing may be unmasked. Fixed schedule: the ``count[b]``
+    most confident. Threshold: every position with conf >= threshold, and at least the
+    most confident one.
+    """
+    order = conf.argsort(dim=-1, descending=True, stable=True)  # [B, K]
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    allowed = torch.isfinite(conf)
+    if threshold is None:
+        return allowed & (rank < count[:, None])
+    return allowed & ((conf >= threshold) | (rank == 0))

@@ -1,0 +1,205 @@
+"""Train the shipped tiny LLaDA model (``tiny-llada``) on the task suite plus some English.
+
+LLaDA's objective: a document's answer tokens are masked at a ratio t ~ U(0, 1] and the
+model is trained with cross-entropy on the masked positions weighted by 1/t. Each worked
+example in a few-shot prefix is an answer with its own t, so one document trains many
+answers; the final row's answer is padded with EOS to the response length, as at
+generation time. Plain text (the King James Bible) is masked everywhere, as in
+pre-training. Half of the batches isolate the prefix (it attends only to itself), so the
+model is also exact-by-training for the ``prefix`` cache mode.
+
+Deterministic given ``--seed`` (one torch thread). Reproduce the shipped weights:
+
+    python -m illada_batch.train.train --out runs/tiny-llada
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import tasks
+from ..checkpoint import save_checkpoint
+from ..config import PRESETS
+from ..decode import generate
+from ..model import LLaDA
+from ..tokenizer import Tokenizer
+from . import tokenizer as tokbuild
+
+RESPONSE_LENGTHS = (16, 32, 32, 32, 64)
+
+
+class Documents:
+    """Endless deterministic stream of (token ids, answer mask, span ids, prefix end)."""
+
+    def __init__(self, tok: Tokenizer, eos: int, seed: int, text: str, text_fraction: float) -> None:
+        self.tok, self.eos, self.rng = tok, eos, random.Random(seed)
+        self.text_ids = tok.encode(text) if text_fraction > 0 else []
+        self.text_fraction = text_fraction
+        self.count = lambda s: len(tok.encode(s))
+
+    def task_doc(self, min_prefix_tokens: int) -> tuple[list[int], list[int], int]:
+        segments, _ = tasks.training_sequence(self.rng, min_prefix_tokens, self.count)
+        ids: list[int] = []
+        span: list[int] = []  # 0 = context, k > 0 = answer span k
+        prefix_end = 0
+        for i, (text, is_answer) in enumerate(segments):
+            if i == len(segments) - 2:  # the final row's prompt starts here
+                prefix_end = len(ids)
+            piece = self.tok.encode(text)
+            if i == len(segments) - 1:  # final answer: padded with EOS to the response length
+                piece = piece + [self.eos] * max(0, self.rng.choice(RESPONSE_LENGTHS) - len(piece))
+            ids += piece
+            span += [i + 1 if is_answer else 0] * len(piece)
+        return ids, span, prefix_end
+
+    def text_doc(self, length: int) -> tuple[list[int], list[int], int]:
+        start = self.rng.randrange(0, len(self.text_ids) - length)
+        return self.text_ids[start:start + length], [1] * length, 0
+
+    def batch(self, size: int) -> list[tuple[list[int], list[int], int]]:
+        if self.text_ids and self.rng.random() < self.text_fraction:
+            return [self.text_doc(256) for _ in range(size)]
+        target = self.rng.randrange(48, 481)  # prefix length of this batch, in tokens
+        return [self.task_doc(target) for _ in range(size)]
+
+
+def collate(docs, pad: int, isolate: bool, gen: torch.Generator):
+    L = max(len(d[0]) for d in docs)
+    B = len(docs)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    span = torch.zeros((B, L), dtype=torch.long)
+    valid = torch.zeros((B, L), dtype=torch.bool)
+    prefix_end = torch.tensor([d[2] for d in docs])
+    for i, (x, s, _) in enumerate(docs):
+        ids[i, :len(x)], span[i, :len(s)], valid[i, :len(x)] = torch.tensor(x), torch.tensor(s), True
+    # one t per answer span: t ~ U(0, 1], drawn per (row, span id)
+    t_table = torch.rand((B, int(span.max()) + 1), generator=gen).clamp(min=1e-3)
+    t = t_table.gather(1, span)  # [B, L]
+    masked = (span > 0) & (torch.rand((B, L), generator=gen) < t)
+    if isolate:
+        col = torch.arange(L)
+        in_prefix = col[None] < prefix_end[:, None]
+        attn = valid[:, None, :] & (~in_prefix[:, :, None] | in_prefix[:, None, :])  # [B, L, L]
+    else:
+        attn = valid
+    return ids, attn, masked, t, (span > 0).sum()
+
+
+def train_step(model: LLaDA, batch, mask_id: int) -> torch.Tensor:
+    ids, attn, masked, t, n_answer = batch
+    noisy = torch.where(masked, mask_id, ids)
+    tr = model.model.transformer
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = tr.wte(noisy)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        from ..model import rope_cos_sin
+
+        cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)
+        mask = model._attn_mask(attn, *ids.shape, 0)
+        for block in tr.blocks:
+            x, _ = block(x, cos, sin, mask, None)
+        h = tr.ln_f(x[masked])  # [N, d]: logits only where something is masked
+        logits = F.linear(h, tr.ff_out.weight).float()  # [N, V]
+    ce = F.cross_entropy(logits, ids[masked], reduction="none")
+    return (ce / t[masked]).sum() / n_answer.clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(model: LLaDA, tok: Tokenizer, rows, prefixes, gen_length: int = 32, steps: int | None = None,
+             batch_size: int = 25) -> dict[str, float]:
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        prompts = [tok.encode(prefixes[r.prefix_id]) + tok.encode(r.prompt) for r in chunk]
+        L = max(map(len, prompts))
+        ids = torch.full((len(chunk), L), model.config.pad_token_id)
+        am = torch.zeros((len(chunk), L), dtype=torch.bool)
+        for j, p in enumerate(prompts):
+            ids[j, L - len(p):], am[j, L - len(p):] = torch.tensor(p), True
+        out = generate(model, ids, am, steps=steps or gen_length, gen_length=gen_length, block_length=gen_length,
+                       block_logits_only=True, early_stop=True)
+        for r, resp in zip(chunk, out[:, L:].tolist()):
+            text = tok.decode(resp[:resp.index(model.config.eos_token_id)] if model.config.eos_token_id in resp else resp)
+            hits.setdefault(r.task, []).append(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, text))
+    model.train()
+    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return acc
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/tiny-llada")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--text-fraction", type=float, default=0.1)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-rows", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vocab-size", type=int, default=2048)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokbuild.build(out, vocab_size=args.vocab_size, seed=args.seed)
+    tok = Tokenizer(out)
+    special = {name: tok.token_id(text) for name, text in
+               (("mask", "<|mdm_mask|>"), ("eos", "<|endoftext|>"))}
+    cfg = replace(PRESETS["tiny"], vocab_size=tok.vocab_size, embedding_size=tok.vocab_size,
+                  mask_token_id=special["mask"], eos_token_id=special["eos"], pad_token_id=special["eos"])
+    model = LLaDA(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    model.tokenizer = tok
+    model.train()
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {cfg.vocab_size}", flush=True)
+
+    docs = Documents(tok, cfg.eos_token_id, args.seed, tokbuild.corpus_text() if args.text_fraction else "",
+                     args.text_fraction)
+    gen = torch.Generator().manual_seed(args.seed)
+    eval_prefixes, eval_rows = tasks.make_suite(10_000 + args.seed, max(1, args.eval_rows // len(tasks.TASKS)), 2, 400,
+                                                count_tokens=docs.count)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    log, t0, ema = [], time.time(), None
+    for step in range(1, args.steps + 1):
+        batch = collate(docs.batch(args.batch_size), cfg.pad_token_id, isolate=bool(step % 2), gen=gen)
+        loss = train_step(model, batch, cfg.mask_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 50 == 0:
+            el = time.time() - t0
+            print(f"step {step:5d}/{args.steps}  loss {ema:.3f}  lr {sched.get_last_lr()[0]:.2e}  "
+                  f"{el / 60:.1f} min  eta {el / step * (args.steps - step) / 60:.1f} min", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(model, tok, eval_rows, eval_prefixes)
+            print(f"step {step:5d} eval accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+            log.append({"step": step, "loss": ema, "minutes": (time.time() - t0) / 60, **acc})
+            save_checkpoint(model, out)
+            (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+    print(f"done in {(time.time() - t0) / 60:.1f} min -> {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -54,9 +54,11 @@ class DecodeBatch:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + position_offset
         pad = L - G - torch.tensor([len(p) for p in prompts])
         prefix_end = pad + torch.tensor(prefix_lengths) if prefix_lengths else torch.zeros(B, dtype=torch.long)
-        zeros = torch.zeros(B, dtype=torch.long)
-        return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), zeros.to(device),
-                   zeros.to(device), zeros.to(device), torch.zeros(B, dtype=torch.bool, device=device),
+        def zeros() -> Tensor:
+            return torch.zeros(B, dtype=torch.long, device=device)
+
+        return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), zeros(),
+                   zeros(), zeros(), torch.zeros(B, dtype=torch.bool, device=device),
                    list(generators), list(tags) if tags is not None else list(range(B)))
 
     def select(self, keep: Tensor) -> "DecodeBatch":

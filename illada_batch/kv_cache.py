@@ -1,0 +1,73 @@
+"""K/V tensors of the paged prefix cache, written and read through page tables.
+
+Storage: ``k``/``v`` shaped [n_layers, num_pages, page_size, n_kv_heads, head_dim]. Which
+page holds which tokens is decided by ``pages.PagePool`` (pure Python); this file only
+moves tensors. K is stored after RoPE, so a page's contents depend on its absolute
+positions, which the chained page hash already pins (a page is only reused at the same
+place in the same token sequence).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .config import LLaDAConfig
+from .model import LayerKV
+from .pages import PageId
+
+
+def bytes_per_page(cfg: LLaDAConfig, page_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.n_layers * page_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def pages_for_budget(cfg: LLaDAConfig, budget: int | float, page_size: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """Pages that fit ``budget``: bytes when an int, a fraction of free device memory when a float."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"kv_budget={budget}: a float budget is a fraction of free memory in (0, 1]")
+        budget = int(budget * free_memory_bytes(device))
+    return max(0, int(budget) // bytes_per_page(cfg, page_size, dtype))
+
+
+class KVCache:
+    def __init__(self, cfg: LLaDAConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layers, num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+        self.page_size = page_size
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, pages, page_size, Hkv, hd]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def _slots(self, pages: Sequence[PageId], start: int, stop: int) -> torch.Tensor:
+        """Flat slot index (page * page_size + offset) of token positions [start, stop)."""
+        pos = torch.arange(start, stop)
+        table = torch.tensor(pages, dtype=torch.long)
+        return (table[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.k.device)
+
+    def write(self, pages: Sequence[PageId], start: int, kv: list[LayerKV]) -> None:
+        """Store per-layer K/V ([T, Hkv, hd] each) of token positions [start, start + T)."""
+        slots = self._slots(pages, start, start + kv[0][0].shape[0])
+        k_flat = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])  # [layers, pages*page_size, Hkv, hd]
+        v_flat = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        for layer, (k, v) in enumerate(kv):
+            k_flat[layer, slots] = k.to(self.k.dtype)
+            v_flat[layer, slots] = v.to(self.v.dtype)
+
+    def read(self, pages: Sequence[PageId], num_tokens: int) -> list[LayerKV]:
+        """Per-layer K/V ([num_tokens, Hkv, hd] each) of the first ``num_tokens`` positions."""
+        slots = self._slots(pages, 0, num_tokens)
+        k_flat = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
+        v_flat = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        return [(k_flat[layer, slots], v_flat[layer, slots]) for layer in range(self.k.shape[0])]

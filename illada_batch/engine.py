@@ -84,8 +84,9 @@ def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
 
 class Engine:
     def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
-                 kv_budget: int | float = 0.1, page_size: int = 16, isolate_prefix: bool = False) -> None:
-        """``kv_budget``: bytes (int) or a fraction of free device memory (float) for prefix pages.
+                 kv_budget: int | float | None = None, page_size: int = 16, isolate_prefix: bool = False) -> None:
+        """``kv_budget``: bytes (int) or a fraction of free device memory (float) for prefix
+        pages; default 10% of free GPU memory on CUDA, 256 MiB on CPU.
         ``isolate_prefix``: with the cache off, let the prefix attend only to itself (a
         block-causal mask), which is what the prefix cache computes."""
         self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
@@ -95,6 +96,8 @@ class Engine:
         self.pool: PagePool | None = None
         self.kv: KVCache | None = None
         if self.cache is CacheMode.PREFIX:
+            if kv_budget is None:
+                kv_budget = 0.1 if model.device.type == "cuda" else 256 * 2**20
             num_pages = pages_for_budget(model.config, kv_budget, page_size, model.dtype, model.device)
             self.pool = PagePool(num_pages, page_size)
             self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)

@@ -1,0 +1,242 @@
+"""``illada-batch``: generate, eval, bench, validate, run, submit, status, demo, render."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
+
+
+def _params(args):
+    from .params import SamplingParams
+
+    return SamplingParams(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
+                          temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                          threshold=args.threshold, early_stop=args.early_stop)
+
+
+def _sampling_args(p: argparse.ArgumentParser, steps=32, gen_length=32, block_length=32) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--gen-length", type=int, default=gen_length)
+    p.add_argument("--block-length", type=int, default=block_length)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--cfg-scale", type=float, default=0.0)
+    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
+    p.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
+    p.add_argument("--early-stop", action="store_true", help="stop a row once its text ends in EOS")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .decode import generate
+
+    model = load_model(args.model, device=args.device)
+    tok = model.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = torch.tensor([tok.encode(text)], device=model.device)
+    params = _params(args)
+    t0 = time.perf_counter()
+    out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    resp = out[0, ids.shape[1]:].tolist()
+    eos = model.config.eos_token_id
+    resp = resp[:resp.index(eos)] if eos in resp else resp
+    print(tok.decode(resp, skip_special_tokens=True))
+    print(f"[{params.steps} steps, {len(resp)} tokens in {seconds:.2f}s: {params.steps / seconds:.1f} steps/s, "
+          f"{len(resp) / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine import Engine
+    from .evaluate import evaluate, suite_rows
+
+    engine = Engine.from_pretrained(args.model, cache=args.cache, device=args.device, max_batch_size=args.batch_size)
+    prefixes, rows = suite_rows(engine.tokenizer, args.seed, args.rows_per_task, args.prefixes_per_task,
+                                args.min_prefix_tokens)
+    res = evaluate(engine, prefixes, rows, _params(args))
+    print(f"exact match on {len(rows)} rows (prefixes of {args.min_prefix_tokens}+ tokens, cache={args.cache}, "
+          f"steps={args.steps}, gen_length={args.gen_length}) in {res['seconds']:.1f}s")
+    for task, acc in res["accuracy"].items():
+        print(f"  {task:<12} {acc:6.1%}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .shards import plan_shards
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    i = spec.input
+    cols = list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
+    shards, bad = plan_shards(i.url, i.storage_options, spec.shard_rows, cols)
+    rows = sum(s.num_rows for s in shards)
+    print(f"job {spec.name}: OK (fingerprint {spec.fingerprint()})")
+    print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
+    print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
+          f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
+    print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
+    print(f"  output    {spec.output_url(args.date)}")
+    for _, err in bad:
+        print(f"  BAD FILE  {err}")
+    return 1 if bad else 0
+
+
+def _load_spec(args):
+    from .spec import load_spec, spec_from_dict
+
+    if getattr(args, "spec_env", None):
+        import os
+
+        import yaml
+
+        return spec_from_dict(yaml.safe_load(os.environ[args.spec_env]), source=f"${args.spec_env}")
+    return load_spec(args.spec, args.set)
+
+
+def cmd_run(args) -> int:
+    from .driver import run_job
+
+    spec = _load_spec(args)
+    report = run_job(spec, date=args.date, address=args.address, show_progress=not args.quiet)
+    if args.show and not report.already_complete:
+        _show_rows(report.output_url, spec, args.show)
+    return report.exit_code(spec.error_budget)
+
+
+def _show_rows(url: str, spec, n: int) -> None:
+    import pyarrow.dataset as ds
+
+    from .shards import filesystem
+
+    fs, path = filesystem(url, spec.output.storage_options)
+    table = ds.dataset(f"{path}/data", filesystem=fs, format="parquet").head(n)
+    print(f"\noutput: {url}/data  (first {n} rows)")
+    for row in table.to_pylist():
+        prompt = " ".join((row["prompt"] or "").split())
+        print(f"  [{row['id']}#{row['sample_index']}] {prompt[:60]!s:<60} -> {row['generation'] or row['error']!r}")
+
+
+def cmd_demo(args) -> int:
+    args.spec, args.spec_env, args.show = str(DEMO_SPEC), None, 5
+    return cmd_run(args)
+
+
+def cmd_status(args) -> int:
+    from .driver import dumps, status
+
+    s = status(args.output, json.loads(args.storage_options) if args.storage_options else None)
+    print(dumps(s))
+    return 0 if s["complete"] else 1
+
+
+def cmd_submit(args) -> int:
+    from .submit import submit
+
+    return submit(args)
+
+
+def cmd_render(args) -> int:
+    from .render import render_rayjob
+
+    print(render_rayjob(args.spec, args.date, args.set))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="illada-batch", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    p.add_argument("--model", default="tiny-llada")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="exact-match accuracy on the task suite")
+    p.add_argument("--model", default="tiny-llada")
+    p.add_argument("--cache", default="off", choices=["off", "prefix"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rows-per-task", type=int, default=100)
+    p.add_argument("--prefixes-per-task", type=int, default=2)
+    p.add_argument("--min-prefix-tokens", type=int, default=400)
+    p.add_argument("--seed", type=int, default=10_000)
+    _sampling_args(p)
+    p.set_defaults(func=cmd_eval, early_stop=True)
+
+    for name, func, helptext in (("run", cmd_run, "run a job on local Ray or a cluster"),
+                                 ("demo", cmd_demo, "run jobs/demo.yaml on local Ray")):
+        p = sub.add_parser(name, help=helptext)
+        if name == "run":
+            p.add_argument("spec", nargs="?", help="job spec YAML")
+            p.add_argument("--spec-env", default=None, help="read the job spec YAML from this environment variable")
+            p.add_argument("--show", type=int, default=0, help="print this many output rows at the end")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field")
+        p.add_argument("--date", default=None, help="fills {date} in output.url (default: today, UTC)")
+        p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("validate", help="check a job spec and its input schema; print what would run")
+    p.add_argument("spec")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--date", default=None)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Job Submission)")
+    p.add_argument("spec")
+    p.add_argument("--address", required=True, help="http://HEAD:8265")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--date", default=None)
+    p.add_argument("--submission-id", default=None, help="default: derived from the job name and date")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="what an output holds: committed, failed, complete")
+    p.add_argument("output")
+    p.add_argument("--storage-options", default=None, help="JSON fsspec options")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("render", help="print a KubeRay RayJob manifest for a job spec")
+    p.add_argument("kind", choices=["rayjob"])
+    p.add_argument("spec")
+    p.add_argument("--date", required=True)
+    p.add_argument("--set", action="append", default=[])
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("bench", help="engine benchmark: cache and decoding modes on the tiny model")
+    p.add_argument("--model", default="tiny-llada")
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
+    p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"])
+    p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
+    p.set_defaults(func=cmd_bench)
+
+    args = ap.parse_args(argv)
+    from .errors import friendly
+
+    with friendly():
+        return args.func(args)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

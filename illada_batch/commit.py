@@ -1,0 +1,123 @@
+"""The output layout and its commit protocol (see DESIGN.md, "Commit").
+
+    OUTPUT/data/part-<shard>-<attempt>.parquet   rows of one shard attempt (attempt-unique key)
+    OUTPUT/_manifest/<shard>.json                 the commit: one small PUT, written after the data
+    OUTPUT/_failed/<shard>.json                   a shard that used up its retries, with its error
+    OUTPUT/_SUCCESS.json                          the job summary, written last
+    OUTPUT/README.md                              the dataset card
+
+Readers and resumes trust manifests only: a data file without a manifest is an orphan,
+removed when the job finishes. Every manifest carries the job fingerprint, and a run with
+another fingerprint refuses to write into the same output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+class Output:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs, self.root = fs, root.rstrip("/")
+
+    def key(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # --- writing (replicas) ----------------------------------------------------------
+
+    def write_shard(self, shard_id: str, table: pa.Table, fingerprint: str, stats: dict) -> dict:
+        """Data to an attempt-unique key, then the manifest. Returns the manifest."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        data = buf.getvalue()
+        name = f"part-{shard_id}-{uuid.uuid4().hex[:12]}.parquet"
+        self._put(self.key("data", name), data)
+        manifest = {"shard_id": shard_id, "data_key": f"data/{name}", "rows": table.num_rows,
+                    "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint,
+                    "committed_at": time.time(), **stats}
+        self._put(self.key("_manifest", f"{shard_id}.json"), json.dumps(manifest).encode())
+        return manifest
+
+    def record_failure(self, shard_id: str, fingerprint: str, error: str, attempts: int) -> None:
+        body = {"shard_id": shard_id, "fingerprint": fingerprint, "error": error, "attempts": attempts, "at": time.time()}
+        self._put(self.key("_failed", f"{shard_id}.json"), json.dumps(body).encode())
+
+    def _put(self, key: str, data: bytes) -> None:
+        if self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ()):
+            self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(key, "wb") as f:
+            f.write(data)
+
+    # --- reading (driver, status) ------------------------------------------------------
+
+    def _read_json_dir(self, folder: str) -> dict[str, dict]:
+        path = self.key(folder)
+        try:
+            files = [f for f in self.fs.ls(path, detail=False) if f.endswith(".json")]
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for f in files:
+            body = json.loads(self.fs.cat_file(f))
+            out[body["shard_id"]] = body
+        return out
+
+    def manifests(self) -> dict[str, dict]:
+        self.fs.invalidate_cache()
+        return self._read_json_dir("_manifest")
+
+    def failures(self) -> dict[str, dict]:
+        return self._read_json_dir("_failed")
+
+    def check_fingerprint(self, fingerprint: str) -> dict[str, dict]:
+        """Committed manifests of this job; refuses when any was made by another fingerprint."""
+        manifests = self.manifests()
+        other = {m["fingerprint"] for m in manifests.values()} - {fingerprint}
+        if other:
+            raise FingerprintMismatch(
+                f"{self.root} already holds shards made with fingerprint {sorted(other)[0]} (this job: {fingerprint}): "
+                "the model, sampling parameters, template, prefix, seed, n or input changed. Refusing to mix "
+                "outputs: write to another output.url, or delete the old output.")
+        return manifests
+
+    def success(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.key("_SUCCESS.json")))
+        except FileNotFoundError:
+            return None
+
+    # --- finishing (driver) ----------------------------------------------------------
+
+    def remove_orphans(self, manifests: dict[str, dict]) -> int:
+        keep = {m["data_key"] for m in manifests.values()}
+        try:
+            files = self.fs.ls(self.key("data"), detail=False)
+        except FileNotFoundError:
+            return 0
+        orphans = [f for f in files if f"data/{f.rsplit('/', 1)[-1]}" not in keep]
+        for f in orphans:
+            self.fs.rm(f)
+        return len(orphans)
+
+    def clear_failures(self, shard_ids) -> None:
+        for sid in shard_ids:
+            try:
+                self.fs.rm(self.key("_failed", f"{sid}.json"))
+            except FileNotFoundError:
+                pass
+
+    def write_success(self, summary: dict, card: str) -> None:
+        self._put(self.key("README.md"), card.encode())
+        self._put(self.key("_SUCCESS.json"), json.dumps(summary, indent=2).encode())

@@ -1,0 +1,25 @@
+"""User-facing errors: one clear line on the terminal, no traceback, exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def friendly():
+    from .checkpoint import CheckpointError
+    from .commit import FingerprintMismatch
+    from .config import ConfigError
+    from .params import ParamsError
+    from .shards import InputError
+    from .spec import SpecError
+
+    try:
+        yield
+    except (SpecError, CheckpointError, ConfigError, ParamsError, InputError, FingerprintMismatch) as exc:
+        print(f"illada-batch: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("illada-batch: interrupted; committed shards are kept, a re-run resumes", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,32 @@
+"""Exact-match accuracy of a model on the task suite (``illada-batch eval``)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from . import tasks
+from .engine import Engine, Request
+from .params import SamplingParams
+
+
+def suite_rows(tok, seed: int = 10_000, rows_per_task: int = 100, prefixes_per_task: int = 2,
+               min_prefix_tokens: int = 400, task_names=tasks.TASKS):
+    return tasks.make_suite(seed, rows_per_task, prefixes_per_task, min_prefix_tokens,
+                            count_tokens=lambda s: len(tok.encode(s)), tasks=task_names)
+
+
+def evaluate(engine: Engine, prefixes: dict[str, str], rows, params: SamplingParams) -> dict:
+    """Per-task and overall exact-match accuracy, plus the results (for agreement checks)."""
+    tok = engine.tokenizer
+    prefix_ids = {pid: tuple(tok.encode(text)) for pid, text in prefixes.items()}
+    requests = [Request(r.id, tuple(tok.encode(r.prompt)), prefix_ids[r.prefix_id], params) for r in rows]
+    t0 = time.perf_counter()
+    results = engine.run(requests)
+    seconds = time.perf_counter() - t0
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r, res in zip(rows, results):
+        hits[r.task].append(res.text is not None and tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text))
+    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    acc["overall"] = sum(sum(v) for v in hits.values()) / max(1, len(rows))
+    return {"accuracy": acc, "results": results, "seconds": seconds}

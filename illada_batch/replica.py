@@ -1,0 +1,138 @@
+"""The replica: a Ray actor holding one engine (one model copy on one device).
+
+It builds its engine once, then for each shard the driver hands it: reads the rows with
+pyarrow over fsspec (a filesystem made inside the actor), renders the prompts, generates,
+writes the rows to an attempt-unique key and commits the shard's manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ray
+
+from .commit import Output
+from .rows import output_table, render_rows
+from .shards import InputError, Shard, filesystem, read_shard
+from .spec import JobSpec
+
+
+class ShardError(RuntimeError):
+    """The shard itself is bad (unreadable, wrong schema): retrying cannot help."""
+
+
+def weights_sha256(directory: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_model(spec: JobSpec, cache_root: Path | None = None) -> str:
+    """A local directory for ``model.path``: shipped names and local paths as they are; URLs
+    copied once per node into a cache (atomically, by rename) and checked against sha256."""
+    path = spec.model.path
+    if "://" not in path or path.startswith("file://"):
+        local = spec.resolve(path.removeprefix("file://"))
+        target = local if Path(local).is_dir() else path  # a shipped model name
+    else:
+        cache_root = cache_root or Path(os.environ.get("ILLADA_MODEL_CACHE", Path.home() / ".cache/illada_batch/models"))
+        target_dir = cache_root / hashlib.sha256(path.encode()).hexdigest()[:16]
+        if not target_dir.exists():
+            fs, remote = filesystem(path, spec.model.storage_options)
+            tmp = target_dir.with_name(f"{target_dir.name}.tmp-{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for f in fs.ls(remote, detail=False):
+                fs.get(f, str(tmp / f.rsplit("/", 1)[-1]))
+            try:
+                tmp.rename(target_dir)
+            except OSError:  # another process on this node won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        target = str(target_dir)
+    if spec.model.sha256:
+        from .checkpoint import resolve_model_path
+
+        got = weights_sha256(resolve_model_path(target))
+        if got != spec.model.sha256:
+            raise RuntimeError(f"model {path}: weights sha256 {got} != model.sha256 {spec.model.sha256} in the job spec")
+    return target
+
+
+class DiffusionReplica:
+    """Plain class (testable without Ray); ``Replica`` below is its actor form."""
+
+    def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
+        import torch
+
+        from .engine import Engine
+
+        self.spec = JobSpec.model_validate_json(spec_json)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
+        dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.spec.model.dtype]
+        e = self.spec.engine
+        budget = None if e.kv_budget is None else int(e.kv_budget) if e.kv_budget > 1 else float(e.kv_budget)
+        self.engine = Engine.from_pretrained(fetch_model(self.spec), cache=e.cache, dtype=dtype,
+                                             max_batch_size=e.max_batch_size, kv_budget=budget)
+        self.tok = self.engine.tokenizer
+        self.params = self.spec.sampling.params()
+        prefix = self.spec.prefix_text()
+        self.chat_wrap = None
+        if self.spec.chat:
+            sys_msgs = [{"role": "system", "content": prefix}] if prefix else []
+            head = self.tok.apply_chat_template(sys_msgs, add_generation_prompt=False) if prefix else ""
+
+            def chat_wrap(messages: list[dict]) -> str:
+                full = self.tok.apply_chat_template(sys_msgs + messages, add_generation_prompt=True)
+                return full[len(head):]
+
+            self.chat_wrap, prefix = chat_wrap, head
+        self.prefix_ids = tuple(self.tok.encode(prefix)) if prefix else ()
+        self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
+        self.out = Output(*filesystem(output_url, self.spec.output.storage_options))
+        self.fingerprint = fingerprint
+        self.model_name = self.spec.model.path
+
+    def columns(self) -> list[str]:
+        i = self.spec.input
+        return list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
+
+    def process(self, shard_dict: dict) -> dict:
+        from .engine import Request
+
+        t0 = time.time()
+        shard = Shard(**shard_dict)
+        try:
+            table = read_shard(self.fs, shard, self.columns())
+        except InputError as exc:
+            raise ShardError(str(exc)) from None
+        rows = render_rows(self.spec, table, self.chat_wrap)
+        requests, keys = [], []
+        for i, row in enumerate(rows):
+            if row.error is None:
+                prompt_ids = tuple(self.tok.encode(row.prompt))
+                for j in range(self.spec.n):
+                    requests.append(Request(str(row.row_id), prompt_ids, self.prefix_ids, self.params, j, self.spec.seed))
+                    keys.append((i, j))
+        t_gen = time.time()
+        results = dict(zip(keys, self.engine.run(requests)))
+        gen_seconds = time.time() - t_gen
+        out = output_table(self.spec, table, rows, results, self.model_name)
+        errors = sum(e is not None for e in out.column("error").to_pylist())
+        tokens = sum(out.column("num_tokens").to_pylist())
+        stats = {"samples": out.num_rows, "errors": errors, "tokens": tokens, "gen_seconds": gen_seconds,
+                 "seconds": time.time() - t0, "node": os.uname().nodename, "pid": os.getpid()}
+        manifest = self.out.write_shard(shard.shard_id, out, self.fingerprint, stats)
+        return manifest
+
+    def counters(self) -> dict:
+        return self.engine.counters.as_dict()
+
+
+Replica = ray.remote(DiffusionReplica)

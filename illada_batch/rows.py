@@ -1,0 +1,109 @@
+"""Row rendering and checking: input rows -> engine requests, results -> output rows.
+
+A bad row (null, empty or non-string prompt, undecodable bytes, duplicate id, a template
+variable it lacks, too long for the model) becomes an output row with ``error`` set and no
+generation; it never fails its shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from .spec import JobSpec
+
+OUTPUT_SCHEMA = pa.schema([
+    ("sample_index", pa.int32()), ("prompt", pa.string()), ("generation", pa.string()),
+    ("num_tokens", pa.int32()), ("steps", pa.int32()), ("finish_reason", pa.string()), ("seed", pa.int64()),
+    ("error", pa.string()), ("backend", pa.string()), ("model", pa.string()),
+])
+
+
+@dataclass
+class RenderedRow:
+    row_id: object
+    prompt: str | None  # the row's text after the template (without the shared prefix)
+    error: str | None
+
+
+def _text(value, field: str) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, f"{field} is null"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"{field} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    if not isinstance(value, str):
+        return None, f"{field} is {type(value).__name__}, expected a string"
+    if not value.strip():
+        return None, f"{field} is empty"
+    return value, None
+
+
+def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None) -> list[RenderedRow]:
+    """Apply the template to each row; ``chat_wrap(user_text) -> str`` wraps chat turns."""
+    inp = spec.input
+    ids = table.column(inp.id_column).to_pylist()
+    source = inp.messages_column or inp.prompt_column
+    values = table.column(source).to_pylist()
+    variables = {v: table.column(v).to_pylist() for v in inp.variables}
+    seen: dict = {}
+    out = []
+    for i, (row_id, value) in enumerate(zip(ids, values)):
+        error, prompt = None, None
+        if row_id is None:
+            error = f"{inp.id_column} is null"
+        elif row_id in seen:
+            error = f"duplicate id {row_id!r} (first seen at row {seen[row_id]} of this shard)"
+        else:
+            seen[row_id] = i
+        if error is None and inp.messages_column:
+            if not isinstance(value, list) or not value or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+                error = f"{source} must be a non-empty list of {{role, content}} messages"
+            else:
+                prompt = chat_wrap(value) if chat_wrap else "\n".join(m["content"] for m in value)
+        elif error is None:
+            text, error = _text(value, source)
+            if error is None:
+                try:
+                    prompt = spec.template.format(prompt=text, **{k: v[i] for k, v in variables.items()})
+                except (KeyError, IndexError, ValueError) as exc:
+                    error = f"template: {exc}"
+                if error is None and chat_wrap:
+                    prompt = chat_wrap([{"role": "user", "content": prompt}])
+        out.append(RenderedRow(row_id, prompt, error))
+    return out
+
+
+def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], results: dict, model_name: str) -> pa.Table:
+    """One output row per (row, sample): ``results[(i, j)]`` is an engine Result or None for bad rows."""
+    n = spec.n
+    cols: dict[str, list] = {name: [] for name in ["id", *OUTPUT_SCHEMA.names]}
+    passthrough = {c: table.column(c).to_pylist() for c in spec.input.passthrough}
+    take = []
+    for i, row in enumerate(rows):
+        for j in range(n):
+            r = results.get((i, j))
+            take.append(i)
+            cols["id"].append(row.row_id)
+            cols["sample_index"].append(j)
+            cols["prompt"].append(row.prompt)
+            error = row.error or (r.error if r is not None else None)
+            ok = error is None and r is not None
+            cols["generation"].append(r.text if ok else None)
+            cols["num_tokens"].append(len(r.token_ids) if ok else 0)
+            cols["steps"].append(r.steps if r is not None else 0)
+            cols["finish_reason"].append(r.finish_reason if ok else "error")
+            cols["seed"].append(r.seed if r is not None else None)
+            cols["error"].append(error)
+            cols["backend"].append(spec.backend)
+            cols["model"].append(model_name)
+    id_type = table.schema.field(spec.input.id_column).type
+    arrays = [pa.array(cols["id"], type=id_type)] + [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
+    names = ["id", *OUTPUT_SCHEMA.names]
+    for c, values in passthrough.items():
+        arrays.append(pa.array([values[i] for i in take], type=table.schema.field(c).type))
+        names.append(c)
+    return pa.Table.from_arrays(arrays, names=names)

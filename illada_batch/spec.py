@@ -1,0 +1,235 @@
+"""Job specs: pydantic models of ``jobs/<name>.yaml``. Unknown keys are refused, and every
+error names the YAML path of the bad field (``sampling.gen_length``), before any cluster
+work starts. Each field's comment says its trade-off.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .params import ParamsError, SamplingParams
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    path: str = "tiny-llada"  # a shipped model name, a local directory, or an fsspec URL copied once to each node
+    sha256: str | None = None  # checksum of the weights (sha256 over the sorted *.safetensors files); checked after copy
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (fp16 is never used: slow on CPU)
+    storage_options: dict = Field(default_factory=dict)  # fsspec options for a remote model URL
+
+
+class InputSpec(_Strict):
+    url: str  # a Parquet file, directory or glob; any fsspec URL (s3://bucket/prefix/*.parquet)
+    id_column: str = "id"  # a stable row id: the output key is (id, sample_index)
+    prompt_column: str | None = "prompt"  # the row's text, rendered into `template`
+    messages_column: str | None = None  # or a chat `messages` column (list of {role, content}); implies chat
+    variables: list[str] = Field(default_factory=list)  # more columns usable in `template` as {name}
+    passthrough: list[str] = Field(default_factory=list)  # columns copied unchanged to the output
+    storage_options: dict = Field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, anon ...)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputSpec":
+        if not self.prompt_column and not self.messages_column:
+            raise ValueError("set prompt_column or messages_column")
+        return self
+
+
+class PrefixSpec(_Strict):
+    text: str | None = None  # the shared prefix (system prompt, few-shot examples), encoded once per replica
+    file: str | None = None  # or a file holding it (relative to the spec file, or any fsspec URL)
+
+    @model_validator(mode="after")
+    def _not_both(self) -> "PrefixSpec":
+        if self.text is not None and self.file is not None:
+            raise ValueError("give prefix.text or prefix.file, not both")
+        return self
+
+
+class SamplingSpec(_Strict):
+    steps: int = 32  # forward passes per sample; fewer = faster, lower quality
+    gen_length: int = 32  # response tokens (answer + EOS padding); cost grows with it
+    block_length: int = 32  # semi-autoregressive block; smaller blocks read better on small models
+    temperature: float = 0.0  # 0 = greedy; > 0 = sampling (per-sample seeds make it reproducible)
+    cfg_scale: float = 0.0  # classifier-free guidance; doubles the compute; needs engine.cache = off
+    remasking: Literal["low_confidence", "random"] = "low_confidence"
+    threshold: float | None = None  # confidence-threshold parallel decoding: far fewer steps, small quality cost
+    early_stop: bool = True  # stop a sample once its text ends in EOS (same text, fewer steps)
+    suppress_eos: bool = False
+    zero_eos_confidence: bool = False
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump(), block_logits_only=True)
+
+    @model_validator(mode="after")
+    def _valid(self) -> "SamplingSpec":
+        try:
+            self.params()
+        except ParamsError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class EngineSpec(_Strict):
+    cache: Literal["off", "prefix"] = "prefix"  # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes)
+    max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
+    kv_budget: float | None = Field(None, gt=0)  # prefix cache: bytes (> 1) or fraction of free device memory (<= 1); default 10% on GPU, 256 MiB on CPU
+
+
+class OutputSpec(_Strict):
+    url: str = "out/{job}/{date}"  # where data/, _manifest/ and _SUCCESS.json go; {job} and {date} are filled in
+    storage_options: dict = Field(default_factory=dict)
+
+
+class ResourcesSpec(_Strict):
+    num_gpus: float = 0  # per replica: 1 on GPU clusters (one model copy per GPU)
+    num_cpus: float = 1  # per replica; also the torch thread count on CPU
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    backend: Literal["diffusion", "vllm"] = "diffusion"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    input: InputSpec
+    prefix: PrefixSpec = Field(default_factory=PrefixSpec)
+    template: str = "{prompt}"  # the row prompt: str.format over the prompt and `input.variables` columns
+    chat: bool = False  # wrap prefix + row prompt in the model's chat template
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    n: int = Field(1, ge=1)  # samples per row
+    seed: int = 0  # job seed: a sample's seed is derived from (seed, row id, sample index)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    replicas: int = Field(1, ge=1)  # model copies; each pulls shards when free
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    shard_rows: int = Field(256, ge=1)  # rows per shard: the unit of retry and commit
+    max_retries: int = Field(3, ge=0)  # tries per shard after the first, before it is recorded as failed
+    error_budget: float = Field(0.0, ge=0, le=1)  # fraction of rows allowed to end with an error for exit code 0
+
+    base_dir: str = Field(".", exclude=True)  # where the spec file lives (relative paths resolve against it)
+
+    @field_validator("template")
+    @classmethod
+    def _template_ok(cls, v: str) -> str:
+        try:
+            v.format_map(_AnyKeys())
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"not a valid format string: {exc}") from None
+        return v
+
+    # --- derived ---------------------------------------------------------------------
+
+    def output_url(self, date: str | None = None) -> str:
+        date = date or _dt.date.today().isoformat()
+        return self.output.url.format(job=self.name, date=date)
+
+    def resolve(self, path: str) -> str:
+        """A path relative to the spec file's folder; URLs and absolute paths unchanged."""
+        if "://" in path or Path(path).is_absolute():
+            return path
+        return str(Path(self.base_dir) / path)
+
+    def resolved(self) -> "JobSpec":
+        """A copy whose local paths are absolute, so replicas in other working directories
+        (Ray workers) find the same files: input, prefix file, model directory, output."""
+        import os
+
+        def local(url: str) -> str:
+            return url if "://" in url else os.path.abspath(url)
+
+        model_path = self.resolve(self.model.path)
+        return self.model_copy(update={
+            "input": self.input.model_copy(update={"url": local(self.resolve(self.input.url))}),
+            "prefix": self.prefix.model_copy(update={"file": local(self.resolve(self.prefix.file))})
+            if self.prefix.file else self.prefix,
+            "model": self.model.model_copy(update={"path": local(model_path)}) if Path(model_path).is_dir() else self.model,
+            "output": self.output.model_copy(update={"url": local(self.output.url)}),
+        })
+
+    def prefix_text(self) -> str:
+        if self.prefix.text is not None:
+            return self.prefix.text
+        if self.prefix.file is None:
+            return ""
+        import fsspec
+
+        url = self.resolve(self.prefix.file)
+        try:
+            with fsspec.open(url, "r", encoding="utf-8", **self.input.storage_options) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise SpecError(f"prefix.file: {url} not found") from None
+
+    def fingerprint(self) -> str:
+        """What makes outputs comparable: model, sampling, template, prefix, seed, n, input."""
+        parts = {
+            "backend": self.backend, "model": self.model.path, "model_sha256": self.model.sha256,
+            "sampling": self.sampling.model_dump(), "template": self.template, "chat": self.chat,
+            "prefix_sha256": hashlib.sha256(self.prefix_text().encode()).hexdigest(), "seed": self.seed, "n": self.n,
+            "input": self.input.model_dump(exclude={"storage_options"}),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _AnyKeys(dict):
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_path(raw: dict, dotted: str, value) -> None:
+    node = raw
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {dotted}: {k} is not a mapping")
+    node[keys[-1]] = value
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read and validate a YAML job spec; ``overrides`` are ``key.path=value`` (value parsed as YAML)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job spec") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--set {item!r}: expected key.path=value")
+        _set_path(raw, key.strip(), yaml.safe_load(value))
+    return spec_from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
+
+
+def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: str = ".") -> JobSpec:
+    try:
+        return JobSpec.model_validate({**raw, "base_dir": base_dir})
+    except ValidationError as err:
+        raise SpecError(_format_error(err, source)) from None

@@ -167,7 +167,8 @@ def render_rayjob(spec_path: str, date: str, overrides: list[str] | None = None,
         "kind": "RayJob",
         "metadata": {
             "name": run_id,
-            "labels": {"app.kubernetes.io/name": "illada-batch", "illada-batch/job": run_id.removeprefix("illada-").removesuffix(f"-{date}"),
+            "labels": {"app.kubernetes.io/name": "illada-batch",
+                       "illada-batch/job": run_id.removeprefix("illada-").removesuffix(f"-{date}"),
                        "illada-batch/date": date},
         },
         "spec": {

@@ -1,0 +1,110 @@
+"""Real parts for pipeline tests: an S3-compatible server (moto's standalone server) on
+127.0.0.1 in its own process, a local Ray cluster, Parquet inputs, a small trained model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """``moto_server`` on 127.0.0.1:PORT; restartable on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
+    def start(self) -> "S3Server":
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto_server did not start")
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    @property
+    def options(self) -> dict:
+        return {"key": "testing", "secret": "testing", "endpoint_url": self.url}
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
+
+
+def write_prompts(fs, path: str, ids: list[str], prompts: list, row_group_size: int = 8, **extra) -> None:
+    table = pa.table({"id": ids, "prompt": prompts, **extra})
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_size)
+
+
+def read_output(fs, root: str) -> pa.Table:
+    return ds.dataset(f"{root}/data", filesystem=fs, format="parquet").to_table()
+
+
+def assert_exactly_once(table: pa.Table, ids: list[str], n: int) -> None:
+    keys = list(zip(table.column("id").to_pylist(), table.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)), f"duplicate (id, sample) rows: {len(keys) - len(set(keys))}"
+    assert set(keys) == {(i, j) for i in ids for j in range(n)}, "missing or unexpected (id, sample) rows"
+    gen, err = table.column("generation").to_pylist(), table.column("error").to_pylist()
+    assert all((g is None) != (e is None) for g, e in zip(gen, err)), "each row has a generation or an error"
+
+
+def job_dict(input_url: str, output_url: str, s3: S3Server | None, **overrides) -> dict:
+    opts = s3.options if s3 else {}
+    spec = {
+        "name": "t",
+        "model": {"path": "tiny-llada"},
+        "input": {"url": input_url, "storage_options": opts, "passthrough": []},
+        "prefix": {"text": "Task: Write the same words in reverse order.\n\nInput: lamb king bread\nOutput: bread king lamb\n\n"},
+        "sampling": {"steps": 8, "gen_length": 8, "block_length": 8},
+        "engine": {"cache": "prefix", "max_batch_size": 8},
+        "output": {"url": output_url, "storage_options": opts},
+        "replicas": 1, "shard_rows": 8, "max_retries": 2,
+    }
+    for k, v in overrides.items():
+        node = spec
+        *head, last = k.split("__")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    return spec

@@ -1,0 +1,181 @@
+"""The distributed job end to end: a real local Ray cluster, a real S3-compatible server on
+127.0.0.1 (moto), real Parquet, the shipped model. Faults are injected and the committed
+output is checked row by row."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+
+from illada_batch.commit import FingerprintMismatch
+from illada_batch.driver import run_job, status
+from illada_batch.spec import spec_from_dict
+from pipeline_support import REPO, S3Server, assert_exactly_once, job_dict, read_output, write_prompts
+
+pytestmark = pytest.mark.slow
+
+WORDS = "lamb king bread water stone fire tree gold light house".split()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    server.fs().mkdir("bucket")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def make_input(s3, prefix: str, files: int = 2, rows: int = 12) -> list[str]:
+    fs = s3.fs()
+    ids = []
+    for f in range(files):
+        fid = [f"r{f}-{i:03d}" for i in range(rows)]
+        prompts = [f"Input: {WORDS[i % 10]} {WORDS[(i + 3) % 10]} {WORDS[(i + 7) % 10]}\nOutput:" for i in range(rows)]
+        write_prompts(fs, f"bucket/{prefix}/part-{f}.parquet", fid, prompts, row_group_size=5)
+        ids += fid
+    return ids
+
+
+def test_job_on_s3_commits_every_sample_once_and_resumes(s3, ray_cluster):
+    ids = make_input(s3, "in1")
+    spec = spec_from_dict(job_dict("s3://bucket/in1/", "s3://bucket/out1", s3, n=2, replicas=2))
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    assert report.ok and report.samples == 2 * len(ids)
+    fs = s3.fs()
+    table = read_output(fs, "bucket/out1")
+    assert_exactly_once(table, ids, n=2)
+    assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
+    assert fs.exists("bucket/out1/_SUCCESS.json") and fs.exists("bucket/out1/README.md")
+    st = status("s3://bucket/out1", s3.options)
+    assert st["complete"] and st["committed_shards"] == report.shards
+
+    # Re-running a finished job does nothing and says so.
+    messages = []
+    again = run_job(spec, show_progress=False, log=messages.append)
+    assert again.already_complete and again.committed == report.shards and "already complete" in messages[0]
+
+    # A different fingerprint into the same output is refused, with the reason.
+    other = spec_from_dict(job_dict("s3://bucket/in1/", "s3://bucket/out1", s3, n=2, seed=7))
+    with pytest.raises(FingerprintMismatch, match="fingerprint"):
+        run_job(other, show_progress=False, log=lambda *_: None)
+
+
+def test_same_rows_same_tokens_whatever_the_sharding(s3, ray_cluster):
+    ids = make_input(s3, "in2", files=1, rows=16)
+    common = dict(sampling__temperature=0.8, n=2)
+    a = spec_from_dict(job_dict("s3://bucket/in2/", "s3://bucket/out2a", s3, shard_rows=16, **common))
+    b = spec_from_dict(job_dict("s3://bucket/in2/", "s3://bucket/out2b", s3, shard_rows=3, replicas=2, **common))
+    for spec in (a, b):
+        assert run_job(spec, show_progress=False, log=lambda *_: None).ok
+    fs = s3.fs()
+
+    def rows(root):
+        t = read_output(fs, root)
+        return {(i, j): g for i, j, g in zip(t.column("id").to_pylist(), t.column("sample_index").to_pylist(),
+                                               t.column("generation").to_pylist())}
+
+    ra, rb = rows("bucket/out2a"), rows("bucket/out2b")
+    assert len(ra) == 2 * len(ids) and ra == rb
+
+
+def _replica_pids():
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Replica" in a.class_name]
+
+
+def test_replica_killed_mid_shard(s3, ray_cluster):
+    ids = make_input(s3, "in3", files=1, rows=40)
+    spec = spec_from_dict(job_dict("s3://bucket/in3/", "s3://bucket/out3", s3, sampling__steps=16,
+                                   sampling__gen_length=16, sampling__block_length=16, sampling__early_stop=False))
+    fs = s3.fs()
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            pids = _replica_pids()
+            done = fs.ls("bucket/out3/_manifest", refresh=True) if fs.exists("bucket/out3/_manifest") else []
+            if pids and len(done) >= 1:  # the replica is in the middle of its next shard
+                time.sleep(0.3)
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    logs = []
+    report = run_job(spec, show_progress=False, log=logs.append)
+    t.join()
+    assert killed, "the replica was never killed"
+    assert any("replica died" in m for m in logs), logs
+    assert report.ok
+    table = read_output(fs, "bucket/out3")
+    assert_exactly_once(table, ids, n=1)
+    files = fs.ls("bucket/out3/data", refresh=True)
+    assert len(files) == report.shards, "orphan attempt files are removed when the job finishes"
+
+
+def test_driver_killed_then_rerun_does_only_the_rest(s3, ray_cluster, tmp_path):
+    ids = make_input(s3, "in4", files=2, rows=24)
+    spec_dict = job_dict("s3://bucket/in4/", "s3://bucket/out4", s3, sampling__steps=16, sampling__gen_length=16,
+                         sampling__block_length=16, sampling__early_stop=False)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "illada_batch.cli", "run", str(path), "--quiet",
+                             "--address", ray_cluster], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fs = s3.fs()
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if fs.exists("bucket/out4/_manifest") and len(fs.ls("bucket/out4/_manifest", refresh=True)) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed_before = len(fs.ls("bucket/out4/_manifest", refresh=True))
+    assert not fs.exists("bucket/out4/_SUCCESS.json")
+    report = run_job(spec_from_dict(spec_dict), show_progress=False, log=lambda *_: None)
+    assert report.ok
+    assert report.skipped >= committed_before >= 2, "a re-run after a crash redoes no committed shard"
+    assert report.committed == report.shards - report.skipped
+    assert_exactly_once(read_output(fs, "bucket/out4"), ids, n=1)
+
+
+def test_s3_server_paused_mid_job(s3, ray_cluster):
+    ids = make_input(s3, "in5", files=1, rows=32)
+    spec = spec_from_dict(job_dict("s3://bucket/in5/", "s3://bucket/out5", s3))
+    fs = s3.fs()
+
+    def outage():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if fs.exists("bucket/out5/_manifest"):
+                break
+            time.sleep(0.1)
+        s3.pause()
+        time.sleep(3)
+        s3.resume()
+
+    t = threading.Thread(target=outage)
+    t.start()
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    t.join()
+    assert report.ok
+    assert_exactly_once(read_output(fs, "bucket/out5"), ids, n=1)

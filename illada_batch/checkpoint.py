@@ -90,6 +90,9 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
         by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
         with safe_open(str(f), framework="pt", device=str(device) if device.type != "cpu" else "cpu") as handle:
+            absent = sorted(set(names) - set(handle.keys()))
+            if absent:
+                raise CheckpointError(f"{f.name}: the index says it holds {', '.join(absent[:5])}, but it does not")
             for name in names:
                 tensor = handle.get_tensor(name)
                 if tuple(tensor.shape) != expected[name]:

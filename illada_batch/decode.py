@@ -157,7 +157,8 @@ def _advance(batch: DecodeBatch, rows: Tensor, cols: Tensor, params: SamplingPar
         before = torch.arange(params.gen_length, device=resp.device)[None] < first_eos[:, None]
         settled = is_eos.any(-1) & ~(is_mask & before).any(-1)  # text up to the first EOS is final
         if settled.any():
-            batch.x[rows, -params.gen_length:] = torch.where(settled[:, None] & is_mask, eos_id, resp)
+            after = torch.arange(params.gen_length, device=resp.device)[None] > first_eos[:, None]
+            batch.x[rows, -params.gen_length:] = torch.where(settled[:, None] & after, eos_id, resp)
             batch.done[rows] |= settled
 
 

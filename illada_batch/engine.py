@@ -99,8 +99,9 @@ class Engine:
             if kv_budget is None:
                 kv_budget = 0.1 if model.device.type == "cuda" else 256 * 2**20
             num_pages = pages_for_budget(model.config, kv_budget, page_size, model.dtype, model.device)
-            self.pool = PagePool(num_pages, page_size)
-            self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)
+            if num_pages >= 1:  # below one page every group falls back to the cache off
+                self.pool = PagePool(num_pages, page_size)
+                self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)
         self.model_key = f"{getattr(model, 'name_or_path', 'model')}:{model.dtype}"
 
     @classmethod
@@ -139,9 +140,10 @@ class Engine:
                                     sample_seed(r.seed, r.request_id, r.sample_index))
             else:
                 groups[(r.prefix_ids, r.params)].append(i)
-        for (prefix_ids, params), idx in groups.items():
+        for prefix_ids, params in groups:
             if params.cfg_scale > 0 and self.cache is CacheMode.PREFIX and prefix_ids:
                 raise ValueError("cfg_scale > 0 masks the prefix too: use cache='off' with classifier-free guidance")
+        for (prefix_ids, params), idx in groups.items():
             self._run_group(prefix_ids, replace(params, block_logits_only=True), [(i, requests[i]) for i in idx], results)
         return [results[i] for i in range(len(requests))]
 
@@ -160,6 +162,9 @@ class Engine:
         cfg, dev = self.model.config, self.model.device
         prefix_kv, alloc = self._encode_prefix(prefix_ids) if self.cache is CacheMode.PREFIX and prefix_ids else (None, None)
         cached = prefix_kv is not None
+        # Without the cache, a prefix engine still lets the prefix attend only to itself, so a
+        # group that fell back (over budget) computes what the cache would have.
+        isolate = not cached and (self.isolate_prefix or self.cache is CacheMode.PREFIX)
         queue, batch = deque(todo), None
         t0 = time.perf_counter()
         while queue or batch is not None:
@@ -174,7 +179,7 @@ class Engine:
                                                  prefix_lengths=None if cached else [len(prefix_ids)] * len(new),
                                                  tags=[(i, r, s) for (i, r), s in zip(new, seeds)])
                 batch = fresh if batch is None else batch.extend(fresh, cfg.pad_token_id)
-            denoise_step(self.model, batch, params, prefix_kv, isolate_prefix=self.isolate_prefix and not cached)
+            denoise_step(self.model, batch, params, prefix_kv, isolate_prefix=isolate)
             self.counters.forward_passes += 1
             if bool(batch.done.any()):
                 self._finish(batch, params, results)
@@ -202,7 +207,11 @@ class Engine:
     def _encode_prefix(self, prefix_ids: tuple[int, ...]) -> tuple[list[LayerKV] | None, PrefixPages | None]:
         """Look the prefix up page by page; encode what missed (attending only to the prefix)."""
         t0 = time.perf_counter()
-        alloc = self.pool.allocate(prefix_ids, self.model_key)
+        # LLaDA is bidirectional: a page's K/V depend on the whole prefix, not only on the
+        # tokens before it, so the whole prefix goes into the page key. Pages are shared by
+        # every row and every later run with this prefix, never across different prefixes.
+        key = f"{self.model_key}:{hashlib.blake2b(repr(prefix_ids).encode(), digest_size=8).hexdigest()}"
+        alloc = self.pool.allocate(prefix_ids, key) if self.pool is not None else None
         if alloc is None:  # does not fit the budget: this group runs with the cache off
             self.counters.prefix_fallbacks += 1
             return None, None

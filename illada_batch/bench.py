@@ -1,0 +1,215 @@
+"""``illada-batch bench``: the engine's cache and decoding modes side by side, on the
+shipped tiny model and its task suite (a few-shot prefix of 400+ tokens shared by every row
+of a task), plus batching against one-row-at-a-time ``generate`` and prefix memory.
+Prints one table and writes JSON. Every ratio compares two things measured in this run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+
+import torch
+
+from .engine import Engine, Request
+from .evaluate import suite_rows
+from .params import SamplingParams
+
+GEN = 32
+
+
+def _peak_reset() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) on Linux
+        except OSError:
+            pass
+
+
+def _peak_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
+    from . import tasks
+
+    engine = Engine(model, cache=cache, max_batch_size=batch)
+    tok = engine.tokenizer
+    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
+    reqs = [Request(r.id, tuple(tok.encode(r.prompt)), pre[r.prefix_id], params) for r in rows]
+    _peak_reset()
+    t0 = time.perf_counter()
+    results = engine.run(reqs)
+    seconds = time.perf_counter() - t0
+    c = engine.counters
+    hits = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "") for r, res in zip(rows, results))
+    nfe = sum(res.steps for res in results)
+    tokens = sum(len(res.token_ids) + (res.finish_reason == "eos") for res in results)  # text + its EOS
+    looked = c.prefix_pages_hit + c.prefix_pages_missed
+    return {"cache": cache, "decoding": "threshold" if params.threshold else "fixed", "rows": len(rows),
+            "seconds": seconds, "rows_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
+            "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": c.prefix_pages_hit / looked if looked else None,
+            "peak_mb": _peak_bytes() / 2**20, "accuracy": hits / len(rows), "forward_passes": c.forward_passes,
+            "_tokens": [res.token_ids for res in results]}
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """(rows with identical tokens, positions with identical tokens) as fractions."""
+    same_rows = sum(x == y for x, y in zip(a, b)) / len(a)
+    pos = sum(sum(p == q for p, q in zip(x + [-1] * (GEN - len(x)), y + [-1] * (GEN - len(y)))) for x, y in zip(a, b))
+    return same_rows, pos / (GEN * len(a))
+
+
+def bench_modes(model, rows_per_task: int, batch: int = 16) -> list[dict]:
+    prefixes, rows = suite_rows(model.tokenizer, seed=20_000, rows_per_task=rows_per_task, prefixes_per_task=1,
+                                min_prefix_tokens=400)
+    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=True)
+    thresh = replace(fixed, threshold=0.9)
+    out = []
+    for params in (fixed, thresh):
+        for cache in ("off", "prefix"):
+            out.append(run_mode(model, cache, params, prefixes, rows, batch))
+    base = out[0]["_tokens"]
+    for r in out:
+        r["agree_rows"], r["agree_tokens"] = agreement(base, r.pop("_tokens"))
+    return out
+
+
+def bench_batching(model, n_rows: int = 32) -> dict:
+    """Engine (cache off, batch 16) vs ``generate`` one row at a time: same rows, same outputs."""
+    from .decode import generate
+
+    prefixes, rows = suite_rows(model.tokenizer, seed=30_000, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
+                                min_prefix_tokens=400)
+    tok = model.tokenizer
+    ids = [tok.encode(prefixes[r.prefix_id]) + tok.encode(r.prompt) for r in rows]
+    t0 = time.perf_counter()
+    single = []
+    for p in ids:
+        out = generate(model, torch.tensor([p], device=model.device), steps=GEN, gen_length=GEN, block_length=GEN)
+        single.append(out[0, len(p):].tolist())
+    t_single = time.perf_counter() - t0
+    params = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=True)
+    engine = Engine(model, cache="off", max_batch_size=16)
+    t0 = time.perf_counter()
+    res = engine.run([Request(r.id, tuple(p), (), params) for r, p in zip(rows, ids)])
+    t_engine = time.perf_counter() - t0
+    eos = model.config.eos_token_id
+    same = sum((s[:s.index(eos)] if eos in s else s) == r.token_ids for s, r in zip(single, res))
+    return {"rows": len(rows), "generate_one_row_s": t_single, "engine_batch16_s": t_engine,
+            "speedup_rows_per_s": t_single / t_engine, "identical_texts": same / len(rows)}
+
+
+def bench_memory(model, batch: int = 16) -> dict:
+    """Peak memory of 256 rows vs 16 rows sharing one prefix (prefix cache, batch size equal)."""
+    prefixes, rows = suite_rows(model.tokenizer, seed=40_000, rows_per_task=256, prefixes_per_task=1,
+                                min_prefix_tokens=400, task_names=("reverse",))
+    params = SamplingParams(steps=8, gen_length=GEN, block_length=GEN, early_stop=True)
+    out = {}
+    for n in (16, 256):
+        r = run_mode(model, "prefix", params, prefixes, rows[:n], batch)
+        out[f"peak_mb_{n}_rows"] = r["peak_mb"]
+    out["ratio_256_over_16"] = out["peak_mb_256_rows"] / out["peak_mb_16_rows"]
+    return out
+
+
+def _table(modes: list[dict]) -> str:
+    head = f"{'cache':<7}{'decoding':<10}{'rows/s':>8}{'tok/s':>9}{'steps/tok':>10}{'hit rate':>9}" \
+           f"{'peak MB':>9}{'accuracy':>9}{'agree rows':>11}{'agree tok':>10}"
+    lines = [head, "-" * len(head)]
+    for r in modes:
+        hit = "-" if r["prefix_hit_rate"] is None else f"{r['prefix_hit_rate']:.2f}"
+        lines.append(f"{r['cache']:<7}{r['decoding']:<10}{r['rows_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}"
+                     f"{r['steps_per_token']:>10.2f}{hit:>9}{r['peak_mb']:>9.0f}{r['accuracy']:>9.1%}"
+                     f"{r['agree_rows']:>11.1%}{r['agree_tokens']:>10.1%}")
+    return "\n".join(lines)
+
+
+def _random_model(shape: str):
+    from .config import PRESETS
+    from .model import LLaDA
+
+    cfg = PRESETS[shape]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = LLaDA(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
+    return model
+
+
+def main(args) -> int:
+    from .checkpoint import load_model
+
+    if args.backend == "vllm":
+        raise SystemExit("illada-batch bench --backend vllm: the vLLM backend is not built yet (see the README)")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
+    if args.model_shape:
+        if not args.random_weights:
+            raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
+        return _bench_shape(args)
+    model = load_model(args.model)
+    only = set(args.only.split(",")) if args.only else {"modes", "batching", "memory"}
+    report = {"model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine()}
+    if "modes" in only:
+        modes = bench_modes(model, rows_per_task=max(1, args.rows // 5))
+        report["modes"] = modes
+        off, pre, off_t, pre_t = modes
+        print(_table(modes))
+        print(f"\nprefix / off, fixed steps:        {pre['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s, "
+              f"accuracy {pre['accuracy'] - off['accuracy']:+.1%}")
+        print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer steps "
+              f"per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
+    if "batching" in only:
+        b = bench_batching(model)
+        report["batching"] = b
+        print(f"engine batch 16 (cache off) / generate one row at a time: {b['speedup_rows_per_s']:.2f}x rows/s "
+              f"({b['rows']} rows, identical texts {b['identical_texts']:.0%})")
+    if "memory" in only:
+        m = bench_memory(model)
+        report["memory"] = m
+        print(f"peak memory, 256 rows / 16 rows sharing a prefix: {m['ratio_256_over_16']:.3f} "
+              f"({m['peak_mb_256_rows']:.0f} MB / {m['peak_mb_16_rows']:.0f} MB)")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _bench_shape(args) -> int:
+    """LLaDA-8B's shape with random weights: prefix vs off speed on whatever device is here."""
+    model = _random_model(args.model_shape)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
+    params = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, block_logits_only=True)
+    report = {"shape": args.model_shape, "device": str(model.device), "rows": args.rows}
+    for cache in ("off", "prefix"):
+        engine = Engine(model, cache=cache, max_batch_size=16)
+        reqs = [Request(str(i), tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()), prefix, params)
+                for i in range(args.rows)]
+        _peak_reset()
+        t0 = time.perf_counter()
+        results = engine.run(reqs)
+        s = time.perf_counter() - t0
+        tokens = sum(len(r.token_ids) for r in results)
+        report[cache] = {"seconds": s, "rows_per_s": len(reqs) / s, "tokens_per_s": tokens / s,
+                         "peak_mb": _peak_bytes() / 2**20}
+        print(f"{args.model_shape} {cache:<7} {len(reqs) / s:8.2f} rows/s {tokens / s:10.1f} tok/s "
+              f"peak {report[cache]['peak_mb']:.0f} MB")
+    print(f"prefix / off: {report['prefix']['tokens_per_s'] / report['off']['tokens_per_s']:.2f}x tokens/s")
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    return 0

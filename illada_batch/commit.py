@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 import uuid
 
@@ -26,6 +27,13 @@ import pyarrow.parquet as pq
 
 class FingerprintMismatch(RuntimeError):
     pass
+
+
+class LockHeld(RuntimeError):
+    """Another run is writing this output right now."""
+
+
+LOCK_STALE_SECONDS = 300  # a run whose heartbeat is older than this is presumed dead
 
 
 class Output:
@@ -59,6 +67,43 @@ class Output:
             self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(key, "wb") as f:
             f.write(data)
+
+    # --- one writer at a time (driver) ----------------------------------------------------
+
+    def acquire_lock(self, owner: str) -> None:
+        """Take ``_LOCK.json`` or raise ``LockHeld``. Exclusive create where the filesystem
+        has it; everywhere, the lock is read back after a pause so of two runs that wrote
+        at once only the last writer goes on. A lock whose heartbeat is stale is taken over."""
+        key = self.key("_LOCK.json")
+        body = json.dumps({"owner": owner, "heartbeat": time.time()}).encode()
+        current = self._read_lock()
+        if current and current["owner"] != owner and time.time() - current["heartbeat"] < LOCK_STALE_SECONDS:
+            raise LockHeld(self._held_message(current))
+        self._put(key, body)
+        time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
+        current = self._read_lock()
+        if not current or current["owner"] != owner:
+            raise LockHeld(self._held_message(current or {"owner": "another run", "heartbeat": time.time()}))
+
+    def heartbeat(self, owner: str) -> None:
+        self._put(self.key("_LOCK.json"), json.dumps({"owner": owner, "heartbeat": time.time()}).encode())
+
+    def release_lock(self, owner: str) -> None:
+        current = self._read_lock()
+        if current and current["owner"] == owner:
+            self.fs.rm(self.key("_LOCK.json"))
+
+    def _read_lock(self) -> dict | None:
+        try:
+            self.fs.invalidate_cache()
+            return json.loads(self.fs.cat_file(self.key("_LOCK.json")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _held_message(self, lock: dict) -> str:
+        age = time.time() - lock["heartbeat"]
+        return (f"{self.root} is being written by {lock['owner']} (heartbeat {age:.0f}s ago): not starting a second "
+                f"run for the same output. It is presumed dead after {LOCK_STALE_SECONDS}s without a heartbeat.")
 
     # --- reading (driver, status) ------------------------------------------------------
 

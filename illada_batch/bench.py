@@ -160,7 +160,7 @@ def main(args) -> int:
             raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
         return _bench_shape(args)
     model = load_model(args.model)
-    only = set(args.only.split(",")) if args.only else {"modes", "batching", "memory"}
+    only = set(args.only.split(",")) if args.only else {"modes", "batching", "memory", "pipeline", "driver"}
     report = {"model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
     if "modes" in only:
@@ -182,6 +182,20 @@ def main(args) -> int:
         report["memory"] = m
         print(f"peak memory, 256 rows / 16 rows sharing a prefix: {m['ratio_256_over_16']:.3f} "
               f"({m['peak_mb_256_rows']:.0f} MB / {m['peak_mb_16_rows']:.0f} MB)")
+    if "pipeline" in only:
+        from .bench_pipeline import bench_pipeline_efficiency
+
+        p = bench_pipeline_efficiency(rows=args.rows * 8)
+        report["pipeline"] = p
+        print(f"pipeline efficiency (job on local Ray + S3 / engine in one process, {p['rows']} rows): "
+              f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s)")
+    if "driver" in only:
+        from .bench_pipeline import bench_driver_overhead
+
+        d = bench_driver_overhead()
+        report["driver"] = d
+        print(f"driver overhead: {d['driver_ms_per_shard']:.1f} ms CPU per shard over {d['shards']} one-row shards "
+              f"(wall {d['wall_ms_per_shard']:.1f} ms per shard)")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.out}")

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from .. import tasks
 from ..checkpoint import save_checkpoint
 from ..config import PRESETS
-from ..decode import generate
 from ..model import LLaDA
 from ..tokenizer import Tokenizer
 from . import tokenizer as tokbuild
@@ -113,27 +112,17 @@ def train_step(model: LLaDA, batch, mask_id: int) -> torch.Tensor:
     return (ce / t[masked]).sum() / n_answer.clamp(min=1)
 
 
-@torch.no_grad()
-def evaluate(model: LLaDA, tok: Tokenizer, rows, prefixes, gen_length: int = 32, steps: int | None = None,
-             batch_size: int = 25) -> dict[str, float]:
+def evaluate_suite(model: LLaDA, prefixes, rows) -> dict[str, float]:
+    """Exact-match accuracy with the cache off, steps = gen_length = 32 (no training RNG used)."""
+    from ..engine import Engine
+    from ..evaluate import evaluate
+    from ..params import SamplingParams
+
     model.eval()
-    hits: dict[str, list[bool]] = {}
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [tok.encode(prefixes[r.prefix_id]) + tok.encode(r.prompt) for r in chunk]
-        L = max(map(len, prompts))
-        ids = torch.full((len(chunk), L), model.config.pad_token_id)
-        am = torch.zeros((len(chunk), L), dtype=torch.bool)
-        for j, p in enumerate(prompts):
-            ids[j, L - len(p):], am[j, L - len(p):] = torch.tensor(p), True
-        out = generate(model, ids, am, steps=steps or gen_length, gen_length=gen_length, block_length=gen_length,
-                       block_logits_only=True, early_stop=True)
-        for r, resp in zip(chunk, out[:, L:].tolist()):
-            text = tok.decode(resp[:resp.index(model.config.eos_token_id)] if model.config.eos_token_id in resp else resp)
-            hits.setdefault(r.task, []).append(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, text))
+    params = SamplingParams(steps=32, gen_length=32, block_length=32, early_stop=True)
+    with torch.no_grad():
+        acc = evaluate(Engine(model, cache="off", max_batch_size=25), prefixes, rows, params)["accuracy"]
     model.train()
-    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return acc
 
 
@@ -193,7 +182,7 @@ def main(argv=None) -> None:
             print(f"step {step:5d}/{args.steps}  loss {ema:.3f}  lr {sched.get_last_lr()[0]:.2e}  "
                   f"{el / 60:.1f} min  eta {el / step * (args.steps - step) / 60:.1f} min", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate(model, tok, eval_rows, eval_prefixes)
+            acc = evaluate_suite(model, eval_prefixes, eval_rows)
             print(f"step {step:5d} eval accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
             log.append({"step": step, "loss": ema, "minutes": (time.time() - t0) / 60, **acc})
             save_checkpoint(model, out)

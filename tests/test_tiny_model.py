@@ -1,0 +1,54 @@
+"""The shipped model: it loads by name and by path in LLaDA's format, and it is good at
+its task suite (a quality guard on 50 fixed held-out rows, not a timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from illada_batch import load_model
+from illada_batch.checkpoint import MODELS_DIR
+from illada_batch.engine import Engine
+from illada_batch.evaluate import evaluate, suite_rows
+from illada_batch.params import SamplingParams
+
+SHIPPED = MODELS_DIR / "tiny-llada"
+
+
+def test_loads_by_name_and_by_path_with_its_special_tokens():
+    by_name = load_model("tiny-llada", device="cpu")
+    by_path = load_model(str(SHIPPED), device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(by_name(ids), by_path(ids))
+    cfg, tok = by_name.config, by_name.tokenizer
+    assert tok.token_id("<|mdm_mask|>") == cfg.mask_token_id
+    assert tok.token_id("<|endoftext|>") == cfg.eos_token_id
+    assert tok.eot_id is not None and tok.bos_id is not None
+    raw = json.loads((SHIPPED / "config.json").read_text())
+    assert {"d_model", "n_layers", "n_heads", "mlp_hidden_size", "mask_token_id"} <= set(raw)
+    assert (SHIPPED / "model.safetensors").stat().st_size < 20 * 2**20
+    assert "<|start_header_id|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_accuracy_on_fixed_held_out_rows():
+    torch.set_num_threads(1)
+    engine = Engine.from_pretrained("tiny-llada", cache="off", device="cpu")
+    prefixes, rows = suite_rows(engine.tokenizer, seed=10_000, rows_per_task=10, prefixes_per_task=2,
+                                min_prefix_tokens=400)
+    assert len(rows) == 50
+    params = SamplingParams(steps=32, gen_length=32, block_length=32, early_stop=True)
+    acc = evaluate(engine, prefixes, rows, params)["accuracy"]
+    assert acc["overall"] >= 0.80, acc
+
+
+def test_generate_cli_prints_text():
+    out = subprocess.run([sys.executable, "-m", "illada_batch.cli", "generate", "--prompt",
+                          "Task: Write the same words in reverse order.\n\nInput: lamb king\nOutput: king lamb\n\n"
+                          "Input: fire tree gold\nOutput:", "--steps", "16", "--gen-length", "16", "--block-length", "16"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip(), "no generated text"
+    assert "tokens/s" in out.stderr

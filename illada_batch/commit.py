@@ -33,7 +33,8 @@ class LockHeld(RuntimeError):
     """Another run is writing this output right now."""
 
 
-LOCK_STALE_SECONDS = 300  # a run whose heartbeat is older than this is presumed dead
+LOCK_STALE_SECONDS = 300
+ORPHAN_TAG = "illada-batch:orphan"  # a run whose heartbeat is older than this is presumed dead
 
 
 class Output:
@@ -51,7 +52,8 @@ class Output:
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
         name = f"part-{shard_id}-{uuid.uuid4().hex[:12]}.parquet"
-        self._put(self.key("data", name), data)
+        self._put(self.key("data", name), data, orphan_tag=True)
+        self._mark_committed(self.key("data", name))
         manifest = {"shard_id": shard_id, "data_key": f"data/{name}", "rows": table.num_rows,
                     "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint,
                     "committed_at": time.time(), **stats}
@@ -62,11 +64,24 @@ class Output:
         body = {"shard_id": shard_id, "fingerprint": fingerprint, "error": error, "attempts": attempts, "at": time.time()}
         self._put(self.key("_failed", f"{shard_id}.json"), json.dumps(body).encode())
 
-    def _put(self, key: str, data: bytes) -> None:
-        if self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else ()):
+    @property
+    def _is_s3(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return "s3" in protocol
+
+    def _put(self, key: str, data: bytes, orphan_tag: bool = False) -> None:
+        """One PUT. On S3 a data file is created tagged ``illada-batch:orphan=true`` (the bucket's
+        lifecycle rule expires such files after 7 days) and untagged just before its manifest."""
+        if self._is_s3:
+            extra = {"Tagging": f"{ORPHAN_TAG}=true"} if orphan_tag else {}
+            self.fs.pipe_file(key, data, **extra)
+        else:
             self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(key, "wb") as f:
-            f.write(data)
+            self.fs.pipe_file(key, data)
+
+    def _mark_committed(self, key: str) -> None:
+        if self._is_s3:
+            self.fs.put_tags(key, {ORPHAN_TAG: "false"}, mode="o")
 
     # --- one writer at a time (driver) ----------------------------------------------------
 

@@ -74,8 +74,7 @@ def cmd_validate(args) -> int:
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
-    cols = list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
-    shards, bad = plan_shards(i.url, i.storage_options, spec.shard_rows, cols)
+    shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns())
     rows = sum(s.num_rows for s in shards)
     print(f"job {spec.name}: OK (fingerprint {spec.fingerprint()})")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")

@@ -21,6 +21,7 @@ import time
 import uuid
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -86,19 +87,43 @@ class Output:
     # --- one writer at a time (driver) ----------------------------------------------------
 
     def acquire_lock(self, owner: str) -> None:
-        """Take ``_LOCK.json`` or raise ``LockHeld``. Exclusive create where the filesystem
-        has it; everywhere, the lock is read back after a pause so of two runs that wrote
-        at once only the last writer goes on. A lock whose heartbeat is stale is taken over."""
+        """Take ``_LOCK.json`` or raise ``LockHeld``, before anything else is written.
+
+        The lock is created exclusively (a conditional PUT on S3, O_EXCL locally), so of two
+        runs started at once exactly one gets it. A lock whose heartbeat is older than
+        LOCK_STALE_SECONDS belongs to a dead run: it is replaced, then read back after a
+        pause so that of two runs taking over at once only the last writer goes on."""
         key = self.key("_LOCK.json")
         body = json.dumps({"owner": owner, "heartbeat": time.time()}).encode()
+        try:
+            self._create_exclusive(key, body)
+            return
+        except FileExistsError:
+            pass
         current = self._read_lock()
         if current and current["owner"] != owner and time.time() - current["heartbeat"] < LOCK_STALE_SECONDS:
             raise LockHeld(self._held_message(current))
-        self._put(key, body)
+        self._put(key, body)  # take over a stale lock
         time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
         current = self._read_lock()
         if not current or current["owner"] != owner:
             raise LockHeld(self._held_message(current or {"owner": "another run", "heartbeat": time.time()}))
+
+    def _create_exclusive(self, key: str, data: bytes) -> None:
+        """Write ``key`` only if it does not exist (FileExistsError otherwise)."""
+        if self._is_s3:
+            self.fs.pipe_file(key, data, IfNoneMatch="*")
+        elif isinstance(self.fs, LocalFileSystem):
+            os.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
+            with open(key, "xb") as f:
+                f.write(data)
+        else:  # no exclusive create known for this filesystem: the read-back check decides
+            if self.fs.exists(key):
+                raise FileExistsError(key)
+            self._put(key, data)
+            time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
+            if json.loads(self.fs.cat_file(key)) != json.loads(data):
+                raise FileExistsError(key)
 
     def heartbeat(self, owner: str) -> None:
         self._put(self.key("_LOCK.json"), json.dumps({"owner": owner, "heartbeat": time.time()}).encode())

@@ -1,8 +1,8 @@
 """The Ray driver: lists shards, skips committed ones, hands shards to replicas that ask
 for work, retries what failed, and writes the summary last. It imports no torch.
 
-Design note. Each replica has at most one shard in flight, so a fast replica simply comes
-back sooner for the next one (pull-based balancing). A replica that dies mid-shard is
+Design note. Each replica has at most two shards in flight (one running, one waiting at
+the actor), so a fast replica simply comes back sooner for more (pull-based balancing). A replica that dies mid-shard is
 restarted by Ray (``max_restarts``) or replaced; its shard goes back to the queue. A
 shard that fails ``max_retries + 1`` times, or whose file is bad, is recorded under
 ``_failed/`` with its error and the job goes on. Only shard manifests count as done.
@@ -10,12 +10,13 @@ shard that fails ``max_retries + 1`` times, or whose file is bad, is recorded un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import ray
@@ -81,8 +82,7 @@ class _Job:
         spec, report, out = self.spec, self.report, self.out
         committed = out.check_fingerprint(self.fingerprint)
         i = spec.input
-        columns = list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
-        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, columns)
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns())
         report.shards = len(shards) + len(bad_files)
         todo = [s for s in shards if s.shard_id not in committed]
         report.skipped = len(shards) - len(todo)
@@ -94,7 +94,7 @@ class _Job:
         out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
         try:
             for path, error in bad_files:
-                sid = f"file-{path.rsplit('/', 1)[-1]}"
+                sid = f"file-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{path.rsplit('/', 1)[-1]}"
                 report.failed[sid] = error
                 out.record_failure(sid, self.fingerprint, error, attempts=1)
                 self.log(f"shard failed: {error}")
@@ -127,11 +127,14 @@ class _Job:
         last_beat = time.time()
         try:
             while queue or inflight:
-                busy = {r for r, _, _ in inflight.values()}
+                load = Counter(r for r, _, _ in inflight.values())
                 for r in range(len(replicas)):
-                    if r not in busy and queue:
+                    # two shards per replica: the next one is queued at the actor while it works on
+                    # this one, so it never waits for the driver between shards
+                    while load[r] < 2 and queue:
                         shard, attempt = queue.popleft()
                         inflight[replicas[r].process.remote(shard.to_dict())] = (r, shard, attempt)
+                        load[r] += 1
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 if time.time() - last_beat > 30:
                     self.out.heartbeat(self.owner)

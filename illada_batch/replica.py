@@ -99,17 +99,13 @@ class DiffusionReplica:
         self.fingerprint = fingerprint
         self.model_name = self.spec.model.path
 
-    def columns(self) -> list[str]:
-        i = self.spec.input
-        return list(dict.fromkeys([i.id_column, i.messages_column or i.prompt_column, *i.variables, *i.passthrough]))
-
     def process(self, shard_dict: dict) -> dict:
         from .engine import Request
 
         t0 = time.time()
         shard = Shard(**shard_dict)
         try:
-            table = read_shard(self.fs, shard, self.columns())
+            table = read_shard(self.fs, shard, self.spec.input.columns())
         except InputError as exc:
             raise ShardError(str(exc)) from None
         rows = render_rows(self.spec, table, self.chat_wrap)

@@ -41,6 +41,11 @@ class InputSpec(_Strict):
     passthrough: list[str] = Field(default_factory=list)  # columns copied unchanged to the output
     storage_options: dict = Field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, anon ...)
 
+    def columns(self) -> list[str]:
+        """The input columns a job reads, in order, without repeats."""
+        return list(dict.fromkeys([self.id_column, self.messages_column or self.prompt_column, *self.variables,
+                                   *self.passthrough]))
+
     @model_validator(mode="after")
     def _one_source(self) -> "InputSpec":
         if not self.prompt_column and not self.messages_column:
@@ -145,7 +150,7 @@ class JobSpec(_Strict):
     # --- derived ---------------------------------------------------------------------
 
     def output_url(self, date: str | None = None) -> str:
-        date = date or _dt.date.today().isoformat()
+        date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
         return self.output.url.format(job=self.name, date=date)
 
     def resolve(self, path: str) -> str:

@@ -4,6 +4,7 @@ output is checked row by row."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -94,10 +95,13 @@ def test_same_rows_same_tokens_whatever_the_sharding(s3, ray_cluster):
     assert len(ra) == 2 * len(ids) and ra == rb
 
 
-def _replica_pids():
-    from ray.util.state import list_actors
-
-    return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Replica" in a.class_name]
+def _committing_pid(fs, root: str) -> int | None:
+    """The pid of a replica that has committed a shard (from its manifest) and so is busy with the next."""
+    if not fs.exists(f"{root}/_manifest"):
+        return None
+    for f in fs.ls(f"{root}/_manifest", refresh=True):
+        return json.loads(fs.cat_file(f))["pid"]
+    return None
 
 
 def test_replica_killed_mid_shard(s3, ray_cluster):
@@ -110,12 +114,11 @@ def test_replica_killed_mid_shard(s3, ray_cluster):
     def killer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            pids = _replica_pids()
-            done = fs.ls("bucket/out3/_manifest", refresh=True) if fs.exists("bucket/out3/_manifest") else []
-            if pids and len(done) >= 1:  # the replica is in the middle of its next shard
+            pid = _committing_pid(fs, "bucket/out3")
+            if pid:  # it committed one shard and is in the middle of the next
                 time.sleep(0.3)
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             time.sleep(0.1)
 
     t = threading.Thread(target=killer)

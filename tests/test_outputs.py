@@ -1,0 +1,75 @@
+"""What a user does with a job beyond the happy path: a model on S3 copied once and checked,
+chat-format inputs, and the output read back by the `datasets` library."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from illada_batch.checkpoint import MODELS_DIR
+from illada_batch.replica import DiffusionReplica, fetch_model, weights_sha256
+from illada_batch.spec import spec_from_dict
+from pipeline_support import S3Server
+
+SAMPLING = {"steps": 4, "gen_length": 8, "block_length": 8}
+
+
+def spec(tmp_path, **extra):
+    return spec_from_dict({"name": "o", "input": {"url": str(tmp_path / "in.parquet")}, "sampling": SAMPLING,
+                           "output": {"url": str(tmp_path / "out")}, **extra}).resolved()
+
+
+@pytest.mark.slow
+def test_model_on_s3_is_copied_once_and_checked(tmp_path):
+    s3 = S3Server().start()
+    try:
+        fs = s3.fs()
+        fs.mkdir("models")
+        fs.put(str(MODELS_DIR / "tiny-llada") + "/", "models/tiny-llada/", recursive=True)
+        good = weights_sha256(MODELS_DIR / "tiny-llada")
+        model = {"path": "s3://models/tiny-llada", "sha256": good, "storage_options": s3.options}
+        s = spec(tmp_path, model=model)
+        local = fetch_model(s, cache_root=tmp_path / "cache")
+        assert sorted(os.listdir(local)) == sorted(os.listdir(MODELS_DIR / "tiny-llada"))
+        mtime = os.path.getmtime(os.path.join(local, "model.safetensors"))
+        assert fetch_model(s, cache_root=tmp_path / "cache") == local  # copied once
+        assert os.path.getmtime(os.path.join(local, "model.safetensors")) == mtime
+        bad = spec(tmp_path, model={**model, "sha256": "0" * 64})
+        with pytest.raises(RuntimeError, match="sha256"):
+            fetch_model(bad, cache_root=tmp_path / "cache")
+    finally:
+        s3.stop()
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(tmp_path):
+    msgs = [[{"role": "user", "content": "Input: lamb king\nOutput:"}], [], None]
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "messages": msgs}), tmp_path / "in.parquet")
+    s = spec(tmp_path, chat=True, input={"url": str(tmp_path / "in.parquet"), "prompt_column": None,
+                                         "messages_column": "messages"}, prefix={"text": "You reverse words."})
+    replica = DiffusionReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
+    assert replica.prefix_ids and "<|start_header_id|>system" in replica.tok.decode(list(replica.prefix_ids))
+    m = replica.process({"shard_id": "s0", "path": str(tmp_path / "in.parquet"), "row_start": 0, "num_rows": 3})
+    out = pq.read_table(tmp_path / "out" / m["data_key"]).to_pylist()
+    a = next(r for r in out if r["id"] == "a")
+    assert a["prompt"].startswith("<|start_header_id|>user<|end_header_id|>") and a["prompt"].endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert a["error"] is None and a["generation"] is not None
+    assert all("messages" in r["error"] for r in out if r["id"] in ("b", "c"))
+
+
+def test_output_loads_with_the_datasets_library(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "prompt": ["Input: lamb king\nOutput:"] * 6,
+                             "topic": list("abcdef")}), tmp_path / "in.parquet")
+    s = spec(tmp_path, n=2, input={"url": str(tmp_path / "in.parquet"), "passthrough": ["topic"]})
+    replica = DiffusionReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
+    replica.process({"shard_id": "s0", "path": str(tmp_path / "in.parquet"), "row_start": 0, "num_rows": 6})
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"),
+                               cache_dir=str(tmp_path / "hf"))["train"]
+    assert len(ds) == 12
+    assert {"id", "sample_index", "generation", "error", "seed", "topic"} <= set(ds.column_names)
+    assert sorted(zip(ds["id"], ds["sample_index"])) == sorted((f"r{i}", j) for i in range(6) for j in range(2))

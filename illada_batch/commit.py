@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import time
 import uuid
 
@@ -34,8 +35,9 @@ class LockHeld(RuntimeError):
     """Another run is writing this output right now."""
 
 
-LOCK_STALE_SECONDS = 300
-ORPHAN_TAG = "illada-batch:orphan"  # a run whose heartbeat is older than this is presumed dead
+LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
+LOCK_HEARTBEAT_SECONDS = 10
+ORPHAN_TAG = "illada-batch:orphan"
 
 
 class Output:
@@ -91,17 +93,18 @@ class Output:
 
         The lock is created exclusively (a conditional PUT on S3, O_EXCL locally), so of two
         runs started at once exactly one gets it. A lock whose heartbeat is older than
-        LOCK_STALE_SECONDS belongs to a dead run: it is replaced, then read back after a
+        LOCK_STALE_SECONDS, or that names a process of this host that no longer exists,
+        belongs to a dead run: it is replaced, then read back after a
         pause so that of two runs taking over at once only the last writer goes on."""
         key = self.key("_LOCK.json")
-        body = json.dumps({"owner": owner, "heartbeat": time.time()}).encode()
+        body = _lock_body(owner)
         try:
             self._create_exclusive(key, body)
             return
         except FileExistsError:
             pass
         current = self._read_lock()
-        if current and current["owner"] != owner and time.time() - current["heartbeat"] < LOCK_STALE_SECONDS:
+        if current and current["owner"] != owner and not _is_stale(current):
             raise LockHeld(self._held_message(current))
         self._put(key, body)  # take over a stale lock
         time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
@@ -126,7 +129,7 @@ class Output:
                 raise FileExistsError(key)
 
     def heartbeat(self, owner: str) -> None:
-        self._put(self.key("_LOCK.json"), json.dumps({"owner": owner, "heartbeat": time.time()}).encode())
+        self._put(self.key("_LOCK.json"), _lock_body(owner))
 
     def release_lock(self, owner: str) -> None:
         current = self._read_lock()
@@ -206,3 +209,21 @@ class Output:
     def write_success(self, summary: dict, card: str) -> None:
         self._put(self.key("README.md"), card.encode())
         self._put(self.key("_SUCCESS.json"), json.dumps(summary, indent=2).encode())
+
+
+def _lock_body(owner: str) -> bytes:
+    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "heartbeat": time.time()}).encode()
+
+
+def _is_stale(lock: dict) -> bool:
+    if time.time() - lock.get("heartbeat", 0) >= LOCK_STALE_SECONDS:
+        return True
+    if lock.get("host") == socket.gethostname() and isinstance(lock.get("pid"), int) and lock["pid"] != os.getpid():
+        try:
+            os.kill(lock["pid"], 0)
+        except ProcessLookupError:
+            return True  # its driver died on this machine: no need to wait for the heartbeat to age
+        except PermissionError:
+            pass
+    return False

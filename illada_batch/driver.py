@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .commit import Output
+from .commit import LOCK_HEARTBEAT_SECONDS, Output
 from .progress import Progress, card, summary_table
 from .shards import Shard, filesystem, plan_shards
 from .spec import JobSpec
@@ -92,6 +93,9 @@ class _Job:
                      f"{self.fingerprint}); nothing to do")
             return report
         out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(out, self.owner, stop), daemon=True)
+        beat.start()
         try:
             for path, error in bad_files:
                 sid = f"file-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{path.rsplit('/', 1)[-1]}"
@@ -104,6 +108,8 @@ class _Job:
                 self._dispatch(todo, address, show_progress)
             self._finish(len(shards))
         finally:
+            stop.set()
+            beat.join()
             out.release_lock(self.owner)
         return report
 
@@ -124,7 +130,6 @@ class _Job:
         queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
-        last_beat = time.time()
         try:
             while queue or inflight:
                 load = Counter(r for r, _, _ in inflight.values())
@@ -136,9 +141,6 @@ class _Job:
                         inflight[replicas[r].process.remote(shard.to_dict())] = (r, shard, attempt)
                         load[r] += 1
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-                if time.time() - last_beat > 30:
-                    self.out.heartbeat(self.owner)
-                    last_beat = time.time()
                 for ref in done:
                     r, shard, attempt = inflight.pop(ref)
                     try:
@@ -199,6 +201,14 @@ class _Job:
         if not report.failed and len(manifests) == n_shards:
             out.write_success(summary, card(spec, summary))
         self.log(summary_table(report, summary))
+
+
+def _heartbeat(out: Output, owner: str, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_HEARTBEAT_SECONDS):
+        try:
+            out.heartbeat(owner)
+        except Exception:  # noqa: BLE001 - a missed beat is retried; the lock only ages
+            pass
 
 
 def _alive_or_new(replica, new_replica):

@@ -116,8 +116,11 @@ class _Job:
     def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
         spec, report = self.spec, self.report
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False,
-                     **({"num_cpus": os.cpu_count(), "include_dashboard": False} if address is None else {}))
+            address = address or os.environ.get("RAY_ADDRESS")  # set inside a submitted Ray job
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:  # the embedded default: a local Ray on this machine's cores
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         cls = _replica_class(spec)
         spec_json = spec.model_dump_json()
 

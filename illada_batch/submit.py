@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sys
+import time
 
 import yaml
 
@@ -37,14 +38,20 @@ def submit(args) -> int:
     sid = args.submission_id or submission_id(spec.name, date)
     client = JobSubmissionClient(args.address)
     entrypoint = f"illada-batch run --spec-env ILLADA_JOB_SPEC --date {date} --quiet"
-    try:
-        client.submit_job(entrypoint=entrypoint, submission_id=sid,
-                          runtime_env={"env_vars": {"ILLADA_JOB_SPEC": text}})
-    except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError with the server's message
-        if "already exists" in str(exc):
-            print(f"{sid}: already submitted to {args.address}; not starting a duplicate run")
-            return 0
-        raise
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sid,
+                              runtime_env={"env_vars": {"ILLADA_JOB_SPEC": text}})
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError with the server's message
+            if "already exists" in str(exc):
+                print(f"{sid}: already submitted to {args.address}; not starting a duplicate run")
+                return 0
+            if "No available agent" in str(exc) and time.time() < deadline:  # a head still starting up
+                time.sleep(2)
+                continue
+            raise
     print(sid)
     if not args.wait:
         return 0

@@ -156,6 +156,8 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
     if args.model_shape:
+        if args.model_shape != "tiny" and not torch.cuda.is_available():
+            raise SystemExit(f"--model-shape {args.model_shape} needs a GPU (its weights alone exceed this machine's memory)")
         if not args.random_weights:
             raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
         return _bench_shape(args)

@@ -39,14 +39,20 @@ RESPONSE_LENGTHS = (16, 32, 32, 32, 64)
 class Documents:
     """Endless deterministic stream of (token ids, answer mask, span ids, prefix end)."""
 
-    def __init__(self, tok: Tokenizer, eos: int, seed: int, text: str, text_fraction: float) -> None:
+    def __init__(self, tok: Tokenizer, eos: int, seed: int, text: str, text_fraction: float,
+                 task_weights: dict[str, float] | None = None) -> None:
         self.tok, self.eos, self.rng = tok, eos, random.Random(seed)
+        self.task_weights = task_weights
         self.text_ids = tok.encode(text) if text_fraction > 0 else []
         self.text_fraction = text_fraction
         self.count = lambda s: len(tok.encode(s))
 
     def task_doc(self, min_prefix_tokens: int) -> tuple[list[int], list[int], int]:
-        segments, _ = tasks.training_sequence(self.rng, min_prefix_tokens, self.count)
+        task = None
+        if self.task_weights:
+            names = list(self.task_weights)
+            task = self.rng.choices(names, weights=[self.task_weights[n] for n in names])[0]
+        segments, _ = tasks.training_sequence(self.rng, min_prefix_tokens, self.count, task=task)
         ids: list[int] = []
         span: list[int] = []  # 0 = context, k > 0 = answer span k
         prefix_end = 0
@@ -139,13 +145,19 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-rows", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--init-from", default=None, help="continue from this checkpoint (a second stage)")
+    ap.add_argument("--task-weights", default=None, help="e.g. substitute=3,reverse=2 (others 1)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokbuild.build(out, vocab_size=args.vocab_size, seed=args.seed)
+    if args.init_from:  # a second stage keeps the first stage's tokenizer
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out / name).write_bytes((Path(args.init_from) / name).read_bytes())
+    else:
+        tokbuild.build(out, vocab_size=args.vocab_size, seed=args.seed)
     tok = Tokenizer(out)
     special = {name: tok.token_id(text) for name, text in
                (("mask", "<|mdm_mask|>"), ("eos", "<|endoftext|>"))}
@@ -155,12 +167,20 @@ def main(argv=None) -> None:
     for name, p in model.named_parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(args.init_from) / "model.safetensors")))
     model.tokenizer = tok
     model.train()
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {cfg.vocab_size}", flush=True)
 
+    weights = None
+    if args.task_weights:
+        weights = {t: 1.0 for t in tasks.TASKS}
+        weights.update({k: float(v) for k, v in (kv.split("=") for kv in args.task_weights.split(","))})
     docs = Documents(tok, cfg.eos_token_id, args.seed, tokbuild.corpus_text() if args.text_fraction else "",
-                     args.text_fraction)
+                     args.text_fraction, weights)
     gen = torch.Generator().manual_seed(args.seed)
     eval_prefixes, eval_rows = tasks.make_suite(10_000 + args.seed, max(1, args.eval_rows // len(tasks.TASKS)), 2, 400,
                                                 count_tokens=docs.count)

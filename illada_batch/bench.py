@@ -57,10 +57,9 @@ def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: i
     hits = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "") for r, res in zip(rows, results))
     nfe = sum(res.steps for res in results)
     tokens = sum(len(res.token_ids) + (res.finish_reason == "eos") for res in results)  # text + its EOS
-    looked = c.prefix_pages_hit + c.prefix_pages_missed
     return {"cache": cache, "decoding": "threshold" if params.threshold else "fixed", "rows": len(rows),
             "seconds": seconds, "rows_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
-            "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": c.prefix_pages_hit / looked if looked else None,
+            "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": 1 - c.prefix_pages_missed / c.prefix_pages_read if c.prefix_pages_read else None,
             "peak_mb": _peak_bytes() / 2**20, "accuracy": hits / len(rows), "forward_passes": c.forward_passes,
             "_tokens": [res.token_ids for res in results]}
 
@@ -190,7 +189,8 @@ def main(args) -> int:
         p = bench_pipeline_efficiency(rows=args.rows * 8)
         report["pipeline"] = p
         print(f"pipeline efficiency (job on local Ray + S3 / engine in one process, {p['rows']} rows): "
-              f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s)")
+              f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s); "
+              f"without start-up {p['steady_state_efficiency']:.2f}")
     if "driver" in only:
         from .bench_pipeline import bench_driver_overhead
 

@@ -68,6 +68,7 @@ class Counters:
     tokens: int = 0  # generated text tokens (before the first EOS)
     prefix_pages_hit: int = 0
     prefix_pages_missed: int = 0
+    prefix_pages_read: int = 0  # full prefix pages read by rows (rows x pages): hit rate = 1 - missed / read
     prefix_fallbacks: int = 0  # groups run with the cache off because the prefix did not fit
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time per phase
 
@@ -166,6 +167,8 @@ class Engine:
         # group that fell back (over budget) computes what the cache would have.
         isolate = not cached and (self.isolate_prefix or self.cache is CacheMode.PREFIX)
         queue, batch = deque(todo), None
+        if cached:
+            self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         t0 = time.perf_counter()
         while queue or batch is not None:
             room = self.max_batch_size - (batch.size if batch is not None else 0)

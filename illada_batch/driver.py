@@ -124,9 +124,12 @@ class _Job:
         cls = _replica_class(spec)
         spec_json = spec.model_dump_json()
 
+        threads = str(max(1, int(spec.resources.num_cpus)))
+        env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}  # as many threads as CPUs
+
         def new_replica():
             return cls.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
-                               max_restarts=spec.max_retries + 1, max_task_retries=0).remote(
+                               max_restarts=spec.max_retries + 1, max_task_retries=0, runtime_env=env).remote(
                 spec_json, self.out_url, self.fingerprint)
 
         replicas = [new_replica() for _ in range(min(spec.replicas, len(todo)))]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import LLaDA, LayerKV
+from .model import LLaDA, LayerKV, isolated_prefix_mask
 from .params import SamplingParams
 from .sampler import confidence, gumbel_argmax, select_transfer, transfer_schedule
 
@@ -88,12 +88,7 @@ class DecodeBatch:
 
     def attention_mask(self, isolate_prefix: bool) -> Tensor:
         """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself."""
-        if not isolate_prefix:
-            return self.valid
-        col = torch.arange(self.x.shape[1], device=self.x.device)
-        in_prefix = col[None] < self.prefix_end[:, None]  # [B, L]
-        # query i may see key j if j is real and (i is outside the prefix or j is inside it)
-        return self.valid[:, None, :] & (~in_prefix[:, :, None] | in_prefix[:, None, :])
+        return isolated_prefix_mask(self.valid, self.prefix_end) if isolate_prefix else self.valid
 
 
 def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams,

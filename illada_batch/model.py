@@ -96,8 +96,18 @@ class Block(nn.Module):
 
 @dataclass
 class ForwardOut:
-    logits: Tensor  # [B, L or K, embedding_size]
-    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_kv
+    logits: Tensor | None  # [B, L or K, embedding_size]; None when return_logits=False
+    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_kv or not return_logits
+    hidden: Tensor | None = None  # [B, L, d] before the final norm, when return_logits=False
+
+
+def isolated_prefix_mask(valid: Tensor, prefix_end: Tensor) -> Tensor:
+    """[B, L, L] mask where each row's prefix (columns before ``prefix_end[b]``) attends only
+    to itself and everything else attends to every real token (``valid`` [B, L])."""
+    col = torch.arange(valid.shape[1], device=valid.device)
+    in_prefix = col[None] < prefix_end[:, None]  # [B, L]
+    # query i may see key j if j is real and (i is outside the prefix or j is inside it)
+    return valid[:, None, :] & (~in_prefix[:, :, None] | in_prefix[:, None, :])
 
 
 class LLaDA(nn.Module):
@@ -151,12 +161,16 @@ class LLaDA(nn.Module):
             x, kv = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[len(kvs)])
             kvs.append(kv)
         if not return_logits:
-            return ForwardOut(logits=x.new_empty(0), kv=kvs)
+            return ForwardOut(logits=None, kv=kvs, hidden=x)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        x = t.ln_f(x)
+        return ForwardOut(logits=self.logits(x), kv=kvs if return_kv else None)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and output head: hidden [..., d] -> logits [..., embedding_size]."""
+        t = self.model.transformer
         head = t.wte.weight if self.config.weight_tying else t.ff_out.weight
-        return ForwardOut(logits=F.linear(x, head), kv=kvs if return_kv else None)
+        return F.linear(t.ln_f(hidden), head)
 
     @staticmethod
     def _attn_mask(attention_mask: Tensor | None, B: int, L: int, P: int) -> Tensor | None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import tasks
 from ..checkpoint import save_checkpoint
 from ..config import PRESETS
-from ..model import LLaDA
+from ..model import LLaDA, isolated_prefix_mask
 from ..tokenizer import Tokenizer
 from . import tokenizer as tokbuild
 
@@ -90,30 +90,16 @@ def collate(docs, pad: int, isolate: bool, gen: torch.Generator):
     t_table = torch.rand((B, int(span.max()) + 1), generator=gen).clamp(min=1e-3)
     t = t_table.gather(1, span)  # [B, L]
     masked = (span > 0) & (torch.rand((B, L), generator=gen) < t)
-    if isolate:
-        col = torch.arange(L)
-        in_prefix = col[None] < prefix_end[:, None]
-        attn = valid[:, None, :] & (~in_prefix[:, :, None] | in_prefix[:, None, :])  # [B, L, L]
-    else:
-        attn = valid
+    attn = isolated_prefix_mask(valid, prefix_end) if isolate else valid  # [B, L, L] or [B, L]
     return ids, attn, masked, t, (span > 0).sum()
 
 
 def train_step(model: LLaDA, batch, mask_id: int) -> torch.Tensor:
     ids, attn, masked, t, n_answer = batch
     noisy = torch.where(masked, mask_id, ids)
-    tr = model.model.transformer
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x = tr.wte(noisy)
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        from ..model import rope_cos_sin
-
-        cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta)
-        mask = model._attn_mask(attn, *ids.shape, 0)
-        for block in tr.blocks:
-            x, _ = block(x, cos, sin, mask, None)
-        h = tr.ln_f(x[masked])  # [N, d]: logits only where something is masked
-        logits = F.linear(h, tr.ff_out.weight).float()  # [N, V]
+        hidden = model.run(noisy, attention_mask=attn, return_logits=False).hidden  # [B, L, d]
+        logits = model.logits(hidden[masked]).float()  # [N, V]: only where something is masked
     ce = F.cross_entropy(logits, ids[masked], reduction="none")
     return (ce / t[masked]).sum() / n_answer.clamp(min=1)
 

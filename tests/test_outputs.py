@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from illada_batch.checkpoint import MODELS_DIR
-from illada_batch.replica import DiffusionReplica, fetch_model, weights_sha256
+from illada_batch.replica import ShardReplica, fetch_model, weights_sha256
 from illada_batch.spec import spec_from_dict
 from pipeline_support import S3Server
 
@@ -49,7 +49,7 @@ def test_chat_messages_are_rendered_with_the_chat_template(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b", "c"], "messages": msgs}), tmp_path / "in.parquet")
     s = spec(tmp_path, chat=True, input={"url": str(tmp_path / "in.parquet"), "prompt_column": None,
                                          "messages_column": "messages"}, prefix={"text": "You reverse words."})
-    replica = DiffusionReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
+    replica = ShardReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
     assert replica.prefix_ids and "<|start_header_id|>system" in replica.tok.decode(list(replica.prefix_ids))
     m = replica.process({"shard_id": "s0", "path": str(tmp_path / "in.parquet"), "row_start": 0, "num_rows": 3})
     out = pq.read_table(tmp_path / "out" / m["data_key"]).to_pylist()
@@ -65,7 +65,7 @@ def test_output_loads_with_the_datasets_library(tmp_path):
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(6)], "prompt": ["Input: lamb king\nOutput:"] * 6,
                              "topic": list("abcdef")}), tmp_path / "in.parquet")
     s = spec(tmp_path, n=2, input={"url": str(tmp_path / "in.parquet"), "passthrough": ["topic"]})
-    replica = DiffusionReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
+    replica = ShardReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
     replica.process({"shard_id": "s0", "path": str(tmp_path / "in.parquet"), "row_start": 0, "num_rows": 6})
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"),

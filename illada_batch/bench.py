@@ -150,8 +150,10 @@ def _random_model(shape: str):
 def main(args) -> int:
     from .checkpoint import load_model
 
-    if args.backend == "vllm":
-        raise SystemExit("illada-batch bench --backend vllm: the vLLM backend is not built yet (see the README)")
+    if args.backend == "vllm":  # the diffusion engine and vLLM side by side
+        from .bench_vllm import main as bench_vllm
+
+        return bench_vllm(args)
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
     if args.model_shape:

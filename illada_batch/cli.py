@@ -225,7 +225,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
     p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"])
+    p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"],
+                   help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
+    p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
     p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
     p.set_defaults(func=cmd_bench)
 

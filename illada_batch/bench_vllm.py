@@ -1,0 +1,126 @@
+"""``illada-batch bench --backend vllm``: the diffusion engine and vLLM side by side in one
+run, on the same rows (the task suite: a few-shot prefix of 400+ tokens shared by every row
+of a task), the same tokenizer, the same generation length, the same batch size, the same
+thread count, and models of the same size (tiny-llada and tiny-qwen2: 1.38M parameters).
+
+Tokens are counted alike for both: the response's text tokens plus its EOS when it stopped
+there. Each engine is warmed up on a few other rows first; vLLM's start-up (compilation) is
+reported on its own line, not in its tokens/s. Prints one table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import replace
+
+GEN = 32
+BATCH = 16
+
+
+def _rows(tok, n_rows: int, seed: int):
+    from .evaluate import suite_rows
+
+    prefixes, rows = suite_rows(tok, seed=seed, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
+                                min_prefix_tokens=400)
+    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
+    return [(r, tuple(tok.encode(r.prompt)), pre[r.prefix_id]) for r in rows], prefixes
+
+
+def _measure(engine, label: str, model: str, params: list, rows, prefixes, warmup) -> dict:
+    """``params[i]``: the sampling parameters of row i."""
+    from . import tasks
+    from .engine import Request
+
+    engine.run([Request(f"w{i}", p, pre, params[0]) for i, (_, p, pre) in enumerate(warmup)])
+    passes = engine.counters.forward_passes
+    reqs = [Request(r.id, p, pre, sp) for (r, p, pre), sp in zip(rows, params)]
+    t0 = time.perf_counter()
+    results = engine.run(reqs)
+    seconds = time.perf_counter() - t0
+    lengths = [len(res.token_ids) + (res.finish_reason == "eos") for res in results]
+    hits = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "") for (r, _, _), res in zip(rows, results))
+    return {"engine": label, "model": model, "rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds,
+            "tokens_per_s": sum(lengths) / seconds, "tokens_per_row": sum(lengths) / len(rows),
+            "eos_rate": sum(res.finish_reason == "eos" for res in results) / len(rows),
+            "forward_passes": engine.counters.forward_passes - passes, "accuracy": hits / len(rows), "_lengths": lengths}
+
+
+def _params(path) -> int:
+    from safetensors import safe_open
+
+    from .checkpoint import resolve_model_path
+
+    total = 0
+    for f in resolve_model_path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return total
+
+
+def _table(results: list[dict]) -> str:
+    head = (f"{'engine':<28}{'model':<12}{'params':>8}{'rows/s':>8}{'tok/s':>9}{'tok/row':>8}{'eos':>6}"
+            f"{'fwd passes':>11}{'accuracy':>9}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['engine']:<28}{r['model']:<12}{r['params'] / 1e6:>7.2f}M{r['rows_per_s']:>8.2f}"
+                     f"{r['tokens_per_s']:>9.1f}{r['tokens_per_row']:>8.1f}{r['eos_rate']:>6.0%}"
+                     f"{r['forward_passes']:>11}{r['accuracy']:>9.1%}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    import torch
+
+    from .checkpoint import resolve_model_path
+    from .engine import Engine
+    from .params import SamplingParams
+
+    threads = int(os.environ.get("ILLADA_THREADS", "1"))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # vLLM's CPU worker reads it
+    diffusion = Engine.from_pretrained(args.model, cache="prefix", max_batch_size=BATCH)
+    tok = diffusion.tokenizer
+    rows, prefixes = _rows(tok, args.rows, seed=20_000)
+    warmup, _ = _rows(tok, 5, seed=21_000)
+    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=True)
+    out = []
+    for label, params in (("diffusion, 32 steps", fixed), ("diffusion, threshold 0.9", replace(fixed, threshold=0.9))):
+        out.append(_measure(diffusion, label, args.model, [params] * len(rows), rows, prefixes, warmup))
+    del diffusion
+
+    from .vllm_engine import VLLMEngine
+
+    t0 = time.perf_counter()
+    ar = VLLMEngine(resolve_model_path(args.ar_model), prefix_cache=True, max_batch_size=BATCH)
+    startup = time.perf_counter() - t0
+    if ar.tokenizer.encode(prefixes[rows[0][0].prefix_id]) != list(rows[0][2]):
+        raise SystemExit(f"{args.ar_model} has another tokenizer than {args.model}: the rows would differ")
+    # Second vLLM run: each row decodes as many tokens as the diffusion model wrote for it (its
+    # text and EOS), so rows/s compares the same work even though tiny-qwen2 never says EOS.
+    same_len = [SamplingParams(steps=n, gen_length=n, block_length=n) for n in out[0]["_lengths"]]
+    try:
+        out.append(_measure(ar, "vllm, prefix caching", args.ar_model, [fixed] * len(rows), rows, prefixes, warmup))
+        out.append(_measure(ar, "vllm, diffusion's lengths", args.ar_model, same_len, rows, prefixes, warmup))
+    finally:
+        ar.close()
+    for r in out:
+        r["params"] = _params(r["model"])
+        del r["_lengths"]
+    print(_table(out))
+    print(f"\n{len(rows)} rows, prefixes of {min(len(p) for _, _, p in rows)}+ tokens, gen_length {GEN}, batch {BATCH}, "
+          f"{threads} thread(s); vllm start-up (not counted above) {startup:.1f} s")
+    d32, dthr, ar_full, ar_same = out
+    print(f"vllm / diffusion, tokens/s: {ar_full['tokens_per_s'] / d32['tokens_per_s']:.1f}x (32 steps), "
+          f"{ar_full['tokens_per_s'] / dthr['tokens_per_s']:.1f}x (threshold 0.9); rows/s at diffusion's lengths: "
+          f"{ar_same['rows_per_s'] / d32['rows_per_s']:.1f}x, {ar_same['rows_per_s'] / dthr['rows_per_s']:.1f}x")
+    report = {"machine": platform.processor() or platform.machine(), "threads": threads, "gen_length": GEN,
+              "batch": BATCH, "vllm_startup_s": startup, "results": out}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\nwrote {args.out}")
+    return 0

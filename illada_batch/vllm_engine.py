@@ -152,10 +152,11 @@ class VLLMEngine:
 
     def _engine_steps(self) -> int:
         """Engine iterations so far (each one forward pass over the running batch)."""
-        for m in self.llm.get_metrics():
-            if m.name == "vllm:iteration_tokens_total":
-                return int(m.count)
-        return 0
+        try:
+            metrics = self.llm.get_metrics()
+        except (AttributeError, AssertionError):  # a vLLM without the metrics API, or stats off
+            return 0
+        return next((int(m.count) for m in metrics if m.name == "vllm:iteration_tokens_total"), 0)
 
     def close(self) -> None:
         """Shut the engine down (frees its memory and worker resources); call before ``ray.shutdown``."""

@@ -88,7 +88,8 @@ class VLLMEngine:
         self.llm = LLM(str(model_dir), enable_prefix_caching=prefix_cache, max_num_seqs=max_batch_size,
                        gpu_memory_utilization=util, dtype=dtype, seed=seed, disable_log_stats=False)
         self.tokenizer = Tokenizer(model_dir)
-        self.eos = eos_ids(model_dir)
+        vllm_eos = getattr(self.llm.get_tokenizer(), "eos_token_id", None)
+        self.eos = sorted(set(eos_ids(model_dir)) | ({vllm_eos} if isinstance(vllm_eos, int) else set()))
         cfg = self.llm.llm_engine.vllm_config
         self.max_model_len = cfg.model_config.max_model_len
         self.page_size = cfg.cache_config.block_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class ShardReplica:
     def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.engine = build_engine(self.spec)
+        self._engine_lock = threading.Lock()
         self.tok = self.engine.tokenizer
         self.params = self.spec.sampling.params()
         prefix = self.spec.prefix_text()
@@ -132,9 +134,10 @@ class ShardReplica:
                 for j in range(self.spec.n):
                     requests.append(Request(str(row.row_id), prompt_ids, self.prefix_ids, self.params, j, self.spec.seed))
                     keys.append((i, j))
-        t_gen = time.time()
-        results = dict(zip(keys, self.engine.run(requests)))
-        gen_seconds = time.time() - t_gen
+        with self._engine_lock:  # one shard generates while the other reads or writes
+            t_gen = time.time()
+            results = dict(zip(keys, self.engine.run(requests)))
+            gen_seconds = time.time() - t_gen
         out = output_table(self.spec, table, rows, results, self.model_name)
         errors = sum(e is not None for e in out.column("error").to_pylist())
         tokens = sum(out.column("num_tokens").to_pylist())
@@ -153,4 +156,6 @@ class ShardReplica:
             close()
 
 
-Replica = ray.remote(ShardReplica)
+# Two calls at once: the driver keeps two shards in flight per replica, so the next shard's
+# read and render, and the last one's write and commit, overlap the engine's work.
+Replica = ray.remote(max_concurrency=2)(ShardReplica)

@@ -86,12 +86,16 @@ def bench_modes(model, rows_per_task: int, batch: int = 16) -> list[dict]:
     return out
 
 
-def bench_batching(model, n_rows: int = 32) -> dict:
-    """Engine (cache off, batch 16) vs ``generate`` one row at a time: same rows, same outputs."""
+def bench_batching(model, n_rows: int = 32, min_prefix_tokens: int = 400) -> dict:
+    """Engine (cache off, batch 16) vs ``generate`` one row at a time: same rows, same outputs.
+
+    Run for long rows (a 400+-token few-shot prefix in each prompt) and short ones (the
+    instruction and one example, about 40 tokens): on a CPU one long row already fills the
+    matrix units, so batching pays off only for short rows."""
     from .decode import generate
 
     prefixes, rows = suite_rows(model.tokenizer, seed=30_000, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
-                                min_prefix_tokens=400)
+                                min_prefix_tokens=min_prefix_tokens)
     tok = model.tokenizer
     ids = [tok.encode(prefixes[r.prefix_id]) + tok.encode(r.prompt) for r in rows]
     t0 = time.perf_counter()
@@ -107,7 +111,8 @@ def bench_batching(model, n_rows: int = 32) -> dict:
     t_engine = time.perf_counter() - t0
     eos = model.config.eos_token_id
     same = sum((s[:s.index(eos)] if eos in s else s) == r.token_ids for s, r in zip(single, res))
-    return {"rows": len(rows), "generate_one_row_s": t_single, "engine_batch16_s": t_engine,
+    return {"rows": len(rows), "prompt_tokens": sum(map(len, ids)) / len(ids), "generate_one_row_s": t_single,
+            "engine_batch16_s": t_engine,
             "speedup_rows_per_s": t_single / t_engine, "identical_texts": same / len(rows)}
 
 
@@ -176,10 +181,12 @@ def main(args) -> int:
         print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer steps "
               f"per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
     if "batching" in only:
-        b = bench_batching(model)
-        report["batching"] = b
-        print(f"engine batch 16 (cache off) / generate one row at a time: {b['speedup_rows_per_s']:.2f}x rows/s "
-              f"({b['rows']} rows, identical texts {b['identical_texts']:.0%})")
+        report["batching"] = {}
+        for label, min_prefix in (("long", 400), ("short", 0)):
+            b = report["batching"][label] = bench_batching(model, min_prefix_tokens=min_prefix)
+            print(f"engine batch 16 (cache off) / generate one row at a time, {label} rows "
+                  f"({b['prompt_tokens']:.0f} prompt tokens): {b['speedup_rows_per_s']:.2f}x rows/s "
+                  f"({b['rows']} rows, identical texts {b['identical_texts']:.0%})")
     if "memory" in only:
         m = bench_memory(model)
         report["memory"] = m

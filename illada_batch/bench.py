@@ -199,7 +199,8 @@ def main(args) -> int:
         report["pipeline"] = p
         print(f"pipeline efficiency (job on local Ray + S3 / engine in one process, {p['rows']} rows): "
               f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s); "
-              f"without start-up {p['steady_state_efficiency']:.2f}")
+              f"engine in the replica / alone {p['engine_in_replica']:.2f}, generating {p['generating_share']:.0%} "
+              f"of the job's wall time")
     if "driver" in only:
         from .bench_pipeline import bench_driver_overhead
 

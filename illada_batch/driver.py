@@ -42,8 +42,20 @@ class JobReport:
     tokens: int = 0
     wall_seconds: float = 0.0
     gen_seconds: float = 0.0
-    replica_seconds: float = 0.0
+    busy: dict = field(default_factory=dict)  # (node, pid) -> [(started, committed_at)] of its shards
     already_complete: bool = False
+
+    @property
+    def replica_seconds(self) -> float:
+        """Seconds each replica spent on shards, summed over replicas; a replica works on two
+        shards at once, so its time is the union of its shards' intervals."""
+        total = 0.0
+        for spans in self.busy.values():
+            end = float("-inf")
+            for a, b in sorted(spans):
+                total += max(0.0, b - max(a, end))
+                end = max(end, b)
+        return total
 
     @property
     def ok(self) -> bool:
@@ -161,7 +173,8 @@ class _Job:
                     report.errors += m["errors"]
                     report.tokens += m["tokens"]
                     report.gen_seconds += m["gen_seconds"]
-                    report.replica_seconds += m["seconds"]
+                    report.busy.setdefault((m["node"], m["pid"]), []).append(
+                        (m["started"], m["committed_at"]))
                     progress.update(m["samples"], m["tokens"], len(report.failed))
             drained = True
         finally:

@@ -142,7 +142,7 @@ class ShardReplica:
         errors = sum(e is not None for e in out.column("error").to_pylist())
         tokens = sum(out.column("num_tokens").to_pylist())
         stats = {"samples": out.num_rows, "errors": errors, "tokens": tokens, "gen_seconds": gen_seconds,
-                 "seconds": time.time() - t0, "node": os.uname().nodename, "pid": os.getpid()}
+                 "seconds": time.time() - t0, "started": t0, "node": os.uname().nodename, "pid": os.getpid()}
         manifest = self.out.write_shard(shard.shard_id, out, self.fingerprint, stats)
         return manifest
 

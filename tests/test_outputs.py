@@ -73,3 +73,10 @@ def test_output_loads_with_the_datasets_library(tmp_path):
     assert len(ds) == 12
     assert {"id", "sample_index", "generation", "error", "seed", "topic"} <= set(ds.column_names)
     assert sorted(zip(ds["id"], ds["sample_index"])) == sorted((f"r{i}", j) for i in range(6) for j in range(2))
+
+
+def test_replica_seconds_count_overlapping_shards_once():
+    from illada_batch.driver import JobReport
+
+    report = JobReport("out", busy={("a", 1): [(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)], ("a", 2): [(0.0, 3.0)]})
+    assert report.replica_seconds == 12.0 + 5.0 + 3.0

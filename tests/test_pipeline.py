@@ -58,6 +58,8 @@ def test_job_on_s3_commits_every_sample_once_and_resumes(s3, ray_cluster):
     spec = spec_from_dict(job_dict("s3://bucket/in1/", "s3://bucket/out1", s3, n=2, replicas=2))
     report = run_job(spec, show_progress=False, log=lambda *_: None)
     assert report.ok and report.samples == 2 * len(ids)
+    # replica-seconds in the summary: a replica's overlapping shards are counted once
+    assert 0 < report.replica_seconds <= 2 * report.wall_seconds
     fs = s3.fs()
     table = read_output(fs, "bucket/out1")
     assert_exactly_once(table, ids, n=2)

@@ -21,6 +21,7 @@ from ..params import SamplingParams
 from ..tasks import TASKS
 
 GEN = 32
+NOTES = Path(__file__).with_name("card_notes.md")  # what the figures do not say, appended to the card
 
 
 def measure(model_dir: str, rows_per_task: int) -> dict:
@@ -45,10 +46,33 @@ def measure(model_dir: str, rows_per_task: int) -> dict:
     return out
 
 
+def _commands(stages: list[dict]) -> list[str]:
+    """The command of each training stage; stage k > 1 starts from stage k - 1's output."""
+    lines, prev = [], None
+    for k, st in enumerate(stages, 1):
+        a = st["args"]
+        out = "runs/tiny-llada" + (f"-{k}" if k > 1 else "")
+        cmd = f"python -m illada_batch.train.train --out {out} --steps {a['steps']} --threads {a['threads']} --seed {a['seed']}"
+        if prev:
+            cmd += f" --init-from {prev} --lr {a['lr']:g} --warmup {a['warmup']}"
+        for flag, key, default in (("--isolated-fraction", "isolated_fraction", 0.5), ("--task-weights", "task_weights", None)):
+            if a.get(key, default) != default:
+                cmd += f" {flag} {a[key]:g}" if isinstance(a[key], float) else f" {flag} {a[key]}"
+        lines.append(cmd)
+        prev = out
+    lines.append(f"python -m illada_batch.train.card --model {prev}")
+    return lines
+
+
+def _stage_text(a: dict) -> str:
+    iso = a.get("isolated_fraction", 0.5)
+    return f"{a['steps']} steps at lr {a['lr']:g} with " + ("every prefix isolated" if iso == 1 else f"{iso:.0%} of the prefixes isolated")
+
+
 def write_card(model_dir: Path, m: dict) -> None:
     log = json.loads((model_dir / "train_log.json").read_text()) if (model_dir / "train_log.json").exists() else {}
-    args = log.get("args", {})
-    minutes = log["log"][-1]["minutes"] if log.get("log") else None
+    stages = log.get("previous_stages", []) + ([{"args": log["args"], "log": log["log"]}] if log.get("args") else [])
+    minutes = sum(st["log"][-1]["minutes"] for st in stages if st["log"])
     cfg = json.loads((model_dir / "config.json").read_text())
     from ..checkpoint import load_model
 
@@ -78,7 +102,7 @@ fragments, not coherent prose.
 Exact match on {m['rows']} held-out rows (seed 10000, {m['rows'] // len(TASKS)} per task, prefixes of
 {m['prefix_tokens'][0]}-{m['prefix_tokens'][1]} tokens), gen_length {GEN}, one block, temperature 0,
 early stop; cache off unless stated. The prefix cache agrees token for token with cache
-off on {m['prefix_cache']['agreement_with_off']:.1%} of rows (half the training batches isolated the prefix).
+off on {m['prefix_cache']['agreement_with_off']:.1%} of rows.
 
 {chr(10).join(lines)}
 
@@ -88,16 +112,17 @@ Measure again: `python -m illada_batch.train.card --model illada_batch/models/ti
 ## Recipe
 
 ```bash
-python -m illada_batch.train.train --out runs/tiny-llada --steps {args.get('steps', 5000)} --threads {args.get('threads', 2)} --seed {args.get('seed', 0)}
-python -m illada_batch.train.card --model runs/tiny-llada
+{chr(10).join(_commands(stages))}
 ```
 
 Deterministic given the seed (the tokenizer is rebuilt from Debian's `bible-kjv-text`
 and the task suite; the data stream and the masking come from seeded generators).
-{args.get('steps', 5000)} steps of batch {args.get('batch_size', 16)}, AdamW lr {args.get('lr', 3e-3)} with warmup and
-cosine decay, bf16 autocast on CPU{f', took {minutes:.0f} minutes on this kind of machine (2 cores, shared with other work)' if minutes else ''}.
-The training log with eval accuracy every {args.get('eval_every', 500)} steps is `train_log.json`.
+{" then ".join(_stage_text(st['args']) for st in stages)}; batch 16, AdamW with warmup and
+cosine decay, bf16 autocast on CPU{f'; {minutes:.0f} minutes in all on this kind of machine (2 cores, shared with other work)' if minutes else ''}.
+The training log of each stage (loss and eval accuracy, cache off, 50 rows) is in `train_log.json`.
 """
+    if NOTES.exists():
+        text += "\n" + NOTES.read_text()
     (model_dir / "README.md").write_text(text)
 
 

@@ -5,12 +5,16 @@ model is trained with cross-entropy on the masked positions weighted by 1/t. Eac
 example in a few-shot prefix is an answer with its own t, so one document trains many
 answers; the final row's answer is padded with EOS to the response length, as at
 generation time. Plain text (the King James Bible) is masked everywhere, as in
-pre-training. Half of the batches isolate the prefix (it attends only to itself), so the
-model is also exact-by-training for the ``prefix`` cache mode.
+pre-training. ``--isolated-fraction`` of the steps (half by default) isolate the prefix (it
+attends only to itself), which is what the ``prefix`` cache mode computes.
 
-Deterministic given ``--seed`` (one torch thread). Reproduce the shipped weights:
+Deterministic given ``--seed``. The shipped weights are two stages: the task suite with
+half the steps isolated, then a short stage with every prefix isolated, so the prefix
+cache scores as the cache off does:
 
-    python -m illada_batch.train.train --out runs/tiny-llada
+    python -m illada_batch.train.train --out runs/tiny-llada --steps 5000 --threads 2
+    python -m illada_batch.train.train --out runs/tiny-llada-2 --init-from runs/tiny-llada \
+        --isolated-fraction 1 --steps 1000 --lr 1e-3 --warmup 50 --threads 2
 """
 
 from __future__ import annotations
@@ -133,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab-size", type=int, default=2048)
     ap.add_argument("--init-from", default=None, help="continue from this checkpoint (a second stage)")
     ap.add_argument("--task-weights", default=None, help="e.g. substitute=3,reverse=2 (others 1)")
+    ap.add_argument("--isolated-fraction", type=float, default=0.5,
+                    help="share of steps whose prefix attends only to itself (what the prefix cache computes)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -173,9 +179,15 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    f = args.isolated_fraction
+    isolated = lambda step: math.ceil(step * f) != math.ceil((step - 1) * f)  # noqa: E731 - 0.5: odd steps
+    previous = []  # the stages before this one, from --init-from's log (the model card shows them all)
+    if args.init_from and (Path(args.init_from) / "train_log.json").exists():
+        prev = json.loads((Path(args.init_from) / "train_log.json").read_text())
+        previous = prev.get("previous_stages", []) + [{"args": prev["args"], "log": prev["log"]}]
     log, t0, ema = [], time.time(), None
     for step in range(1, args.steps + 1):
-        batch = collate(docs.batch(args.batch_size), cfg.pad_token_id, isolate=bool(step % 2), gen=gen)
+        batch = collate(docs.batch(args.batch_size), cfg.pad_token_id, isolate=isolated(step), gen=gen)
         loss = train_step(model, batch, cfg.mask_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,7 +204,8 @@ def main(argv=None) -> None:
             print(f"step {step:5d} eval accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
             log.append({"step": step, "loss": ema, "minutes": (time.time() - t0) / 60, **acc})
             save_checkpoint(model, out)
-            (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1))
+            (out / "train_log.json").write_text(json.dumps({"previous_stages": previous, "args": vars(args), "log": log},
+                                                                 indent=1))
     print(f"done in {(time.time() - t0) / 60:.1f} min -> {out}", flush=True)
 
 

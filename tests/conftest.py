@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random LLaDA models (float32, CPU)."""
+"""Shared fixtures: tiny random LLaDA models (float32, CPU); an S3 server and a local Ray per module."""
 
 from __future__ import annotations
 
@@ -43,3 +43,27 @@ def make_tiny_llada():
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible server (moto) on 127.0.0.1 with an empty ``bucket``."""
+    from pipeline_support import S3Server
+
+    server = S3Server().start()
+    server.fs().mkdir("bucket")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the module's tests; yields its GCS address."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

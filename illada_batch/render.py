@@ -92,7 +92,7 @@ def _is_local(path: str) -> bool:
 def embedded_spec(spec_path: str, overrides: list[str] | None = None) -> tuple[JobSpec, str]:
     """Validate the spec (SpecError on a bad one) and return it with its self-contained YAML
     text: overrides applied, a local ``prefix.file`` inlined as ``prefix.text``."""
-    spec = load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, overrides, runs_here=False)
     data = spec.model_dump(mode="json", exclude_unset=True)
     if spec.prefix.file is not None and _is_local(spec.prefix.file):
         data["prefix"] = {"text": spec.prefix_text()}
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "rayjob":
             sys.stdout.write(render_rayjob(args.spec, args.date, args.set, image=args.image))
         else:
-            print(submission_id(load_spec(args.spec, args.set).name, _check_date(args.date)))
+            print(submission_id(load_spec(args.spec, args.set, runs_here=False).name, _check_date(args.date)))
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .params import ParamsError, SamplingParams
 
@@ -131,8 +131,10 @@ class JobSpec(_Strict):
 
     @field_validator("backend")
     @classmethod
-    def _backend_available(cls, v: str) -> str:
-        if v == "vllm":
+    def _backend_available(cls, v: str, info: ValidationInfo) -> str:
+        # Checked where the job runs (run, validate, the replicas); a spec only rendered or
+        # submitted from a machine without vLLM (a laptop) is not refused for it.
+        if v == "vllm" and (info.context or {}).get("runs_here", True):
             import importlib.util
 
             if importlib.util.find_spec("vllm") is None:
@@ -237,8 +239,10 @@ def _set_path(raw: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read and validate a YAML job spec; ``overrides`` are ``key.path=value`` (value parsed as YAML)."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, runs_here: bool = True) -> JobSpec:
+    """Read and validate a YAML job spec; ``overrides`` are ``key.path=value`` (value parsed as YAML).
+    ``runs_here=False``: the job runs elsewhere (submit, render), so the backend's packages
+    need not be installed on this machine."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -253,11 +257,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         if not sep:
             raise SpecError(f"--set {item!r}: expected key.path=value")
         _set_path(raw, key.strip(), yaml.safe_load(value))
-    return spec_from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()))
+    return spec_from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()), runs_here=runs_here)
 
 
-def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: str = ".") -> JobSpec:
+def spec_from_dict(raw: dict, source: str = "<spec>", base_dir: str = ".", runs_here: bool = True) -> JobSpec:
     try:
-        return JobSpec.model_validate({**raw, "base_dir": base_dir})
+        return JobSpec.model_validate({**raw, "base_dir": base_dir}, context={"runs_here": runs_here})
     except ValidationError as err:
         raise SpecError(_format_error(err, source)) from None

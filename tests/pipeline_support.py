@@ -108,3 +108,34 @@ def job_dict(input_url: str, output_url: str, s3: S3Server | None, **overrides) 
             node = node.setdefault(h, {})
         node[last] = v
     return spec
+
+
+def run_job_killing_a_replica(spec, committed_pid, delay: float = 0.0, poll: float = 0.1, timeout: float = 120.0):
+    """Run ``spec`` while a thread SIGKILLs the first replica ``committed_pid()`` names (one that
+    has committed a shard and so works on the next), ``delay`` seconds after it shows up.
+    Asserts the kill happened, the driver saw the replica die and the job still succeeded."""
+    import threading
+
+    from illada_batch.driver import run_job
+
+    killed = []
+
+    def killer():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not killed:
+            pid = committed_pid()
+            if pid:
+                time.sleep(delay)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(poll)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    logs: list[str] = []
+    report = run_job(spec, show_progress=False, log=logs.append)
+    t.join()
+    assert killed, "the replica was never killed"
+    assert any("replica died" in m for m in logs), logs
+    assert report.ok
+    return report

@@ -18,7 +18,8 @@ import yaml
 from illada_batch.commit import FingerprintMismatch
 from illada_batch.driver import run_job, status
 from illada_batch.spec import spec_from_dict
-from pipeline_support import REPO, assert_exactly_once, job_dict, read_output, write_prompts
+from pipeline_support import (REPO, assert_exactly_once, job_dict, read_output, run_job_killing_a_replica,
+                              write_prompts)
 
 pytestmark = pytest.mark.slow
 
@@ -94,26 +95,8 @@ def test_replica_killed_mid_shard(s3, ray_cluster):
     spec = spec_from_dict(job_dict("s3://bucket/in3/", "s3://bucket/out3", s3, sampling__steps=16,
                                    sampling__gen_length=16, sampling__block_length=16, sampling__early_stop=False))
     fs = s3.fs()
-    killed = []
-
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            pid = _committing_pid(fs, "bucket/out3")
-            if pid:  # it committed one shard and is in the middle of the next
-                time.sleep(0.3)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            time.sleep(0.1)
-
-    t = threading.Thread(target=killer)
-    t.start()
-    logs = []
-    report = run_job(spec, show_progress=False, log=logs.append)
-    t.join()
-    assert killed, "the replica was never killed"
-    assert any("replica died" in m for m in logs), logs
-    assert report.ok
+    # killed 0.3 s after its first commit: in the middle of its next shard
+    report = run_job_killing_a_replica(spec, lambda: _committing_pid(fs, "bucket/out3"), delay=0.3)
     table = read_output(fs, "bucket/out3")
     assert_exactly_once(table, ids, n=1)
     files = fs.ls("bucket/out3/data", refresh=True)

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_support import REPO, assert_exactly_once, read_output
+from pipeline_support import REPO, assert_exactly_once, read_output, run_job_killing_a_replica
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 DEMO_IDS = pq.read_table(REPO / "jobs" / "data" / "demo.parquet").column("id").to_pylist()
@@ -117,8 +113,6 @@ def manifest_pids(out: Path) -> list[int]:
 def test_replica_killed_mid_job_resumes_exactly_once(both, ray_cluster, tmp_path):
     """Smaller shards, a null row and a row too long for the model added: the replica is
     killed after its first commit; the restarted one does the rest, once each."""
-    from illada_batch.driver import run_job
-
     demo = pq.read_table(REPO / "jobs" / "data" / "demo.parquet")
     extra = pa.table({"id": ["null-row", "long-row"], "prompt": [None, "lamb king bread " * 400],
                       "expected": ["", ""]})
@@ -126,25 +120,7 @@ def test_replica_killed_mid_job_resumes_exactly_once(both, ray_cluster, tmp_path
     out = tmp_path / "out"
     spec = demo_spec("demo-vllm.yaml", f"input.url={tmp_path / 'in.parquet'}", f"output.url={out}", "shard_rows=6",
                      "max_retries=2")
-    killed = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            pids = manifest_pids(out)
-            if pids:  # it committed a shard and works on the next
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-            time.sleep(0.02)
-
-    t = threading.Thread(target=killer)
-    t.start()
-    logs = []
-    report = run_job(spec, show_progress=False, log=logs.append)
-    t.join()
-    assert killed, "the replica was never killed"
-    assert any("replica died" in m for m in logs), logs
-    assert report.ok
+    report = run_job_killing_a_replica(spec, lambda: next(iter(manifest_pids(out)), None), poll=0.02, timeout=300)
     assert len(set(manifest_pids(out))) == 2, "shards were committed by the killed replica and its successor"
     table = pa.concat_tables(pq.read_table(f) for f in sorted((out / "data").glob("*.parquet")))
     assert_exactly_once(table, DEMO_IDS + ["null-row", "long-row"], n=N)

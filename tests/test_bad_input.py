@@ -180,19 +180,8 @@ def test_unreadable_row_groups_fail_the_shard_naming_the_file(replica, tmp_path)
 # --- file level -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_bad_files_fail_alone(ray_local, tmp_path):
+def test_bad_files_fail_alone(ray_cluster, tmp_path):
     src = tmp_path / "in"
     good_ids = [f"g{i}" for i in range(3)] + [f"h{i}" for i in range(2)]
     write(src / "a-good.parquet", id=good_ids[:3], prompt=[GOOD] * 3)

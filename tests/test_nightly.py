@@ -49,17 +49,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nightly")
     (root / "in").mkdir()
@@ -69,7 +58,7 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(ray_local, root):
+def finished(ray_cluster, root):
     """The job run once for DATE: (spec, report, output folder)."""
     spec = spec_from_dict(job(root))
     report = run_job(spec, date=DATE, show_progress=False, log=quiet)
@@ -165,7 +154,7 @@ def test_lock_held_by_another_run(root, tmp_path, settle):
 
 
 @pytest.mark.slow
-def test_stale_lock_is_taken_over(ray_local, root, tmp_path, settle):
+def test_stale_lock_is_taken_over(ray_cluster, root, tmp_path, settle):
     spec = spec_from_dict(job(root, output={"url": str(tmp_path / "{job}" / "{date}")}))
     out_dir = tmp_path / "nightly" / DATE
     out_dir.mkdir(parents=True)

@@ -130,7 +130,9 @@ class _Job:
         spec_json = spec.model_dump_json()
 
         threads = str(max(1, int(spec.resources.num_cpus)))
-        env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}  # as many threads as CPUs
+        # as many threads as CPUs; the tokenizer (Rust, rayon) would otherwise take every core of the node
+        env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
+                            "TOKENIZERS_PARALLELISM": "false"}}
 
         def new_replica():
             return cls.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,

@@ -83,6 +83,17 @@ def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def request_problem(r: Request, max_len: int) -> str | None:
+    """Why a request cannot run on a model of context ``max_len`` (its result's error), or None."""
+    total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
+    if total > max_len:
+        return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
+                f"{r.params.gen_length} = {total} tokens > the model's {max_len}")
+    if not r.prompt_ids and not r.prefix_ids:
+        return "empty prompt"
+    return None
+
+
 class Engine:
     def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16, isolate_prefix: bool = False) -> None:
@@ -149,13 +160,7 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
-        total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
-        if total > self.model.config.max_sequence_length:
-            return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
-                    f"{r.params.gen_length} = {total} tokens > the model's {self.model.config.max_sequence_length}")
-        if not r.prompt_ids and not r.prefix_ids:
-            return "empty prompt"
-        return None
+        return request_problem(r, self.model.config.max_sequence_length)
 
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],

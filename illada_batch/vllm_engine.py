@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .engine import Counters, Request, Result, sample_seed
+from .engine import Counters, Request, Result, request_problem, sample_seed
 from .spec import VLLM_INSTALL
 from .tokenizer import Tokenizer
 
@@ -124,13 +124,7 @@ class VLLMEngine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
-        total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
-        if total > self.max_model_len:
-            return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
-                    f"{r.params.gen_length} = {total} tokens > the model's {self.max_model_len}")
-        if not r.prompt_ids and not r.prefix_ids:
-            return "empty prompt"
-        return None
+        return request_problem(r, self.max_model_len)
 
     def _result(self, r: Request, seed: int, out) -> Result:
         c = out.outputs[0]

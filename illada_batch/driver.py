@@ -87,7 +87,8 @@ class _Job:
         spec, report, out = self.spec, self.report, self.out
         committed = out.check_fingerprint(self.fingerprint)
         i = spec.input
-        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns())
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(),
+                                       i.id_column if i.check_duplicate_ids else None)
         report.shards = len(shards) + len(bad_files)
         todo = [s for s in shards if s.shard_id not in committed]
         report.skipped = len(shards) - len(todo)

@@ -121,12 +121,12 @@ class ShardReplica:
         from .engine import Request
 
         t0 = time.time()
-        shard = Shard(**shard_dict)
+        shard = Shard.from_dict(shard_dict)
         try:
             table = read_shard(self.fs, shard, self.spec.input.columns())
         except InputError as exc:
             raise ShardError(str(exc)) from None
-        rows = render_rows(self.spec, table, self.chat_wrap)
+        rows = render_rows(self.spec, table, self.chat_wrap, shard.duplicates)
         requests, keys = [], []
         for i, row in enumerate(rows):
             if row.error is None:

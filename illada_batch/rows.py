@@ -42,19 +42,24 @@ def _text(value, field: str) -> tuple[str | None, str | None]:
     return value, None
 
 
-def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None) -> list[RenderedRow]:
-    """Apply the template to each row; ``chat_wrap(user_text) -> str`` wraps chat turns."""
+def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
+                duplicates: tuple[tuple[int, str], ...] = ()) -> list[RenderedRow]:
+    """Apply the template to each row; ``chat_wrap(user_text) -> str`` wraps chat turns.
+    ``duplicates``: (row offset, where its id was first seen) for ids an earlier shard has."""
     inp = spec.input
     ids = table.column(inp.id_column).to_pylist()
     source = inp.messages_column or inp.prompt_column
     values = table.column(source).to_pylist()
     variables = {v: table.column(v).to_pylist() for v in inp.variables}
     seen: dict = {}
+    earlier = dict(duplicates)
     out = []
     for i, (row_id, value) in enumerate(zip(ids, values)):
         error, prompt = None, None
         if row_id is None:
             error = f"{inp.id_column} is null"
+        elif i in earlier:
+            error = f"duplicate id {row_id!r} (first seen at {earlier[i]})"
         elif row_id in seen:
             error = f"duplicate id {row_id!r} (first seen at row {seen[row_id]} of this shard)"
         else:

@@ -3,12 +3,18 @@
 A shard is the unit of work, retry and commit: a row range of one Parquet file, cut on
 ``shard_rows`` boundaries. Its id comes from the file's path relative to the input root
 and its first row, so it is stable across runs as long as the input is unchanged.
+
+Duplicate ids across shards: :func:`mark_duplicate_ids` reads the id column of every
+file (in input order) and gives each shard the rows whose id an earlier row already has,
+so that row becomes an error row wherever it lands, and an (id, sample) key is generated
+once however the input is sharded.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 
 import fsspec
 import pyarrow as pa
@@ -25,9 +31,15 @@ class Shard:
     path: str  # full path inside the filesystem (no protocol)
     row_start: int
     num_rows: int
+    # rows of this shard whose id an earlier row of the input has: (offset in the shard, where it was first seen)
+    duplicates: tuple[tuple[int, str], ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Shard":
+        return cls(**{**d, "duplicates": tuple((int(k), str(w)) for k, w in d.get("duplicates", ()))})
 
 
 def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -61,8 +73,10 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
     return fs, root, files
 
 
-def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str]) -> tuple[list[Shard], list[tuple[str, str]]]:
-    """Shards of every readable input file, from Parquet footers only; and (file, error) for the rest."""
+def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
+                id_column: str | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
+    """Shards of every readable input file, from Parquet footers only; and (file, error) for the rest.
+    With ``id_column``, also reads that column of every file to mark ids repeated across shards."""
     fs, root, files = list_files(url, storage_options)
     shards, bad = [], []
     for path in files:
@@ -81,7 +95,50 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
         tag = hashlib.sha1(rel.encode()).hexdigest()[:8]
         for start in range(0, rows, shard_rows):
             shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start)))
+    if id_column is not None and shards:
+        shards, unreadable = mark_duplicate_ids(fs, root, shards, id_column)
+        bad += unreadable
     return shards, bad
+
+
+def mark_duplicate_ids(fs: fsspec.AbstractFileSystem, root: str, shards: list[Shard], id_column: str,
+                       threads: int = 8) -> tuple[list[Shard], list[tuple[str, str]]]:
+    """``shards`` with each row whose id an earlier row of the input already has (files in
+    listing order, rows in file order) listed in its shard's ``duplicates``; and (file,
+    error) for files whose id column cannot be read (their shards are dropped). Null ids are
+    left to the row check. Reads one column of every file: the driver's only full pass."""
+    by_file: dict[str, list[Shard]] = {}
+    for s in shards:
+        by_file.setdefault(s.path, []).append(s)
+
+    def read_ids(path: str):
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=[id_column]).column(0).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - corrupt data pages behind a good footer
+            return InputError(f"{path}: cannot read column {id_column!r} ({type(exc).__name__}: {exc})")
+
+    with ThreadPoolExecutor(max(1, min(threads, len(by_file)))) as pool:
+        columns = list(pool.map(read_ids, by_file))
+    first: dict = {}  # id -> (shard id, "row R of FILE")
+    out, bad = [], []
+    for (path, file_shards), ids in zip(by_file.items(), columns):
+        if isinstance(ids, InputError):
+            bad.append((path, str(ids)))
+            continue
+        name = path[len(root):].lstrip("/") if path.startswith(root) else path
+        for s in file_shards:
+            dups = []
+            for k, row_id in enumerate(ids[s.row_start:s.row_start + s.num_rows]):
+                if row_id is None:
+                    continue
+                seen = first.get(row_id)
+                if seen is None:
+                    first[row_id] = (s.shard_id, f"row {s.row_start + k} of {name}")
+                elif seen[0] != s.shard_id:  # repeats inside one shard: the row check reports them
+                    dups.append((k, seen[1]))
+            out.append(replace(s, duplicates=tuple(dups)) if dups else s)
+    return out, bad
 
 
 def read_shard(fs: fsspec.AbstractFileSystem, shard: Shard, columns: list[str]) -> pa.Table:

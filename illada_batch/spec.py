@@ -44,6 +44,9 @@ class InputSpec(_Strict):
     variables: list[str] = Field(default_factory=list)  # more columns usable in `template` as {name}
     passthrough: list[str] = Field(default_factory=list)  # columns copied unchanged to the output
     storage_options: dict = Field(default_factory=dict)  # fsspec options (endpoint_url, key, secret, anon ...)
+    # the driver reads the id column of every file before starting, so an id repeated in another shard
+    # becomes an error row (generated once); turn off for inputs whose ids are known unique and too big to scan
+    check_duplicate_ids: bool = True
 
     def columns(self) -> list[str]:
         """The input columns a job reads, in order, without repeats."""

@@ -26,7 +26,7 @@ import yaml
 
 from illada_batch.driver import run_job
 from illada_batch.replica import ShardReplica, ShardError
-from illada_batch.shards import InputError, plan_shards
+from illada_batch.shards import InputError, Shard, plan_shards
 from illada_batch.spec import SpecError, load_spec, spec_from_dict
 from pipeline_support import REPO, S3Server, assert_exactly_once, free_port, read_output
 
@@ -170,6 +170,47 @@ def test_duplicate_and_null_ids(replica, tmp_path):
     assert_good(got["c"])
 
 
+def test_ids_repeated_across_shards_and_files_are_error_rows(tmp_path):
+    """The driver's planning pass: a row whose id an earlier shard (or file) has is marked in
+    its own shard, naming where the id was first seen; repeats inside a shard are left to the
+    row check; null ids are not duplicates."""
+    src = tmp_path / "in"
+    write(src / "a.parquet", id=["a", "b", "c", "a", None], prompt=[GOOD] * 5)
+    write(src / "b.parquet", id=["d", "b", None, "e", "e"], prompt=[GOOD] * 5)
+    shards, bad = plan_shards(str(src), {}, 2, COLUMNS, id_column="id")
+    assert not bad
+    marks = {(Path(s.path).name, s.row_start): s.duplicates for s in shards}
+    assert marks == {("a.parquet", 0): (), ("a.parquet", 2): ((1, "row 0 of a.parquet"),), ("a.parquet", 4): (),
+                     ("b.parquet", 0): ((1, "row 1 of a.parquet"),), ("b.parquet", 2): (),
+                     ("b.parquet", 4): ((0, "row 3 of b.parquet"),)}
+    shards3, _ = plan_shards(str(src), {}, 3, COLUMNS, id_column="id")
+    marks3 = {(Path(s.path).name, s.row_start): s.duplicates for s in shards3}
+    assert marks3[("a.parquet", 3)] == ((0, "row 0 of a.parquet"),)
+    assert marks3[("b.parquet", 0)] == ((1, "row 1 of a.parquet"),)
+    assert marks3[("b.parquet", 3)] == ()  # "e" twice in one shard: the row check reports it
+    assert all(Shard.from_dict(s.to_dict()) == s for s in shards3)
+
+
+def test_an_id_repeated_in_another_shard_is_generated_once(ray_cluster, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.parquet", id=["a", "b", "c"], prompt=[GOOD, "Input: fire gold\nOutput:", GOOD])
+    write(src / "b.parquet", id=["d", "a", "e"], prompt=[GOOD, "Input: stone\nOutput:", GOOD])
+    spec = spec_from_dict({**spec_dict(str(src), str(out), n=2), "shard_rows": 2})
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    assert report.ok and report.samples == 12 and report.errors == 2
+    rows = read_output(fsspec.filesystem("file"), str(out)).to_pylist()
+    got = by_id(rows)
+    good = [r for r in got["a"] if r["error"] is None]
+    assert_good(good)
+    assert good[0]["prompt"] == GOOD  # the first occurrence (a.parquet row 0) is the one generated
+    assert_bad([r for r in got["a"] if r["error"] is not None], "duplicate id 'a' (first seen at row 0 of a.parquet)")
+    for i in "bcde":
+        assert_good(got[i])
+    # every generated (id, sample) key is in the output once
+    keys = [(r["id"], r["sample_index"]) for r in rows if r["error"] is None]
+    assert len(keys) == len(set(keys)) == 10
+
+
 def test_unreadable_row_groups_fail_the_shard_naming_the_file(replica, tmp_path):
     path = write(tmp_path / "rot.parquet", id=["a", "b"], prompt=[GOOD, GOOD])
     cut_footer_keep_pages(path)
@@ -222,7 +263,7 @@ def test_bad_files_fail_alone(ray_cluster, tmp_path):
         assert any(str(src / f"{name}.parquet") in e for e in text.values()), (name, text)
     rot = [f for f in failed if str(src / "rot.parquet") in f["error"]]
     assert len(rot) == 1 and rot[0]["attempts"] == 1, "a bad shard is not retried"
-    assert "cannot read rows" in rot[0]["error"]
+    assert "cannot read column 'id'" in rot[0]["error"]  # the driver's duplicate-id pass reads it first
     assert all(f["fingerprint"] == spec.fingerprint() for f in failed)
     assert any("missing column(s) prompt" in m for m in logs)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,28 +25,47 @@ def free_port() -> int:
 
 
 class S3Server:
-    """``moto_server`` on 127.0.0.1:PORT; restartable on the same port."""
+    """moto's S3 app on 127.0.0.1:PORT in its own process (``s3_server.py``); it can be
+    paused (SIGSTOP: connections hang) or restarted (connections reset, nothing listens for
+    ``down_seconds``, then the same port serves the same objects)."""
 
-    def __init__(self) -> None:
+    def __init__(self, down_seconds: float = 3.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.down_seconds = down_seconds
         self.proc: subprocess.Popen | None = None
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
     def start(self) -> "S3Server":
-        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        script = Path(__file__).with_name("s3_server.py")
+        self.proc = subprocess.Popen([sys.executable, str(script), str(self.port), str(self.down_seconds)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
+        self.wait_listening(30)
+        return self
+
+    def wait_listening(self, timeout: float) -> None:
+        deadline = time.time() + timeout
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
+                return
             except OSError:
                 time.sleep(0.1)
-        raise RuntimeError("moto_server did not start")
+        raise RuntimeError(f"the S3 server on port {self.port} is not listening")
+
+    def restart(self) -> None:
+        """Returns once nothing listens on the port (the server comes back by itself)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                time.sleep(0.05)
+            except OSError:
+                return
+        raise RuntimeError("the S3 server did not go down")
 
     def pause(self) -> None:
         self.proc.send_signal(signal.SIGSTOP)

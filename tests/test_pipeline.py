@@ -129,24 +129,42 @@ def test_driver_killed_then_rerun_does_only_the_rest(s3, ray_cluster, tmp_path):
     assert_exactly_once(read_output(fs, "bucket/out4"), ids, n=1)
 
 
-def test_s3_server_paused_mid_job(s3, ray_cluster):
-    ids = make_input(s3, "in5", files=1, rows=32)
-    spec = spec_from_dict(job_dict("s3://bucket/in5/", "s3://bucket/out5", s3))
+def _job_through_an_outage(s3, name: str, outage) -> None:
+    """Run a job on S3 and call ``outage()`` once its first shard is committed; every
+    (row, sample) must still be committed exactly once."""
+    ids = make_input(s3, f"in-{name}", files=1, rows=32)
+    spec = spec_from_dict(job_dict(f"s3://bucket/in-{name}/", f"s3://bucket/out-{name}", s3))
     fs = s3.fs()
+    happened = []
 
-    def outage():
+    def watch():
         deadline = time.time() + 120
         while time.time() < deadline:
-            if fs.exists("bucket/out5/_manifest"):
-                break
+            if fs.exists(f"bucket/out-{name}/_manifest"):
+                happened.append(time.time())
+                outage()
+                return
             time.sleep(0.1)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    ended = time.time()
+    t.join()
+    assert happened and happened[0] < ended, "the job ended before the outage"
+    assert report.ok
+    assert_exactly_once(read_output(fs, f"bucket/out-{name}"), ids, n=1)
+
+
+def test_s3_server_paused_mid_job(s3, ray_cluster):
+    def pause():
         s3.pause()
         time.sleep(3)
         s3.resume()
 
-    t = threading.Thread(target=outage)
-    t.start()
-    report = run_job(spec, show_progress=False, log=lambda *_: None)
-    t.join()
-    assert report.ok
-    assert_exactly_once(read_output(fs, "bucket/out5"), ids, n=1)
+    _job_through_an_outage(s3, "paused", pause)
+
+
+def test_s3_server_restarted_mid_job(s3, ray_cluster):
+    # connections reset, nothing listens for 3 s, then the same objects come back
+    _job_through_an_outage(s3, "restarted", s3.restart)

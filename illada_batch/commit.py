@@ -31,6 +31,11 @@ class FingerprintMismatch(RuntimeError):
     pass
 
 
+class OutputError(RuntimeError):
+    """The output location cannot be read (wrong credentials, no such bucket, unreachable);
+    the message names ``output.url``."""
+
+
 class LockHeld(RuntimeError):
     """Another run is writing this output right now."""
 

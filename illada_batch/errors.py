@@ -9,7 +9,7 @@ import sys
 @contextlib.contextmanager
 def friendly():
     from .checkpoint import CheckpointError
-    from .commit import FingerprintMismatch, LockHeld
+    from .commit import FingerprintMismatch, LockHeld, OutputError
     from .config import ConfigError
     from .params import ParamsError
     from .shards import InputError
@@ -17,7 +17,8 @@ def friendly():
 
     try:
         yield
-    except (SpecError, CheckpointError, ConfigError, ParamsError, InputError, FingerprintMismatch, LockHeld) as exc:
+    except (SpecError, CheckpointError, ConfigError, ParamsError, InputError, OutputError, FingerprintMismatch,
+            LockHeld) as exc:
         print(f"illada-batch: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -29,8 +29,10 @@ class S3Server:
     paused (SIGSTOP: connections hang) or restarted (connections reset, nothing listens for
     ``down_seconds``, then the same port serves the same objects)."""
 
-    def __init__(self, down_seconds: float = 3.0) -> None:
+    def __init__(self, down_seconds: float = 3.0, check_credentials: bool = False) -> None:
         self.port = free_port()
+        # moto checks credentials against its (empty) IAM when this is 0: every key is unknown
+        self.env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.down_seconds = down_seconds
         self.proc: subprocess.Popen | None = None
@@ -41,7 +43,7 @@ class S3Server:
     def start(self) -> "S3Server":
         script = Path(__file__).with_name("s3_server.py")
         self.proc = subprocess.Popen([sys.executable, str(script), str(self.port), str(self.down_seconds)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_listening(30)
         return self
 

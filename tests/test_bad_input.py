@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from illada_batch.commit import OutputError
 from illada_batch.driver import run_job
 from illada_batch.replica import ShardReplica, ShardError
 from illada_batch.shards import InputError, Shard, plan_shards
@@ -299,6 +300,23 @@ def test_missing_bucket_is_reported_with_the_url(tmp_path):
         with pytest.raises(InputError, match="s3://no-such-bucket/prompts/"):
             run_job(spec, show_progress=False, log=lambda *_: None)
         assert not (tmp_path / "out").exists()
+    finally:
+        s3.stop()
+
+
+@pytest.mark.slow
+def test_wrong_credentials_are_reported_with_the_url(tmp_path):
+    s3 = S3Server(check_credentials=True).start()
+    try:
+        url = "s3://bucket/prompts/"
+        with pytest.raises(InputError, match=r"input.url s3://bucket/prompts/: access denied .*Access Key"):
+            plan_shards(url, s3.options, 64, COLUMNS)
+        # the output with wrong credentials: refused before any cluster work, naming output.url
+        write(tmp_path / "in" / "p.parquet", id=["a"], prompt=[GOOD])
+        spec = spec_from_dict({**spec_dict(str(tmp_path / "in"), "s3://bucket/out"),
+                               "output": {"url": "s3://bucket/out", "storage_options": s3.options}})
+        with pytest.raises(OutputError, match=r"output.url s3://bucket/out: access denied .*Access Key"):
+            run_job(spec, show_progress=False, log=lambda *_: None)
     finally:
         s3.stop()
 

@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from .commit import LOCK_HEARTBEAT_SECONDS, FingerprintMismatch, Output, OutputError
 from .progress import Progress, card, summary_table
-from .shards import Shard, filesystem, plan_shards
+from .shards import Shard, filesystem, plan_shards, storage_errors
 from .spec import JobSpec
 
 
@@ -85,14 +85,8 @@ class _Job:
 
     def run(self, address: str | None, show_progress: bool) -> JobReport:
         spec, report, out = self.spec, self.report, self.out
-        try:
+        with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.check_fingerprint(self.fingerprint)
-        except FingerprintMismatch:
-            raise
-        except PermissionError as exc:
-            raise OutputError(f"output.url {self.out_url}: access denied ({exc})") from None
-        except Exception as exc:  # noqa: BLE001 - network/credential errors from any fsspec backend
-            raise OutputError(f"output.url {self.out_url}: cannot read ({type(exc).__name__}: {exc})") from None
         i = spec.input
         shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(),
                                        i.id_column if i.check_duplicate_ids else None)

@@ -12,6 +12,7 @@ once however the input is sharded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -42,6 +43,20 @@ class Shard:
         return cls(**{**d, "duplicates": tuple((int(k), str(w)) for k, w in d.get("duplicates", ()))})
 
 
+@contextlib.contextmanager
+def storage_errors(what: str, error: type[Exception] = InputError, verb: str = "cannot list", keep: tuple = ()):
+    """Turn any filesystem error (network, credentials, no bucket) into one ``error`` whose
+    message starts with ``what`` (``input.url s3://...``); ``error`` and ``keep`` pass through."""
+    try:
+        yield
+    except (error, *keep):
+        raise
+    except PermissionError as exc:
+        raise error(f"{what}: access denied ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - network/credential errors from any fsspec backend
+        raise error(f"{what}: {verb} ({type(exc).__name__}: {exc})") from None
+
+
 def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path without protocol) for a URL or local path."""
     try:
@@ -53,7 +68,7 @@ def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
 
 def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     fs, path = filesystem(url, storage_options)
-    try:
+    with storage_errors(f"input.url {url}"):
         if any(ch in path for ch in "*?["):
             files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
@@ -62,12 +77,6 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
             files, root = [path], path.rsplit("/", 1)[0]
         else:
             raise InputError(f"input.url {url}: no such file or directory")
-    except InputError:
-        raise
-    except PermissionError as exc:
-        raise InputError(f"input.url {url}: access denied ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - network/credential errors from any fsspec backend
-        raise InputError(f"input.url {url}: cannot list ({type(exc).__name__}: {exc})") from None
     if not files:
         raise InputError(f"input.url {url}: no Parquet files found")
     return fs, root, files

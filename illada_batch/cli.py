@@ -76,7 +76,7 @@ def cmd_validate(args) -> int:
     i = spec.input
     shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns())
     rows = sum(s.num_rows for s in shards)
-    print(f"job {spec.name}: OK (fingerprint {spec.fingerprint()})")
+    print(f"job {spec.name}: OK (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
@@ -129,9 +129,10 @@ def cmd_demo(args) -> int:
 
 def cmd_status(args) -> int:
     from .driver import dumps, status
+    from .progress import status_text
 
     s = status(args.output, json.loads(args.storage_options) if args.storage_options else None)
-    print(dumps(s))
+    print(dumps(s) if args.json else status_text(s))
     return 0 if s["complete"] else 1
 
 
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("status", help="what an output holds: committed, failed, complete")
     p.add_argument("output")
     p.add_argument("--storage-options", default=None, help="JSON fsspec options")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("render", help="print a KubeRay RayJob manifest for a job spec")

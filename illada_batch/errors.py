@@ -21,6 +21,11 @@ def friendly():
             LockHeld) as exc:
         print(f"illada-batch: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:  # `illada-batch ... | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
     except KeyboardInterrupt:
         print("illada-batch: interrupted; committed shards are kept, a re-run resumes", file=sys.stderr)
         raise SystemExit(130) from None

@@ -47,6 +47,26 @@ def summary_table(report, summary: dict) -> str:
     return "\n".join(["job summary", *lines])
 
 
+def status_text(st: dict) -> str:
+    """``illada-batch status`` for a terminal: what an output holds, and what is left."""
+    summary = st["summary"] or {}
+    rows = [("output", st["output"]),
+            ("status", "complete" if st["complete"] else "INCOMPLETE (no _SUCCESS.json: a re-run resumes)"),
+            ("committed shards", f"{st['committed_shards']:,}" + (f" of {summary['shards']:,}" if summary else "")),
+            ("failed shards", f"{len(st['failed_shards']):,}"),
+            ("samples", f"{st['samples']:,} ({st['errors']:,} with an error)"),
+            ("fingerprint", ", ".join(st["fingerprints"]) or "-")]
+    if summary:
+        rows += [("job", f"{summary['job']} ({summary['backend']}, model {summary['model']}, n={summary['n']}, "
+                         f"seed {summary['seed']})"),
+                 ("generated tokens", f"{summary['tokens']:,}")]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    for sid, rec in list(st["failed_shards"].items())[:10]:
+        lines.append(f"  failed {sid} ({rec.get('attempts', '?')} tries): {rec.get('error')}")
+    return "\n".join(lines)
+
+
 def card(spec, summary: dict) -> str:
     s = spec.sampling
     kind, sampling = ("masked-diffusion", f"steps {s.steps}, gen_length {s.gen_length}, block_length {s.block_length}, "

@@ -103,14 +103,18 @@ def test_status_of_a_finished_partition(finished, root, capsys):
     assert st["fingerprints"] == [spec.fingerprint()]
     assert st["summary"]["shards_committed"] == 2 and st["summary"]["rows"] == len(IDS)
 
-    assert cli.main(["status", str(out)]) == 0
+    assert cli.main(["status", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["complete"] is True and printed["committed_shards"] == 2
+    assert cli.main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "complete" in text and "INCOMPLETE" not in text and "committed shards  2 of 2" in text
 
     never = root / "out" / "nightly" / "2026-01-01"
     st = status(str(never))
     assert st["complete"] is False and st["committed_shards"] == 0 and st["samples"] == 0
     assert cli.main(["status", str(never)]) == 1
+    assert "INCOMPLETE" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -42,26 +42,35 @@ def _peak_bytes() -> int:
     return 0
 
 
-def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
-    from . import tasks
-
+def run_requests(model, cache: str, reqs: list[Request], batch: int) -> dict:
+    """One engine over ``reqs``: speed, steps, prefix hits, peak memory; ``_results`` for the caller."""
     engine = Engine(model, cache=cache, max_batch_size=batch)
-    tok = engine.tokenizer
-    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
-    reqs = [Request(r.id, tuple(tok.encode(r.prompt)), pre[r.prefix_id], params) for r in rows]
     _peak_reset()
     t0 = time.perf_counter()
     results = engine.run(reqs)
     seconds = time.perf_counter() - t0
     c = engine.counters
-    hits = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "") for r, res in zip(rows, results))
     nfe = sum(res.steps for res in results)
     tokens = sum(len(res.token_ids) + (res.finish_reason == "eos") for res in results)  # text + its EOS
-    return {"cache": cache, "decoding": "threshold" if params.threshold else "fixed", "rows": len(rows),
-            "seconds": seconds, "rows_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
+    return {"cache": cache, "decoding": "threshold" if reqs[0].params.threshold else "fixed", "rows": len(reqs),
+            "seconds": seconds, "rows_per_s": len(reqs) / seconds, "tokens_per_s": tokens / seconds,
             "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": 1 - c.prefix_pages_missed / c.prefix_pages_read if c.prefix_pages_read else None,
-            "peak_mb": _peak_bytes() / 2**20, "accuracy": hits / len(rows), "forward_passes": c.forward_passes,
-            "_tokens": [res.token_ids for res in results]}
+            "peak_mb": _peak_bytes() / 2**20, "accuracy": None, "forward_passes": c.forward_passes,
+            "_tokens": [res.token_ids for res in results], "_results": results}
+
+
+def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
+    """``run_requests`` on task-suite rows, with their exact-match accuracy."""
+    from . import tasks
+
+    tok = model.tokenizer
+    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
+    reqs = [Request(r.id, tuple(tok.encode(r.prompt)), pre[r.prefix_id], params) for r in rows]
+    out = run_requests(model, cache, reqs, batch)
+    results = out.pop("_results")
+    out["accuracy"] = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "")
+                          for r, res in zip(rows, results)) / len(rows)
+    return out
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -135,8 +144,9 @@ def _table(modes: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in modes:
         hit = "-" if r["prefix_hit_rate"] is None else f"{r['prefix_hit_rate']:.2f}"
+        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
         lines.append(f"{r['cache']:<7}{r['decoding']:<10}{r['rows_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}"
-                     f"{r['steps_per_token']:>10.2f}{hit:>9}{r['peak_mb']:>9.0f}{r['accuracy']:>9.1%}"
+                     f"{r['steps_per_token']:>10.2f}{hit:>9}{r['peak_mb']:>9.0f}{acc:>9}"
                      f"{r['agree_rows']:>11.1%}{r['agree_tokens']:>10.1%}")
     return "\n".join(lines)
 
@@ -215,27 +225,28 @@ def main(args) -> int:
 
 
 def _bench_shape(args) -> int:
-    """LLaDA-8B's shape with random weights: prefix vs off speed on whatever device is here."""
+    """LLaDA-8B's shape with random weights: the modes table (no accuracy: the weights are
+    random) on whatever device is here, 512-token prefix and 32-token prompts of random ids."""
     model = _random_model(args.model_shape)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
-    params = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, block_logits_only=True)
-    report = {"shape": args.model_shape, "device": str(model.device), "rows": args.rows}
-    for cache in ("off", "prefix"):
-        engine = Engine(model, cache=cache, max_batch_size=16)
-        reqs = [Request(str(i), tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()), prefix, params)
-                for i in range(args.rows)]
-        _peak_reset()
-        t0 = time.perf_counter()
-        results = engine.run(reqs)
-        s = time.perf_counter() - t0
-        tokens = sum(len(r.token_ids) for r in results)
-        report[cache] = {"seconds": s, "rows_per_s": len(reqs) / s, "tokens_per_s": tokens / s,
-                         "peak_mb": _peak_bytes() / 2**20}
-        print(f"{args.model_shape} {cache:<7} {len(reqs) / s:8.2f} rows/s {tokens / s:10.1f} tok/s "
-              f"peak {report[cache]['peak_mb']:.0f} MB")
-    print(f"prefix / off: {report['prefix']['tokens_per_s'] / report['off']['tokens_per_s']:.2f}x tokens/s")
+    prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(args.rows)]
+    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN)
+    modes = []
+    for params in (fixed, replace(fixed, threshold=0.9)):
+        for cache in ("off", "prefix"):
+            reqs = [Request(str(i), p, prefix, params) for i, p in enumerate(prompts)]
+            r = run_requests(model, cache, reqs, batch=16)
+            r.pop("_results")
+            modes.append(r)
+    base = modes[0]["_tokens"]
+    for r in modes:
+        r["agree_rows"], r["agree_tokens"] = agreement(base, r.pop("_tokens"))
+    print(f"{args.model_shape}, random weights, {model.device}, {args.rows} rows, 512-token shared prefix")
+    print(_table(modes))
+    off, pre = modes[0], modes[1]
+    print(f"\nprefix / off, fixed steps: {pre['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s")
     with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump({"shape": args.model_shape, "device": str(model.device), "rows": args.rows, "modes": modes}, f, indent=2)
     return 0

@@ -74,7 +74,7 @@ def cmd_validate(args) -> int:
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
-    shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns())
+    shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column)
     rows = sum(s.num_rows for s in shards)
     print(f"job {spec.name}: OK (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")

@@ -88,8 +88,8 @@ class _Job:
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.check_fingerprint(self.fingerprint)
         i = spec.input
-        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(),
-                                       i.id_column if i.check_duplicate_ids else None)
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
+                                       find_duplicates=i.check_duplicate_ids)
         report.shards = len(shards) + len(bad_files)
         todo = [s for s in shards if s.shard_id not in committed]
         report.skipped = len(shards) - len(todo)

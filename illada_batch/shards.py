@@ -82,10 +82,11 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
     return fs, root, files
 
 
-def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
-                id_column: str | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
+def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str], id_column: str | None = None,
+                find_duplicates: bool = False) -> tuple[list[Shard], list[tuple[str, str]]]:
     """Shards of every readable input file, from Parquet footers only; and (file, error) for the rest.
-    With ``id_column``, also reads that column of every file to mark ids repeated across shards."""
+    ``id_column`` must hold strings or integers. With ``find_duplicates``, also reads that
+    column of every file to mark ids repeated across shards."""
     fs, root, files = list_files(url, storage_options)
     shards, bad = [], []
     for path in files:
@@ -100,14 +101,22 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
         if missing:
             bad.append((path, f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(schema.names)})"))
             continue
+        if id_column is not None and not _scalar_id(schema.field(id_column).type):
+            bad.append((path, f"{path}: column {id_column!r} (the row id) is {schema.field(id_column).type}; "
+                              f"expected strings or integers"))
+            continue
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
         tag = hashlib.sha1(rel.encode()).hexdigest()[:8]
         for start in range(0, rows, shard_rows):
             shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start)))
-    if id_column is not None and shards:
+    if find_duplicates and id_column is not None and shards:
         shards, unreadable = mark_duplicate_ids(fs, root, shards, id_column)
         bad += unreadable
     return shards, bad
+
+
+def _scalar_id(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def mark_duplicate_ids(fs: fsspec.AbstractFileSystem, root: str, shards: list[Shard], id_column: str,

@@ -38,7 +38,7 @@ class ModelSpec(_Strict):
 
 class InputSpec(_Strict):
     url: str  # a Parquet file, directory or glob; any fsspec URL (s3://bucket/prefix/*.parquet)
-    id_column: str = "id"  # a stable row id: the output key is (id, sample_index)
+    id_column: str = "id"  # a stable row id (strings or integers): the output key is (id, sample_index)
     prompt_column: str | None = "prompt"  # the row's text, rendered into `template`
     messages_column: str | None = None  # or a chat `messages` column (list of {role, content}); implies chat
     variables: list[str] = Field(default_factory=list)  # more columns usable in `template` as {name}

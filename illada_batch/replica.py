@@ -22,7 +22,7 @@ import ray
 
 from .commit import Output
 from .rows import output_table, render_rows
-from .shards import InputError, Shard, filesystem, read_shard
+from .shards import InputError, Shard, StorageUnavailable, filesystem, read_shard
 from .spec import JobSpec
 
 
@@ -124,6 +124,8 @@ class ShardReplica:
         shard = Shard.from_dict(shard_dict)
         try:
             table = read_shard(self.fs, shard, self.spec.input.columns())
+        except StorageUnavailable:
+            raise  # the store, not the shard: the driver retries it
         except InputError as exc:
             raise ShardError(str(exc)) from None
         rows = render_rows(self.spec, table, self.chat_wrap, shard.duplicates)

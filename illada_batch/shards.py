@@ -26,6 +26,29 @@ class InputError(RuntimeError):
     """The input cannot be listed or read; the message names the file (and column)."""
 
 
+class StorageUnavailable(InputError):
+    """Reading failed on the way (connection refused or reset, timeout, a 5xx from the
+    store), not because the file is bad: worth retrying, unlike other input errors."""
+
+
+_NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"}
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a network or server-side failure."""
+    while exc is not None:
+        if isinstance(exc, (PermissionError, FileNotFoundError)):
+            return False  # credentials, a missing bucket or object: the same on every try
+        status = getattr(exc, "response", None)
+        status = status.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(status, dict) else None
+        if status is not None:
+            return status >= 500  # an S3 ClientError: 503 SlowDown is transient, 403/404 are not
+        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0] in _NETWORK_LIBRARIES:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @dataclass(frozen=True)
 class Shard:
     shard_id: str
@@ -178,6 +201,7 @@ def read_shard(fs: fsspec.AbstractFileSystem, shard: Shard, columns: list[str]) 
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{shard.path}: cannot read rows {shard.row_start}-{shard.row_start + shard.num_rows} "
-                         f"({type(exc).__name__}: {exc})") from None
+        error = StorageUnavailable if is_transient(exc) else InputError
+        raise error(f"{shard.path}: cannot read rows {shard.row_start}-{shard.row_start + shard.num_rows} "
+                    f"({type(exc).__name__}: {exc})") from None
     return table.slice(shard.row_start - first, shard.num_rows)

@@ -60,7 +60,7 @@ class S3Server:
     def restart(self) -> None:
         """Returns once nothing listens on the port (the server comes back by itself)."""
         self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.time() + 10
+        deadline = time.time() + 30
         while time.time() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()

@@ -51,7 +51,8 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: restart.set())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
-        restart.wait()
+        if not restart.wait(0.2):  # poll: a signal handler must not race a blocking wait
+            continue
         restart.clear()
         server.shutdown()
         server.server_close()

@@ -27,7 +27,7 @@ import yaml
 from illada_batch.commit import OutputError
 from illada_batch.driver import run_job
 from illada_batch.replica import ShardReplica, ShardError
-from illada_batch.shards import InputError, Shard, plan_shards
+from illada_batch.shards import InputError, Shard, is_transient, plan_shards
 from illada_batch.spec import SpecError, load_spec, spec_from_dict
 from pipeline_support import REPO, S3Server, assert_exactly_once, free_port, read_output
 
@@ -328,6 +328,32 @@ def test_wrong_credentials_are_reported_with_the_url(tmp_path):
             run_job(spec, show_progress=False, log=lambda *_: None)
     finally:
         s3.stop()
+
+
+def test_storage_errors_worth_a_retry_are_told_from_bad_files():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    import pyarrow.lib
+
+    def client_error(status: int) -> ClientError:
+        return ClientError({"Error": {"Code": str(status)}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def raised_from(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(client_error(503)) and not is_transient(client_error(403))
+    assert is_transient(raised_from(OSError("read failed"), EndpointConnectionError(endpoint_url="http://x")))
+    assert not is_transient(raised_from(PermissionError("denied"), client_error(403)))  # s3fs's translation
+    assert not is_transient(FileNotFoundError("gone"))
+    assert not is_transient(pyarrow.lib.ArrowInvalid("Parquet magic bytes not found"))
+    assert not is_transient(OSError("Couldn't deserialize thrift"))
 
 
 def test_unreachable_endpoint_fails_fast_with_the_url():

@@ -129,31 +129,38 @@ def test_driver_killed_then_rerun_does_only_the_rest(s3, ray_cluster, tmp_path):
     assert_exactly_once(read_output(fs, "bucket/out4"), ids, n=1)
 
 
-def _job_through_an_outage(s3, name: str, outage) -> None:
+def _job_through_an_outage(s3, name: str, outage, **overrides) -> list[str]:
     """Run a job on S3 and call ``outage()`` once its first shard is committed; every
-    (row, sample) must still be committed exactly once."""
+    (row, sample) must still be committed exactly once. Returns the driver's log."""
     ids = make_input(s3, f"in-{name}", files=1, rows=32)
-    spec = spec_from_dict(job_dict(f"s3://bucket/in-{name}/", f"s3://bucket/out-{name}", s3))
+    spec = spec_from_dict(job_dict(f"s3://bucket/in-{name}/", f"s3://bucket/out-{name}", s3, **overrides))
+    logs: list[str] = []
     fs = s3.fs()
-    happened = []
+    started, ended_outage, errors = [], [], []
 
     def watch():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if fs.exists(f"bucket/out-{name}/_manifest"):
-                happened.append(time.time())
-                outage()
-                return
-            time.sleep(0.1)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if fs.exists(f"bucket/out-{name}/_manifest"):
+                    started.append(time.time())
+                    outage()
+                    ended_outage.append(time.time())
+                    return
+                time.sleep(0.1)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the test's thread below
+            errors.append(exc)
 
     t = threading.Thread(target=watch)
     t.start()
-    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    report = run_job(spec, show_progress=False, log=logs.append)
     ended = time.time()
     t.join()
-    assert happened and happened[0] < ended, "the job ended before the outage"
-    assert report.ok
+    assert not errors, errors
+    assert started and ended_outage and started[0] < ended, "the outage did not happen during the job"
+    assert report.ok, logs
     assert_exactly_once(read_output(fs, f"bucket/out-{name}"), ids, n=1)
+    return logs
 
 
 def test_s3_server_paused_mid_job(s3, ray_cluster):
@@ -168,3 +175,19 @@ def test_s3_server_paused_mid_job(s3, ray_cluster):
 def test_s3_server_restarted_mid_job(s3, ray_cluster):
     # connections reset, nothing listens for 3 s, then the same objects come back
     _job_through_an_outage(s3, "restarted", s3.restart)
+
+
+def test_s3_down_longer_than_the_client_retries_then_the_shards_are_retried(ray_cluster):
+    # 15 s down: s3fs/botocore give up on a request in flight, the shard attempt fails with
+    # a storage error (not a bad shard), and the driver retries it once the store is back
+    from pipeline_support import S3Server
+
+    s3 = S3Server(down_seconds=15).start()
+    try:
+        s3.fs().mkdir("bucket")
+        logs = _job_through_an_outage(s3, "long", s3.restart, max_retries=4)
+        retried = [m for m in logs if "; retry " in m]
+        assert retried, logs
+        assert not any("failed after" in m for m in logs), logs
+    finally:
+        s3.stop()

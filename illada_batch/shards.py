@@ -118,6 +118,9 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
                 meta = pq.ParquetFile(f)
                 rows, schema = meta.metadata.num_rows, meta.schema_arrow
         except Exception as exc:  # noqa: BLE001 - corrupt, truncated, unreadable
+            if is_transient(exc):  # the store, not the file: stop before any work rather than fail the file
+                raise StorageUnavailable(f"{path}: cannot read the footer ({type(exc).__name__}: {exc}); "
+                                         f"nothing was started") from None
             bad.append((path, f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})"))
             continue
         missing = [c for c in columns if c not in schema.names]
@@ -157,13 +160,16 @@ def mark_duplicate_ids(fs: fsspec.AbstractFileSystem, root: str, shards: list[Sh
             with fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=[id_column]).column(0).to_pylist()
         except Exception as exc:  # noqa: BLE001 - corrupt data pages behind a good footer
-            return InputError(f"{path}: cannot read column {id_column!r} ({type(exc).__name__}: {exc})")
+            error = StorageUnavailable if is_transient(exc) else InputError
+            return error(f"{path}: cannot read column {id_column!r} ({type(exc).__name__}: {exc})")
 
     with ThreadPoolExecutor(max(1, min(threads, len(by_file)))) as pool:
         columns = list(pool.map(read_ids, by_file))
     first: dict = {}  # id -> (shard id, "row R of FILE")
     out, bad = [], []
     for (path, file_shards), ids in zip(by_file.items(), columns):
+        if isinstance(ids, StorageUnavailable):
+            raise StorageUnavailable(f"{ids}; nothing was started")
         if isinstance(ids, InputError):
             bad.append((path, str(ids)))
             continue

@@ -4,8 +4,9 @@ for work, retries what failed, and writes the summary last. It imports no torch.
 Design note. Each replica has at most two shards in flight (one running, one waiting at
 the actor), so a fast replica simply comes back sooner for more (pull-based balancing). A replica that dies mid-shard is
 restarted by Ray (``max_restarts``) or replaced; its shard goes back to the queue. A
-shard that fails ``max_retries + 1`` times, or whose file is bad, is recorded under
-``_failed/`` with its error and the job goes on. Only shard manifests count as done.
+shard that fails waits ``retry_backoff_s`` (doubling each try) before its retry; one that
+fails ``max_retries + 1`` times, or whose file is bad, is recorded under ``_failed/`` with its
+error and the job goes on. Only shard manifests count as done.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class _Job:
                 spec_json, self.out_url, self.fingerprint)
 
         replicas = [new_replica() for _ in range(min(spec.replicas, len(todo)))]
-        queue: deque[tuple[Shard, int]] = deque((s, 0) for s in todo)
+        queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
         drained = False
@@ -152,10 +153,13 @@ class _Job:
                 for r in range(len(replicas)):
                     # two shards per replica: the next one is queued at the actor while it works on
                     # this one, so it never waits for the driver between shards
-                    while load[r] < 2 and queue:
-                        shard, attempt = queue.popleft()
+                    while load[r] < 2 and (item := _next_ready(queue)) is not None:
+                        shard, attempt = item
                         inflight[replicas[r].process.remote(shard.to_dict())] = (r, shard, attempt)
                         load[r] += 1
+                if not inflight:  # only retries waiting out their backoff
+                    time.sleep(0.2)
+                    continue
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
                 for ref in done:
                     r, shard, attempt = inflight.pop(ref)
@@ -188,8 +192,9 @@ class _Job:
     def _retry_or_fail(self, queue: deque, shard: Shard, attempt: int, error: str, max_retries: int) -> None:
         where = f"shard {shard.shard_id} ({shard.path} rows {shard.row_start}-{shard.row_start + shard.num_rows - 1})"
         if attempt < max_retries:
-            self.log(f"{where}: {error}; retry {attempt + 1}/{max_retries}")
-            queue.append((shard, attempt + 1))
+            wait = min(60.0, self.spec.retry_backoff_s * 2 ** attempt)
+            self.log(f"{where}: {error}; retry {attempt + 1}/{max_retries} in {wait:.0f} s")
+            queue.append((shard, attempt + 1, time.time() + wait))
         else:
             self.report.failed[shard.shard_id] = error
             self.out.record_failure(shard.shard_id, self.fingerprint, error, attempt + 1)
@@ -218,6 +223,16 @@ class _Job:
         if not report.failed and len(manifests) == n_shards:
             out.write_success(summary, card(spec, summary))
         self.log(summary_table(report, summary))
+
+
+def _next_ready(queue: deque) -> tuple[Shard, int] | None:
+    """Take the first queued (shard, attempt) whose backoff has passed, or None."""
+    now = time.time()
+    for i, (shard, attempt, not_before) in enumerate(queue):
+        if not_before <= now:
+            del queue[i]
+            return shard, attempt
+    return None
 
 
 def _heartbeat(out: Output, owner: str, stop: threading.Event) -> None:

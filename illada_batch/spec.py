@@ -128,6 +128,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shard_rows: int = Field(256, ge=1)  # rows per shard: the unit of retry and commit
     max_retries: int = Field(3, ge=0)  # tries per shard after the first, before it is recorded as failed
+    # a failed shard waits this long before its retry, doubling each try (at most 60 s): a store or node
+    # that is briefly down gets time to come back instead of the retries being spent at once
+    retry_backoff_s: float = Field(2.0, ge=0)
     error_budget: float = Field(0.0, ge=0, le=1)  # fraction of rows allowed to end with an error for exit code 0
 
     base_dir: str = Field(".", exclude=True)  # where the spec file lives (relative paths resolve against it)

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from .commit import LOCK_HEARTBEAT_SECONDS, FingerprintMismatch, Output, OutputError
 from .progress import Progress, card, summary_table
-from .shards import Shard, filesystem, plan_shards, storage_errors
+from .shards import Shard, filesystem, list_files, mark_duplicate_ids, plan_shards, storage_errors
 from .spec import JobSpec
 
 
@@ -89,16 +89,24 @@ class _Job:
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.check_fingerprint(self.fingerprint)
         i = spec.input
-        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                                       find_duplicates=i.check_duplicate_ids)
-        report.shards = len(shards) + len(bad_files)
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column)
         todo = [s for s in shards if s.shard_id not in committed]
-        report.skipped = len(shards) - len(todo)
         if not todo and not bad_files and out.success() is not None:
-            report.already_complete, report.committed = True, len(shards)
+            report.shards = report.committed = report.skipped = len(shards)
+            report.already_complete = True
             self.log(f"{self.out_url}: already complete ({len(shards)} shards committed, fingerprint "
                      f"{self.fingerprint}); nothing to do")
             return report
+        if i.check_duplicate_ids and shards:  # only when there is work: it reads a column of every file
+            fs, root, _ = list_files(i.url, i.storage_options)
+            shards, unreadable = mark_duplicate_ids(fs, root, shards, i.id_column)
+            bad_files += unreadable
+            todo = [s for s in shards if s.shard_id not in committed]
+            repeats = sum(len(s.duplicates) for s in todo)
+            if repeats:
+                self.log(f"input: {repeats:,} row(s) repeat the id of an earlier row; they are written as error rows")
+        report.shards = len(shards) + len(bad_files)
+        report.skipped = len(shards) - len(todo)
         out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(out, self.owner, stop), daemon=True)

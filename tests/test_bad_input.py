@@ -206,8 +206,10 @@ def test_an_id_repeated_in_another_shard_is_generated_once(ray_cluster, tmp_path
     write(src / "a.parquet", id=["a", "b", "c"], prompt=[GOOD, "Input: fire gold\nOutput:", GOOD])
     write(src / "b.parquet", id=["d", "a", "e"], prompt=[GOOD, "Input: stone\nOutput:", GOOD])
     spec = spec_from_dict({**spec_dict(str(src), str(out), n=2), "shard_rows": 2})
-    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    logs: list[str] = []
+    report = run_job(spec, show_progress=False, log=logs.append)
     assert report.ok and report.samples == 12 and report.errors == 2
+    assert "input: 1 row(s) repeat the id of an earlier row; they are written as error rows" in logs
     rows = read_output(fsspec.filesystem("file"), str(out)).to_pylist()
     got = by_id(rows)
     good = [r for r in got["a"] if r["error"] is None]

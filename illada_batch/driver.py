@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from .commit import LOCK_HEARTBEAT_SECONDS, FingerprintMismatch, Output, OutputError
 from .progress import Progress, card, summary_table
-from .shards import Shard, filesystem, list_files, mark_duplicate_ids, plan_shards, storage_errors
+from .shards import Shard, filesystem, mark_duplicate_ids, plan_shards, storage_errors
 from .spec import JobSpec
 
 
@@ -98,8 +98,7 @@ class _Job:
                      f"{self.fingerprint}); nothing to do")
             return report
         if i.check_duplicate_ids and shards:  # only when there is work: it reads a column of every file
-            fs, root, _ = list_files(i.url, i.storage_options)
-            shards, unreadable = mark_duplicate_ids(fs, root, shards, i.id_column)
+            shards, unreadable = mark_duplicate_ids(i.url, i.storage_options, shards, i.id_column)
             bad_files += unreadable
             todo = [s for s in shards if s.shard_id not in committed]
             repeats = sum(len(s.duplicates) for s in todo)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -105,11 +106,10 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
     return fs, root, files
 
 
-def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str], id_column: str | None = None,
-                find_duplicates: bool = False) -> tuple[list[Shard], list[tuple[str, str]]]:
+def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
+                id_column: str | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
     """Shards of every readable input file, from Parquet footers only; and (file, error) for the rest.
-    ``id_column`` must hold strings or integers. With ``find_duplicates``, also reads that
-    column of every file to mark ids repeated across shards."""
+    ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats)."""
     fs, root, files = list_files(url, storage_options)
     shards, bad = [], []
     for path in files:
@@ -131,29 +131,32 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
             bad.append((path, f"{path}: column {id_column!r} (the row id) is {schema.field(id_column).type}; "
                               f"expected strings or integers"))
             continue
-        rel = path[len(root):].lstrip("/") if path.startswith(root) else path
-        tag = hashlib.sha1(rel.encode()).hexdigest()[:8]
+        tag = hashlib.sha1(_relative(path, root).encode()).hexdigest()[:8]
         for start in range(0, rows, shard_rows):
             shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start)))
-    if find_duplicates and id_column is not None and shards:
-        shards, unreadable = mark_duplicate_ids(fs, root, shards, id_column)
-        bad += unreadable
     return shards, bad
+
+
+def _relative(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if path.startswith(root) else path
 
 
 def _scalar_id(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def mark_duplicate_ids(fs: fsspec.AbstractFileSystem, root: str, shards: list[Shard], id_column: str,
+def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_column: str,
                        threads: int = 8) -> tuple[list[Shard], list[tuple[str, str]]]:
-    """``shards`` with each row whose id an earlier row of the input already has (files in
-    listing order, rows in file order) listed in its shard's ``duplicates``; and (file,
-    error) for files whose id column cannot be read (their shards are dropped). Null ids are
-    left to the row check. Reads one column of every file: the driver's only full pass."""
+    """``shards`` (from :func:`plan_shards` on ``url``) with each row whose id an earlier row
+    of the input already has (files in listing order, rows in file order) listed in its
+    shard's ``duplicates``; and (file, error) for files whose id column cannot be read (their
+    shards are dropped). Null ids are left to the row check. Reads one column of every file:
+    the driver's only full pass."""
+    fs, _ = filesystem(url, storage_options)
     by_file: dict[str, list[Shard]] = {}
     for s in shards:
         by_file.setdefault(s.path, []).append(s)
+    root = posixpath.dirname(next(iter(by_file))) if len(by_file) == 1 else posixpath.commonpath(list(by_file))
 
     def read_ids(path: str):
         try:
@@ -173,7 +176,7 @@ def mark_duplicate_ids(fs: fsspec.AbstractFileSystem, root: str, shards: list[Sh
         if isinstance(ids, InputError):
             bad.append((path, str(ids)))
             continue
-        name = path[len(root):].lstrip("/") if path.startswith(root) else path
+        name = _relative(path, root)
         for s in file_shards:
             dups = []
             for k, row_id in enumerate(ids[s.row_start:s.row_start + s.num_rows]):

@@ -27,7 +27,7 @@ import yaml
 from illada_batch.commit import OutputError
 from illada_batch.driver import run_job
 from illada_batch.replica import ShardReplica, ShardError
-from illada_batch.shards import InputError, Shard, is_transient, plan_shards
+from illada_batch.shards import InputError, Shard, is_transient, mark_duplicate_ids, plan_shards
 from illada_batch.spec import SpecError, load_spec, spec_from_dict
 from pipeline_support import REPO, S3Server, assert_exactly_once, free_port, read_output
 
@@ -178,13 +178,13 @@ def test_ids_repeated_across_shards_and_files_are_error_rows(tmp_path):
     src = tmp_path / "in"
     write(src / "a.parquet", id=["a", "b", "c", "a", None], prompt=[GOOD] * 5)
     write(src / "b.parquet", id=["d", "b", None, "e", "e"], prompt=[GOOD] * 5)
-    shards, bad = plan_shards(str(src), {}, 2, COLUMNS, "id", find_duplicates=True)
+    shards, bad = mark_duplicate_ids(str(src), {}, plan_shards(str(src), {}, 2, COLUMNS, "id")[0], "id")
     assert not bad
     marks = {(Path(s.path).name, s.row_start): s.duplicates for s in shards}
     assert marks == {("a.parquet", 0): (), ("a.parquet", 2): ((1, "row 0 of a.parquet"),), ("a.parquet", 4): (),
                      ("b.parquet", 0): ((1, "row 1 of a.parquet"),), ("b.parquet", 2): (),
                      ("b.parquet", 4): ((0, "row 3 of b.parquet"),)}
-    shards3, _ = plan_shards(str(src), {}, 3, COLUMNS, "id", find_duplicates=True)
+    shards3, _ = mark_duplicate_ids(str(src), {}, plan_shards(str(src), {}, 3, COLUMNS, "id")[0], "id")
     marks3 = {(Path(s.path).name, s.row_start): s.duplicates for s in shards3}
     assert marks3[("a.parquet", 3)] == ((0, "row 0 of a.parquet"),)
     assert marks3[("b.parquet", 0)] == ((1, "row 1 of a.parquet"),)
@@ -195,7 +195,7 @@ def test_ids_repeated_across_shards_and_files_are_error_rows(tmp_path):
 def test_an_id_column_of_lists_is_refused_naming_the_file_and_column(tmp_path):
     write(tmp_path / "in" / "ok.parquet", id=[1, 2], prompt=[GOOD, GOOD])
     write(tmp_path / "in" / "lists.parquet", id=[["a"], ["b"]], prompt=[GOOD, GOOD])
-    shards, bad = plan_shards(str(tmp_path / "in"), {}, 64, COLUMNS, "id", find_duplicates=True)
+    shards, bad = plan_shards(str(tmp_path / "in"), {}, 64, COLUMNS, "id")
     assert [Path(s.path).name for s in shards] == ["ok.parquet"]
     (path, err), = bad
     assert err == f"{path}: column 'id' (the row id) is list<element: string>; expected strings or integers"

@@ -42,8 +42,8 @@ def _peak_bytes() -> int:
     return 0
 
 
-def run_requests(model, cache: str, reqs: list[Request], batch: int) -> dict:
-    """One engine over ``reqs``: speed, steps, prefix hits, peak memory; ``_results`` for the caller."""
+def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[dict, list]:
+    """One engine over ``reqs``: (speed, steps, prefix hits, peak memory; the results)."""
     engine = Engine(model, cache=cache, max_batch_size=batch)
     _peak_reset()
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ def run_requests(model, cache: str, reqs: list[Request], batch: int) -> dict:
             "seconds": seconds, "rows_per_s": len(reqs) / seconds, "tokens_per_s": tokens / seconds,
             "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": 1 - c.prefix_pages_missed / c.prefix_pages_read if c.prefix_pages_read else None,
             "peak_mb": _peak_bytes() / 2**20, "accuracy": None, "forward_passes": c.forward_passes,
-            "_tokens": [res.token_ids for res in results], "_results": results}
+            "_tokens": [res.token_ids for res in results]}, results
 
 
 def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
@@ -66,8 +66,7 @@ def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: i
     tok = model.tokenizer
     pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
     reqs = [Request(r.id, tuple(tok.encode(r.prompt)), pre[r.prefix_id], params) for r in rows]
-    out = run_requests(model, cache, reqs, batch)
-    results = out.pop("_results")
+    out, results = run_requests(model, cache, reqs, batch)
     out["accuracy"] = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "")
                           for r, res in zip(rows, results)) / len(rows)
     return out
@@ -89,10 +88,15 @@ def bench_modes(model, rows_per_task: int, batch: int = 16) -> list[dict]:
     for params in (fixed, thresh):
         for cache in ("off", "prefix"):
             out.append(run_mode(model, cache, params, prefixes, rows, batch))
-    base = out[0]["_tokens"]
-    for r in out:
+    return with_agreement(out)
+
+
+def with_agreement(modes: list[dict]) -> list[dict]:
+    """Each mode's token agreement with the first (cache off, fixed steps)."""
+    base = modes[0]["_tokens"]
+    for r in modes:
         r["agree_rows"], r["agree_tokens"] = agreement(base, r.pop("_tokens"))
-    return out
+    return modes
 
 
 def bench_batching(model, n_rows: int = 32, min_prefix_tokens: int = 400) -> dict:
@@ -237,12 +241,8 @@ def _bench_shape(args) -> int:
     for params in (fixed, replace(fixed, threshold=0.9)):
         for cache in ("off", "prefix"):
             reqs = [Request(str(i), p, prefix, params) for i, p in enumerate(prompts)]
-            r = run_requests(model, cache, reqs, batch=16)
-            r.pop("_results")
-            modes.append(r)
-    base = modes[0]["_tokens"]
-    for r in modes:
-        r["agree_rows"], r["agree_tokens"] = agreement(base, r.pop("_tokens"))
+            modes.append(run_requests(model, cache, reqs, batch=16)[0])
+    with_agreement(modes)
     print(f"{args.model_shape}, random weights, {model.device}, {args.rows} rows, 512-token shared prefix")
     print(_table(modes))
     off, pre = modes[0], modes[1]

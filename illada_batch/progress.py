@@ -40,11 +40,14 @@ def summary_table(report, summary: dict) -> str:
         ("replica-seconds", f"{run['replica_seconds']:.1f}"),
         ("status", "complete" if not report.failed and summary["shards_committed"] == summary["shards"] else "INCOMPLETE"),
     ]
+    failed = [f"{sid}: {err}" for sid, err in report.failed.items()]
+    return "job summary\n" + _table(rows, failed)
+
+
+def _table(rows: list[tuple[str, str]], failed: list[str]) -> str:
+    """Aligned ``key  value`` lines, then the first ten failures."""
     width = max(len(k) for k, _ in rows)
-    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
-    for sid, err in list(report.failed.items())[:10]:
-        lines.append(f"  failed {sid}: {err}")
-    return "\n".join(["job summary", *lines])
+    return "\n".join([f"  {k:<{width}}  {v}" for k, v in rows] + [f"  failed {f}" for f in failed[:10]])
 
 
 def status_text(st: dict) -> str:
@@ -60,11 +63,8 @@ def status_text(st: dict) -> str:
         rows += [("job", f"{summary['job']} ({summary['backend']}, model {summary['model']}, n={summary['n']}, "
                          f"seed {summary['seed']})"),
                  ("generated tokens", f"{summary['tokens']:,}")]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
-    for sid, rec in list(st["failed_shards"].items())[:10]:
-        lines.append(f"  failed {sid} ({rec.get('attempts', '?')} tries): {rec.get('error')}")
-    return "\n".join(lines)
+    return _table(rows, [f"{sid} ({rec.get('attempts', '?')} tries): {rec.get('error')}"
+                         for sid, rec in st["failed_shards"].items()])
 
 
 def card(spec, summary: dict) -> str:

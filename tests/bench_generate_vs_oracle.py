@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_generate import oracle_generate  # noqa: E402
 
 from illada_batch import generate, load_model  # noqa: E402
-from illada_batch.evaluate import suite_rows  # noqa: E402
+from illada_batch.tasks.evaluate import suite_rows  # noqa: E402
 
 torch.set_num_threads(1)
 m = load_model("tiny-llada")

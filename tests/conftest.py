@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from illada_batch.config import LLaDAConfig
-from illada_batch.model import LLaDA
+from illada_batch.model.config import LLaDAConfig
+from illada_batch.model.llada import LLaDA
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=96,
             embedding_size=96, rope_theta=10000.0, max_sequence_length=256,

@@ -136,7 +136,7 @@ def run_job_killing_a_replica(spec, committed_pid, delay: float = 0.0, poll: flo
     Asserts the kill happened, the driver saw the replica die and the job still succeeded."""
     import threading
 
-    from illada_batch.driver import run_job
+    from illada_batch.job.driver import run_job
 
     killed = []
 

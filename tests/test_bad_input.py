@@ -23,13 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-from illada_batch.commit import OutputError
-from illada_batch.driver import run_job
-from illada_batch.replica import ShardReplica, ShardError
-from illada_batch.shards import InputError, Shard, is_transient, mark_duplicate_ids, plan_shards
-from illada_batch.spec import SpecError, load_spec, spec_from_dict
 from pipeline_support import REPO, S3Server, assert_exactly_once, free_port, read_output
+
+from illada_batch.errors import InputError, OutputError
+from illada_batch.job.driver import run_job
+from illada_batch.job.replica import ShardError, ShardReplica
+from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
+from illada_batch.job.spec import SpecError, load_spec, spec_from_dict
+from illada_batch.job.storage import is_transient
 
 COLUMNS = ["id", "prompt"]
 SAMPLING = {"steps": 4, "gen_length": 8, "block_length": 8}
@@ -333,8 +334,8 @@ def test_wrong_credentials_are_reported_with_the_url(tmp_path):
 
 
 def test_storage_errors_worth_a_retry_are_told_from_bad_files():
-    from botocore.exceptions import ClientError, EndpointConnectionError
     import pyarrow.lib
+    from botocore.exceptions import ClientError, EndpointConnectionError
 
     def client_error(status: int) -> ClientError:
         return ClientError({"Error": {"Code": str(status)}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")

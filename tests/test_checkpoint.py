@@ -8,11 +8,11 @@ import pickle
 
 import pytest
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from illada_batch import load_model, save_checkpoint
-from illada_batch.checkpoint import CheckpointError
+from illada_batch.model.checkpoint import CheckpointError
 
 torch.set_num_threads(1)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from illada_batch.render import SPEC_ENV, embedded_spec, main, render_rayjob, submission_id
-from illada_batch.spec import SpecError, load_spec, spec_from_dict
+from illada_batch.job.render import SPEC_ENV, embedded_spec, main, render_rayjob, submission_id
+from illada_batch.job.spec import SpecError, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_DIRS = ("cluster", "infra", "jobs")
@@ -255,7 +255,7 @@ def test_cronjob_renders_todays_rayjob_from_the_nightly_spec():
     pod = _pod(one(CRONJOB, "CronJob"))
     (render,) = pod["initContainers"]
     script = "\n".join(render["args"])
-    assert "illada_batch.render rayjob /spec/nightly.yaml" in script and "date -u +%F" in script
+    assert "illada_batch.job.render rayjob /spec/nightly.yaml" in script and "date -u +%F" in script
     # The ConfigMap volume rebuilds jobs/' layout, so the spec's relative prefix.file resolves.
     (vol,) = [v for v in pod["volumes"] if "configMap" in v]
     paths = {i["path"] for i in vol["configMap"]["items"]}
@@ -308,7 +308,7 @@ def test_nightly_ray_script_submits_once_per_date(tmp_path, stub_bin, mode, rc):
     b, add = stub_bin
     # The run id comes from the package (the function the RayJob uses); stub it here, since
     # its value is tested above, and check the script asks for the nightly spec's id.
-    add("python", '''[ "$1 $2 $3 $4 $5" = "-m illada_batch.render submission-id jobs/nightly.yaml --date" ] || exit 9
+    add("python", '''[ "$1 $2 $3 $4 $5" = "-m illada_batch.job.render submission-id jobs/nightly.yaml --date" ] || exit 9
 echo "illada-nightly-$6"
 ''')
     add("illada-batch", '''case "$MODE" in

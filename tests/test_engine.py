@@ -17,11 +17,11 @@ import random
 import pytest
 import torch
 
-from illada_batch.config import PRESETS
-from illada_batch.engine import Engine, Request, Result, sample_seed
-from illada_batch.kv_cache import KVCache, bytes_per_page, pages_for_budget
-from illada_batch.model import LLaDA
-from illada_batch.params import SamplingParams
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.diffusion import Engine, Request, Result, sample_seed
+from illada_batch.engine.kv_cache import KVCache, bytes_per_page, pages_for_budget
+from illada_batch.model.config import PRESETS
+from illada_batch.model.llada import LLaDA
 
 PAGE = 16
 G32 = SamplingParams(steps=16, gen_length=32, block_length=16)  # fixed schedule, 2 blocks
@@ -414,7 +414,7 @@ def test_kv_cache_write_then_read_through_non_contiguous_pages():
 
 
 def test_pages_for_budget_in_bytes_and_as_a_fraction(monkeypatch):
-    import illada_batch.kv_cache as kv_cache
+    import illada_batch.engine.kv_cache as kv_cache
 
     cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                               mlp_hidden_size=128, vocab_size=256, embedding_size=256)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from illada_batch import generate
-from illada_batch.model import LLaDA
-from illada_batch.params import ParamsError
+from illada_batch.decoding.params import ParamsError
+from illada_batch.model.llada import LLaDA
 
 torch.set_num_threads(1)
 

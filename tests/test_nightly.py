@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from pipeline_support import REPO, assert_exactly_once, read_output
 
 from illada_batch import cli
-from illada_batch.commit import LOCK_STALE_SECONDS, LockHeld, Output
-from illada_batch.driver import run_job, status
-from illada_batch.shards import filesystem
-from illada_batch.spec import spec_from_dict
-from pipeline_support import REPO, assert_exactly_once, read_output
+from illada_batch.job import storage
+from illada_batch.job.commit import LOCK_STALE_SECONDS, LockHeld, Output
+from illada_batch.job.driver import run_job, status
+from illada_batch.job.spec import spec_from_dict
+from illada_batch.job.storage import filesystem
 
 DATE = "2026-11-27"
 IDS = [f"n{i}" for i in range(4)]
@@ -67,7 +68,7 @@ def finished(ray_cluster, root):
 
 @pytest.fixture
 def settle(monkeypatch):
-    monkeypatch.setenv("ILLADA_LOCK_SETTLE_SECONDS", "0.05")
+    monkeypatch.setattr(storage, "SETTLE_SECONDS", 0.05)
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from illada_batch.checkpoint import MODELS_DIR
-from illada_batch.replica import ShardReplica, fetch_model, weights_sha256
-from illada_batch.spec import spec_from_dict
 from pipeline_support import S3Server
+
+from illada_batch.job.replica import ShardReplica, fetch_model, weights_sha256
+from illada_batch.job.spec import spec_from_dict
+from illada_batch.model.checkpoint import MODELS_DIR
 
 SAMPLING = {"steps": 4, "gen_length": 8, "block_length": 8}
 
@@ -76,7 +76,7 @@ def test_output_loads_with_the_datasets_library(tmp_path):
 
 
 def test_replica_seconds_count_overlapping_shards_once():
-    from illada_batch.driver import JobReport
+    from illada_batch.job.driver import JobReport
 
     report = JobReport("out", busy={("a", 1): [(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)], ("a", 2): [(0.0, 3.0)]})
     assert report.replica_seconds == 12.0 + 5.0 + 3.0

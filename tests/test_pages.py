@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from illada_batch import pages as pages_mod
-from illada_batch.pages import PageHash, PageId, PagePool, PrefixPages, hash_page
+from illada_batch.engine import pages as pages_mod
+from illada_batch.engine.pages import PageHash, PageId, PagePool, PrefixPages, hash_page
 
 KEY = "llada-8b-instruct"
 A40 = list(range(100, 140))  # 2 full pages + 8-token partial page at page_size 16

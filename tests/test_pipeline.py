@@ -14,12 +14,11 @@ import time
 
 import pytest
 import yaml
+from pipeline_support import REPO, assert_exactly_once, job_dict, read_output, run_job_killing_a_replica, write_prompts
 
-from illada_batch.commit import FingerprintMismatch
-from illada_batch.driver import run_job, status
-from illada_batch.spec import spec_from_dict
-from pipeline_support import (REPO, assert_exactly_once, job_dict, read_output, run_job_killing_a_replica,
-                              write_prompts)
+from illada_batch.job.commit import FingerprintMismatch
+from illada_batch.job.driver import run_job, status
+from illada_batch.job.spec import spec_from_dict
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pipeline_support import REPO, free_port
 
 pytestmark = pytest.mark.slow

@@ -1,11 +1,11 @@
-"""Tests for the few-shot task suite (illada_batch.tasks)."""
+"""Tests for the few-shot task suite (illada_batch.tasks.suite)."""
 
 import random
 import re
 
 import pytest
 
-from illada_batch import tasks as T
+from illada_batch.tasks import suite as T
 
 PROMPT_RE = re.compile(r"^Input: [a-z0-9]+( [a-z0-9]+)*\nOutput:$")
 

@@ -10,10 +10,10 @@ import sys
 import torch
 
 from illada_batch import load_model
-from illada_batch.checkpoint import MODELS_DIR
-from illada_batch.engine import Engine
-from illada_batch.evaluate import evaluate, suite_rows
-from illada_batch.params import SamplingParams
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.diffusion import Engine
+from illada_batch.model.checkpoint import MODELS_DIR
+from illada_batch.tasks.evaluate import evaluate, suite_rows
 
 SHIPPED = MODELS_DIR / "tiny-llada"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from illada_batch.checkpoint import MODELS_DIR, load_model
+from illada_batch.model.checkpoint import MODELS_DIR, load_model
 from illada_batch.train import card, train
 
 

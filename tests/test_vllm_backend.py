@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from pipeline_support import REPO, assert_exactly_once, read_output, run_job_killing_a_replica
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -47,7 +46,7 @@ def test_without_vllm_the_backend_is_refused_at_validation():
 
 
 def demo_spec(name: str, *sets: str):
-    from illada_batch.spec import load_spec
+    from illada_batch.job.spec import load_spec
 
     return load_spec(REPO / "jobs" / name, [*SETS, *sets])
 
@@ -55,7 +54,7 @@ def demo_spec(name: str, *sets: str):
 @pytest.fixture(scope="module")
 def both(s3, ray_cluster):
     """jobs/demo-vllm.yaml and jobs/demo.yaml run into S3: {backend: (report, output table)}."""
-    from illada_batch.driver import run_job
+    from illada_batch.job.driver import run_job
 
     out = {}
     for name, backend in (("demo-vllm.yaml", "vllm"), ("demo.yaml", "diffusion")):
@@ -84,7 +83,7 @@ def by_key(table: pa.Table) -> dict:
 
 @needs_vllm
 def test_the_two_datasets_line_up_by_id_and_sample(both):
-    from illada_batch.engine import sample_seed
+    from illada_batch.engine.diffusion import sample_seed
 
     ar, diff = by_key(both["vllm"][1]), by_key(both["diffusion"][1])
     assert ar.keys() == diff.keys()

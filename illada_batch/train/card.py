@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..engine import Engine
-from ..evaluate import evaluate, suite_rows
-from ..params import SamplingParams
-from ..tasks import TASKS
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.diffusion import Engine
+from illada_batch.tasks.evaluate import evaluate, suite_rows
+from illada_batch.tasks.suite import TASKS
 
 GEN = 32
 NOTES = Path(__file__).with_name("card_notes.md")  # what the figures do not say, appended to the card
@@ -74,7 +74,7 @@ def write_card(model_dir: Path, m: dict) -> None:
     stages = log.get("previous_stages", []) + ([{"args": log["args"], "log": log["log"]}] if log.get("args") else [])
     minutes = sum(st["log"][-1]["minutes"] for st in stages if st["log"])
     cfg = json.loads((model_dir / "config.json").read_text())
-    from ..checkpoint import load_model
+    from illada_batch.model.checkpoint import load_model
 
     model = load_model(model_dir, device="cpu")
     params = sum(p.numel() for p in model.parameters())

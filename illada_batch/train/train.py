@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import tasks
-from ..checkpoint import save_checkpoint
-from ..config import PRESETS
-from ..model import LLaDA, isolated_prefix_mask
-from ..tokenizer import Tokenizer
-from . import tokenizer as tokbuild
+from illada_batch.model.checkpoint import save_checkpoint
+from illada_batch.model.config import PRESETS
+from illada_batch.model.llada import LLaDA, isolated_prefix_mask
+from illada_batch.model.tokenizer import Tokenizer
+from illada_batch.tasks import suite as tasks
+from illada_batch.train import tokenizer as tokbuild
 
 RESPONSE_LENGTHS = (16, 32, 32, 32, 64)
 
@@ -110,9 +110,9 @@ def train_step(model: LLaDA, batch, mask_id: int) -> torch.Tensor:
 
 def evaluate_suite(model: LLaDA, prefixes, rows) -> dict[str, float]:
     """Exact-match accuracy with the cache off, steps = gen_length = 32 (no training RNG used)."""
-    from ..engine import Engine
-    from ..evaluate import evaluate
-    from ..params import SamplingParams
+    from illada_batch.decoding.params import SamplingParams
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.tasks.evaluate import evaluate
 
     model.eval()
     params = SamplingParams(steps=32, gen_length=32, block_length=32, early_stop=True)

@@ -10,15 +10,10 @@ row's own generator so a row's tokens never depend on its batch neighbours.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 from torch import Tensor
 
-
-class Remasking(str, enum.Enum):
-    LOW_CONFIDENCE = "low_confidence"
-    RANDOM = "random"
+from illada_batch.decoding.params import Remasking
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:

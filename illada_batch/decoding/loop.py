@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import LLaDA, LayerKV, isolated_prefix_mask
-from .params import SamplingParams
-from .sampler import confidence, gumbel_argmax, select_transfer, transfer_schedule
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.decoding.sampler import confidence, gumbel_argmax, select_transfer, transfer_schedule
+from illada_batch.model.llada import LayerKV, LLaDA, isolated_prefix_mask
 
 
 @dataclass

@@ -16,82 +16,22 @@ do not depend on its batch neighbours, the replica or the sharding.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
-from .checkpoint import load_model
-from .decode import DecodeBatch, denoise_step, row_generators
-from .kv_cache import KVCache, pages_for_budget
-from .model import LLaDA, LayerKV
-from .pages import PagePool, PrefixPages
-from .params import SamplingParams
-
-
-class CacheMode(str, enum.Enum):
-    OFF = "off"
-    PREFIX = "prefix"
-
-
-@dataclass(frozen=True)
-class Request:
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    prefix_ids: tuple[int, ...] = ()
-    params: SamplingParams = field(default_factory=SamplingParams)
-    sample_index: int = 0
-    seed: int = 0
-
-
-@dataclass
-class Result:
-    request_id: str
-    sample_index: int
-    text: str | None
-    token_ids: list[int]  # the response up to (not including) the first EOS
-    steps: int  # forward passes this sample cost
-    finish_reason: str  # "eos" | "length" | "error"
-    error: str | None = None
-    seed: int = 0
-
-
-@dataclass
-class Counters:
-    forward_passes: int = 0
-    rows: int = 0
-    tokens: int = 0  # generated text tokens (before the first EOS)
-    prefix_pages_hit: int = 0
-    prefix_pages_missed: int = 0
-    prefix_pages_read: int = 0  # full prefix pages read by rows (rows x pages): hit rate = 1 - missed / read
-    prefix_fallbacks: int = 0  # groups run with the cache off because the prefix did not fit
-    seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time per phase
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["seconds"] = dict(self.seconds)
-        return d
-
-
-def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def request_problem(r: Request, max_len: int) -> str | None:
-    """Why a request cannot run on a model of context ``max_len`` (its result's error), or None."""
-    total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
-    if total > max_len:
-        return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
-                f"{r.params.gen_length} = {total} tokens > the model's {max_len}")
-    if not r.prompt_ids and not r.prefix_ids:
-        return "empty prompt"
-    return None
+from illada_batch.decoding.loop import DecodeBatch, denoise_step, row_generators
+from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.engine.kv_cache import KVCache, pages_for_budget
+from illada_batch.engine.pages import PagePool, PrefixPages
+from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
+from illada_batch.model.checkpoint import load_model
+from illada_batch.model.llada import LayerKV, LLaDA
 
 
 class Engine:

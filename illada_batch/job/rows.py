@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .spec import JobSpec
+from illada_batch.job.spec import JobSpec
 
 OUTPUT_SCHEMA = pa.schema([
     ("sample_index", pa.int32()), ("prompt", pa.string()), ("generation", pa.string()),

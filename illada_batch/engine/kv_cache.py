@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from .config import LLaDAConfig
-from .model import LayerKV
-from .pages import PageId
+from illada_batch.engine.pages import PageId
+from illada_batch.model.config import LLaDAConfig
+from illada_batch.model.llada import LayerKV
 
 
 def bytes_per_page(cfg: LLaDAConfig, page_size: int, dtype: torch.dtype) -> int:

@@ -16,16 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, LLaDAConfig
-from .model import LLaDA
-from .tokenizer import Tokenizer
+from illada_batch.errors import CheckpointError
+from illada_batch.model.config import ConfigError, LLaDAConfig
+from illada_batch.model.llada import LLaDA
+from illada_batch.model.tokenizer import Tokenizer
 
-MODELS_DIR = Path(__file__).parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the shipped models
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory does not hold what a LLaDA model needs."""
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

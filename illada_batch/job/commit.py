@@ -22,32 +22,21 @@ import time
 import uuid
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-class FingerprintMismatch(RuntimeError):
-    pass
-
-
-class OutputError(RuntimeError):
-    """The output location cannot be read (wrong credentials, no such bucket, unreachable);
-    the message names ``output.url``."""
-
-
-class LockHeld(RuntimeError):
-    """Another run is writing this output right now."""
-
+from illada_batch.errors import FingerprintMismatch, LockHeld
+from illada_batch.job import storage
+from illada_batch.job.storage import Store
 
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
 LOCK_HEARTBEAT_SECONDS = 10
-ORPHAN_TAG = "illada-batch:orphan"
 
 
 class Output:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs, self.root = fs, root.rstrip("/")
+        self.store = Store(fs)
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -60,36 +49,17 @@ class Output:
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
         name = f"part-{shard_id}-{uuid.uuid4().hex[:12]}.parquet"
-        self._put(self.key("data", name), data, orphan_tag=True)
-        self._mark_committed(self.key("data", name))
+        self.store.put(self.key("data", name), data, orphan_tag=True)
+        self.store.mark_committed(self.key("data", name))
         manifest = {"shard_id": shard_id, "data_key": f"data/{name}", "rows": table.num_rows,
                     "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint,
                     "committed_at": time.time(), **stats}
-        self._put(self.key("_manifest", f"{shard_id}.json"), json.dumps(manifest).encode())
+        self.store.put(self.key("_manifest", f"{shard_id}.json"), json.dumps(manifest).encode())
         return manifest
 
     def record_failure(self, shard_id: str, fingerprint: str, error: str, attempts: int) -> None:
         body = {"shard_id": shard_id, "fingerprint": fingerprint, "error": error, "attempts": attempts, "at": time.time()}
-        self._put(self.key("_failed", f"{shard_id}.json"), json.dumps(body).encode())
-
-    @property
-    def _is_s3(self) -> bool:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        return "s3" in protocol
-
-    def _put(self, key: str, data: bytes, orphan_tag: bool = False) -> None:
-        """One PUT. On S3 a data file is created tagged ``illada-batch:orphan=true`` (the bucket's
-        lifecycle rule expires such files after 7 days) and untagged just before its manifest."""
-        if self._is_s3:
-            extra = {"Tagging": f"{ORPHAN_TAG}=true"} if orphan_tag else {}
-            self.fs.pipe_file(key, data, **extra)
-        else:
-            self.fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(key, data)
-
-    def _mark_committed(self, key: str) -> None:
-        if self._is_s3:
-            self.fs.put_tags(key, {ORPHAN_TAG: "false"}, mode="o")
+        self.store.put(self.key("_failed", f"{shard_id}.json"), json.dumps(body).encode())
 
     # --- one writer at a time (driver) ----------------------------------------------------
 
@@ -104,37 +74,21 @@ class Output:
         key = self.key("_LOCK.json")
         body = _lock_body(owner)
         try:
-            self._create_exclusive(key, body)
+            self.store.create_exclusive(key, body)
             return
         except FileExistsError:
             pass
         current = self._read_lock()
         if current and current["owner"] != owner and not _is_stale(current):
             raise LockHeld(self._held_message(current))
-        self._put(key, body)  # take over a stale lock
-        time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
+        self.store.put(key, body)  # take over a stale lock
+        time.sleep(storage.SETTLE_SECONDS)
         current = self._read_lock()
         if not current or current["owner"] != owner:
             raise LockHeld(self._held_message(current or {"owner": "another run", "heartbeat": time.time()}))
 
-    def _create_exclusive(self, key: str, data: bytes) -> None:
-        """Write ``key`` only if it does not exist (FileExistsError otherwise)."""
-        if self._is_s3:
-            self.fs.pipe_file(key, data, IfNoneMatch="*")
-        elif isinstance(self.fs, LocalFileSystem):
-            os.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-            with open(key, "xb") as f:
-                f.write(data)
-        else:  # no exclusive create known for this filesystem: the read-back check decides
-            if self.fs.exists(key):
-                raise FileExistsError(key)
-            self._put(key, data)
-            time.sleep(float(os.environ.get("ILLADA_LOCK_SETTLE_SECONDS", "1.0")))
-            if json.loads(self.fs.cat_file(key)) != json.loads(data):
-                raise FileExistsError(key)
-
     def heartbeat(self, owner: str) -> None:
-        self._put(self.key("_LOCK.json"), _lock_body(owner))
+        self.store.put(self.key("_LOCK.json"), _lock_body(owner))
 
     def release_lock(self, owner: str) -> None:
         current = self._read_lock()
@@ -212,8 +166,8 @@ class Output:
                 pass
 
     def write_success(self, summary: dict, card: str) -> None:
-        self._put(self.key("README.md"), card.encode())
-        self._put(self.key("_SUCCESS.json"), json.dumps(summary, indent=2).encode())
+        self.store.put(self.key("README.md"), card.encode())
+        self.store.put(self.key("_SUCCESS.json"), json.dumps(summary, indent=2).encode())
 
 
 def _lock_body(owner: str) -> bytes:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 
-from .sampler import Remasking
+from illada_batch.errors import ParamsError
 
 
-class ParamsError(ValueError):
-    """Sampling parameters that LLaDA's algorithm cannot run."""
+class Remasking(str, enum.Enum):
+    """Which predictions of a step are kept: the most confident, or random ones."""
+
+    LOW_CONFIDENCE = "low_confidence"
+    RANDOM = "random"
+
+
+class CacheMode(str, enum.Enum):
+    """What an engine keeps between steps (see the engine's design note)."""
+
+    OFF = "off"  # every step runs [prefix | prompt | response]
+    PREFIX = "prefix"  # the shared prefix's K/V computed once, in pages, read by every row
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from . import tasks
-from .engine import Engine, Request
-from .params import SamplingParams
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.diffusion import Engine
+from illada_batch.engine.requests import Request
+from illada_batch.tasks import suite as tasks
 
 
 def suite_rows(tok, seed: int = 10_000, rows_per_task: int = 100, prefixes_per_task: int = 2,

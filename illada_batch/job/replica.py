@@ -20,10 +20,12 @@ from pathlib import Path
 
 import ray
 
-from .commit import Output
-from .rows import output_table, render_rows
-from .shards import InputError, Shard, StorageUnavailable, filesystem, read_shard
-from .spec import JobSpec
+from illada_batch.errors import InputError, StorageUnavailable
+from illada_batch.job.commit import Output
+from illada_batch.job.rows import output_table, render_rows
+from illada_batch.job.shards import Shard, read_shard
+from illada_batch.job.spec import JobSpec
+from illada_batch.job.storage import filesystem
 
 
 class ShardError(RuntimeError):
@@ -61,7 +63,7 @@ def fetch_model(spec: JobSpec, cache_root: Path | None = None) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
         target = str(target_dir)
     if spec.model.sha256:
-        from .checkpoint import resolve_model_path
+        from illada_batch.model.checkpoint import resolve_model_path
 
         got = weights_sha256(resolve_model_path(target))
         if got != spec.model.sha256:
@@ -79,12 +81,12 @@ def build_engine(spec: JobSpec):
     e = spec.engine
     budget = None if e.kv_budget is None else int(e.kv_budget) if e.kv_budget > 1 else float(e.kv_budget)
     if spec.backend == "vllm":
-        from .checkpoint import resolve_model_path
-        from .vllm_engine import VLLMEngine
+        from illada_batch.engine.vllm_engine import VLLMEngine
+        from illada_batch.model.checkpoint import resolve_model_path
 
         return VLLMEngine(resolve_model_path(fetch_model(spec)), prefix_cache=e.cache == "prefix",
                           max_batch_size=e.max_batch_size, kv_budget=budget, dtype=spec.model.dtype, seed=spec.seed)
-    from .engine import Engine
+    from illada_batch.engine.diffusion import Engine
 
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.model.dtype]
     return Engine.from_pretrained(fetch_model(spec), cache=e.cache, dtype=dtype, max_batch_size=e.max_batch_size,
@@ -118,7 +120,7 @@ class ShardReplica:
         self.model_name = self.spec.model.path
 
     def process(self, shard_dict: dict) -> dict:
-        from .engine import Request
+        from illada_batch.engine.requests import Request
 
         t0 = time.time()
         shard = Shard.from_dict(shard_dict)

@@ -12,9 +12,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A checkpoint's config.json asks for something this model does not implement."""
+from illada_batch.errors import ConfigError
 
 
 @dataclass(frozen=True)

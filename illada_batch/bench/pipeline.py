@@ -44,8 +44,8 @@ def _moto() -> tuple[subprocess.Popen, dict]:
 
 
 def _demo_rows(n: int) -> tuple[str, list[str], list[str]]:
-    from . import tasks
-    from .checkpoint import load_model
+    from illada_batch.model.checkpoint import load_model
+    from illada_batch.tasks import suite as tasks
 
     tok = load_model("tiny-llada").tokenizer
     rng = random.Random(7)
@@ -57,9 +57,10 @@ def _demo_rows(n: int) -> tuple[str, list[str], list[str]]:
 def bench_pipeline_efficiency(rows: int = 512) -> dict:
     import s3fs
 
-    from .driver import run_job
-    from .engine import Engine, Request
-    from .spec import spec_from_dict
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.engine.requests import Request
+    from illada_batch.job.driver import run_job
+    from illada_batch.job.spec import spec_from_dict
 
     prefix, ids, prompts = _demo_rows(rows)
     sampling = {"steps": 32, "gen_length": 32, "block_length": 32, "early_stop": True}
@@ -113,8 +114,8 @@ def bench_pipeline_efficiency(rows: int = 512) -> dict:
 def bench_driver_overhead(shards: int = 2000, replicas: int = 2) -> dict:
     import ray
 
-    from .driver import run_job
-    from .spec import spec_from_dict
+    from illada_batch.job.driver import run_job
+    from illada_batch.job.spec import spec_from_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="illada-driver-"))
     try:

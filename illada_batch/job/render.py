@@ -36,7 +36,7 @@ import sys
 
 import yaml
 
-from .spec import JobSpec, SpecError, load_spec
+from illada_batch.job.spec import JobSpec, SpecError, load_spec
 
 DEFAULT_IMAGE = "ghcr.io/illada/illada-batch:0.1.0"
 SPEC_ENV = "ILLADA_JOB_SPEC"  # the runtime-env variable that carries the spec YAML
@@ -211,7 +211,7 @@ def _dump(data) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m illada_batch.render", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m illada_batch.job.render", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("rayjob", help="print the KubeRay RayJob for a job spec and date")
     p.add_argument("spec")

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from .commit import LOCK_HEARTBEAT_SECONDS, FingerprintMismatch, Output, OutputError
-from .progress import Progress, card, summary_table
-from .shards import Shard, filesystem, mark_duplicate_ids, plan_shards, storage_errors
-from .spec import JobSpec
+from illada_batch.errors import FingerprintMismatch, OutputError
+from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.progress import Progress, card, summary_table
+from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
+from illada_batch.job.spec import JobSpec
+from illada_batch.job.storage import filesystem, storage_errors
 
 
 @dataclass
@@ -135,7 +137,9 @@ class _Job:
                 ray.init(address=address, log_to_driver=False)
             else:  # the embedded default: a local Ray on this machine's cores
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        from .replica import Replica as cls  # either backend: the replica builds the engine the spec names
+        from illada_batch.job.replica import (
+            Replica as cls,  # either backend: the replica builds the engine the spec names
+        )
 
         spec_json = spec.model_dump_json()
 

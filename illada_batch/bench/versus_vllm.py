@@ -22,7 +22,7 @@ BATCH = 16
 
 
 def _rows(tok, n_rows: int, seed: int):
-    from .evaluate import suite_rows
+    from illada_batch.tasks.evaluate import suite_rows
 
     prefixes, rows = suite_rows(tok, seed=seed, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
                                 min_prefix_tokens=400)
@@ -32,8 +32,8 @@ def _rows(tok, n_rows: int, seed: int):
 
 def _measure(engine, label: str, model: str, params: list, rows, prefixes, warmup) -> dict:
     """``params[i]``: the sampling parameters of row i."""
-    from . import tasks
-    from .engine import Request
+    from illada_batch.engine.requests import Request
+    from illada_batch.tasks import suite as tasks
 
     engine.run([Request(f"w{i}", p, pre, params[0]) for i, (_, p, pre) in enumerate(warmup)])
     passes = engine.counters.forward_passes
@@ -52,7 +52,7 @@ def _measure(engine, label: str, model: str, params: list, rows, prefixes, warmu
 def _params(path) -> int:
     from safetensors import safe_open
 
-    from .checkpoint import resolve_model_path
+    from illada_batch.model.checkpoint import resolve_model_path
 
     total = 0
     for f in resolve_model_path(path).glob("*.safetensors"):
@@ -75,9 +75,9 @@ def _table(results: list[dict]) -> str:
 def main(args) -> int:
     import torch
 
-    from .checkpoint import resolve_model_path
-    from .engine import Engine
-    from .params import SamplingParams
+    from illada_batch.decoding.params import SamplingParams
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.model.checkpoint import resolve_model_path
 
     threads = int(os.environ.get("ILLADA_THREADS", "1"))
     if not torch.cuda.is_available():
@@ -93,7 +93,7 @@ def main(args) -> int:
         out.append(_measure(diffusion, label, args.model, [params] * len(rows), rows, prefixes, warmup))
     del diffusion
 
-    from .vllm_engine import VLLMEngine
+    from illada_batch.engine.vllm_engine import VLLMEngine
 
     t0 = time.perf_counter()
     ar = VLLMEngine(resolve_model_path(args.ar_model), prefix_cache=True, max_batch_size=BATCH)

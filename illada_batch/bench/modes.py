@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import torch
 
-from .engine import Engine, Request
-from .evaluate import suite_rows
-from .params import SamplingParams
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.diffusion import Engine
+from illada_batch.engine.requests import Request
+from illada_batch.tasks.evaluate import suite_rows
 
 GEN = 32
 
@@ -61,7 +62,7 @@ def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[di
 
 def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
     """``run_requests`` on task-suite rows, with their exact-match accuracy."""
-    from . import tasks
+    from illada_batch.tasks import suite as tasks
 
     tok = model.tokenizer
     pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
@@ -105,7 +106,7 @@ def bench_batching(model, n_rows: int = 32, min_prefix_tokens: int = 400) -> dic
     Run for long rows (a 400+-token few-shot prefix in each prompt) and short ones (the
     instruction and one example, about 40 tokens): on a CPU one long row already fills the
     matrix units, so batching pays off only for short rows."""
-    from .decode import generate
+    from illada_batch.decoding.loop import generate
 
     prefixes, rows = suite_rows(model.tokenizer, seed=30_000, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
                                 min_prefix_tokens=min_prefix_tokens)
@@ -156,8 +157,8 @@ def _table(modes: list[dict]) -> str:
 
 
 def _random_model(shape: str):
-    from .config import PRESETS
-    from .model import LLaDA
+    from illada_batch.model.config import PRESETS
+    from illada_batch.model.llada import LLaDA
 
     cfg = PRESETS[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,10 +168,10 @@ def _random_model(shape: str):
 
 
 def main(args) -> int:
-    from .checkpoint import load_model
+    from illada_batch.model.checkpoint import load_model
 
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
-        from .bench_vllm import main as bench_vllm
+        from illada_batch.bench.versus_vllm import main as bench_vllm
 
         return bench_vllm(args)
     if not torch.cuda.is_available():
@@ -207,7 +208,7 @@ def main(args) -> int:
         print(f"peak memory, 256 rows / 16 rows sharing a prefix: {m['ratio_256_over_16']:.3f} "
               f"({m['peak_mb_256_rows']:.0f} MB / {m['peak_mb_16_rows']:.0f} MB)")
     if "pipeline" in only:
-        from .bench_pipeline import bench_pipeline_efficiency
+        from illada_batch.bench.pipeline import bench_pipeline_efficiency
 
         p = bench_pipeline_efficiency(rows=args.rows * 8)
         report["pipeline"] = p
@@ -216,7 +217,7 @@ def main(args) -> int:
               f"engine in the replica / alone {p['engine_in_replica']:.2f}, generating {p['generating_share']:.0%} "
               f"of the job's wall time")
     if "driver" in only:
-        from .bench_pipeline import bench_driver_overhead
+        from illada_batch.bench.pipeline import bench_driver_overhead
 
         d = bench_driver_overhead()
         report["driver"] = d

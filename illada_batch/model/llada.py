@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LLaDAConfig
+from illada_batch.model.config import LLaDAConfig
 
 # One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
 LayerKV = tuple[Tensor, Tensor]

@@ -15,7 +15,7 @@ Text layout::
 Everything is deterministic given a ``random.Random``; nothing uses the global
 random state.  Command line::
 
-    python -m illada_batch.tasks --out data.parquet --seed 1 \\
+    python -m illada_batch.tasks.suite --out data.parquet --seed 1 \\
         --rows-per-task 100 --prefixes-per-task 2 --min-prefix-tokens 400
 """
 

@@ -1,0 +1,66 @@
+"""What goes into an engine and what comes out: the request/result types every engine (the
+diffusion ``Engine``, ``VLLMEngine``) shares, a sample's seed, and the check a request must
+pass before it runs."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from illada_batch.decoding.params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    prefix_ids: tuple[int, ...] = ()
+    params: SamplingParams = field(default_factory=SamplingParams)
+    sample_index: int = 0
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    request_id: str
+    sample_index: int
+    text: str | None
+    token_ids: list[int]  # the response up to (not including) the first EOS
+    steps: int  # forward passes this sample cost
+    finish_reason: str  # "eos" | "length" | "error"
+    error: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Counters:
+    forward_passes: int = 0
+    rows: int = 0
+    tokens: int = 0  # generated text tokens (before the first EOS)
+    prefix_pages_hit: int = 0
+    prefix_pages_missed: int = 0
+    prefix_pages_read: int = 0  # full prefix pages read by rows (rows x pages): hit rate = 1 - missed / read
+    prefix_fallbacks: int = 0  # groups run with the cache off because the prefix did not fit
+    seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time per phase
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["seconds"] = dict(self.seconds)
+        return d
+
+
+def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def request_problem(r: Request, max_len: int) -> str | None:
+    """Why a request cannot run on a model of context ``max_len`` (its result's error), or None."""
+    total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
+    if total > max_len:
+        return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
+                f"{r.params.gen_length} = {total} tokens > the model's {max_len}")
+    if not r.prompt_ids and not r.prefix_ids:
+        return "empty prompt"
+    return None

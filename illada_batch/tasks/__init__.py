@@ -1,0 +1,1 @@
+"""The checkable task suite (``suite``) and exact-match evaluation of an engine on it (``evaluate``)."""

@@ -72,7 +72,9 @@ def prefix_engine(model: LLaDA, pages: int = 32, **kw) -> Engine:
 
 
 def off_engine(model: LLaDA, **kw) -> Engine:
-    return Engine(model, cache="off", isolate_prefix=kw.pop("isolate_prefix", True), **kw)
+    """The block-causal reference: a prefix engine without pages runs every group with the
+    cache off and the prefix attending only to itself (what the prefix cache computes)."""
+    return Engine(model, cache="prefix", kv_budget=0, **kw)
 
 
 def assert_same_outputs(got: list[Result], want: list[Result]) -> None:
@@ -134,7 +136,7 @@ def test_prefix_cache_gives_the_same_tokens_as_block_causal_off(name, model, eos
     if name == "threshold":
         assert len({r.steps for r in got}) > 3
     if name == "fixed-2-blocks":  # the comparison is sensitive: a prefix that sees the rows gives other tokens
-        bidirectional = off_engine(m, max_batch_size=8, isolate_prefix=False).run(reqs)
+        bidirectional = Engine(m, cache="off", max_batch_size=8).run(reqs)
         assert sum(a.token_ids != b.token_ids for a, b in zip(bidirectional, got)) > 10
 
 
@@ -182,7 +184,7 @@ def test_continuous_batching_returns_every_request_exactly_once(eos_model, monke
     assert len(results) == 37
     assert [(r.request_id, r.sample_index) for r in results] == keys
     assert len(set(keys)) == 37
-    assert engine.counters.rows == 37
+    assert engine.counters.samples == 37
     assert engine.counters.tokens == sum(len(r.token_ids) for r in results)
     assert all(r.finish_reason in ("eos", "length") and r.error is None for r in results)
     # rows really finished at different times, and the early stoppers came back too
@@ -290,7 +292,7 @@ def test_prefix_over_budget_falls_back_to_off_and_stays_correct(model):
     long_prefix, short_prefix = toks(rng, 50), toks(rng, 10)  # 4 pages, 1 page
     reqs = [Request(f"f{i}", toks(rng, rng.randrange(1, 25)), long_prefix if i % 3 else short_prefix, G32)
             for i in range(9)]
-    engine = Engine(model, cache="prefix", kv_budget=bpp(model), isolate_prefix=True, max_batch_size=4)
+    engine = Engine(model, cache="prefix", kv_budget=bpp(model), max_batch_size=4)
     assert engine.pool.num_pages == 1
     got = engine.run(reqs)
     assert_same_outputs(got, off_engine(model).run(reqs))
@@ -317,7 +319,7 @@ def test_budget_below_one_page_falls_back_or_names_kv_budget(model):
     rng = random.Random(52)
     reqs = [Request("z", toks(rng, 5), toks(rng, 20), G32)]
     try:
-        engine = Engine(model, cache="prefix", kv_budget=bpp(model) - 1, isolate_prefix=True)
+        engine = Engine(model, cache="prefix", kv_budget=bpp(model) - 1)
     except ValueError as exc:
         assert "kv_budget" in str(exc)
         return
@@ -349,7 +351,7 @@ def test_bad_requests_become_error_results_and_the_rest_generate(cache):
     for r in good:
         assert by_id[r.request_id].finish_reason in ("eos", "length") and by_id[r.request_id].error is None
         assert len(by_id[r.request_id].token_ids) > 0
-    assert engine.counters.rows == len(good)
+    assert engine.counters.samples == len(good)
     # the bad requests did not disturb the others
     assert_same_outputs([by_id[r.request_id] for r in good], off_engine(model).run(good))
     # a run of nothing but bad requests returns, too

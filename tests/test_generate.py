@@ -156,21 +156,34 @@ def test_oracle_sanity(models, oracle):
 
 @pytest.mark.parametrize("steps,gen_length,block_length", SETTINGS)
 @pytest.mark.parametrize("cfg_scale", [0.0, 1.5], ids=["nocfg", "cfg"])
-@pytest.mark.parametrize("block_logits_only", [False, True], ids=["full", "blocklogits"])
 @pytest.mark.parametrize("arch", ["gqa", "mha"])
-def test_greedy_batch_matches_oracle(models, oracle, arch, steps, gen_length, block_length, cfg_scale,
-                                     block_logits_only):
+def test_greedy_batch_matches_oracle(models, oracle, arch, steps, gen_length, block_length, cfg_scale):
     model = models[arch]
     prompts = prompts_for(model, seed=steps + gen_length)
     prompt_ids, attention_mask = left_pad(prompts, model.config.pad_token_id)
     out = generate(model, prompt_ids, attention_mask=attention_mask, steps=steps, gen_length=gen_length,
-                   block_length=block_length, temperature=0.0, cfg_scale=cfg_scale,
-                   block_logits_only=block_logits_only)
+                   block_length=block_length, temperature=0.0, cfg_scale=cfg_scale)
     assert out.shape == (len(prompts), prompt_ids.shape[1] + gen_length)
     assert torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids)
     for i, prompt in enumerate(prompts):
         expected, _ = oracle(arch, prompt, steps, gen_length, block_length, cfg_scale=cfg_scale)
         assert out[i, -gen_length:].tolist() == expected, f"row {i} (prompt length {len(prompt)})"
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mha"])
+def test_block_logits_equal_full_logits_on_the_block(models, arch):
+    """The loop computes logits for the current block only (``logits_index``): the oracle
+    computes them everywhere; on the block's positions both are the same numbers."""
+    model = models[arch]
+    prompt_ids, attention_mask = left_pad(prompts_for(model, seed=8), model.config.pad_token_id)
+    x = torch.cat([prompt_ids, torch.full((len(prompt_ids), 16), model.config.mask_token_id)], dim=1)  # [B, L]
+    valid = torch.cat([attention_mask.bool(), torch.ones(len(x), 16, dtype=torch.bool)], dim=1)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cols = x.shape[1] - 16 + 4 + torch.arange(8).expand(len(x), 8)  # [B, 8] a block inside the response
+    with torch.no_grad():
+        full = model.run(x, attention_mask=valid, positions=positions).logits  # [B, L, V]
+        block = model.run(x, attention_mask=valid, positions=positions, logits_index=cols).logits  # [B, 8, V]
+    torch.testing.assert_close(block, full.gather(1, cols[..., None].expand(-1, -1, full.shape[-1])))
 
 
 def test_greedy_single_row_without_attention_mask(models, oracle):

@@ -7,7 +7,9 @@ Each row carries its own block index, step counter and random generator, so rows
 joined the batch at different times (continuous batching) decode side by side.
 ``denoise_step`` is one forward pass (one NFE) plus the per-row unmasking; ``generate``
 loops it over one batch; the engine loops it while refilling finished rows. The cache is
-a parameter (``prefix_kv``), never a second loop.
+a parameter (``forward``: how a step's logits for the current block are computed), never a
+second loop. Logits are computed for the current block's positions only (the only ones a
+step reads), which gives the same tokens as full logits.
 """
 
 from __future__ import annotations
@@ -91,34 +93,46 @@ class DecodeBatch:
         return isolated_prefix_mask(self.valid, self.prefix_end) if isolate_prefix else self.valid
 
 
-def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams,
-                 prefix_kv: list[LayerKV] | None = None, isolate_prefix: bool = False) -> None:
-    """One forward pass for the unfinished rows, then each unmasks its chosen positions."""
+class FullForward:
+    """A step's forward over each row's whole sequence: ``[prefix | prompt | response]``
+    (cache off; ``isolate_prefix``: the prefix attends only to itself), or ``[prompt |
+    response]`` also attending to a shared prefix's cached K/V (``prefix_kv``). The loop
+    takes any object with this ``block_logits``: that object is the cache."""
+
+    def __init__(self, prefix_kv: list[LayerKV] | None = None, isolate_prefix: bool = False) -> None:
+        self.prefix_kv, self.isolate_prefix = prefix_kv, isolate_prefix
+
+    def block_logits(self, model: LLaDA, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
+                     params: SamplingParams) -> Tensor:
+        """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
+        x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
+        attn = batch.attention_mask(self.isolate_prefix)[rows]  # [b, L] or [b, L, L]
+        positions, index = batch.positions[rows], cols  # [b, L], [b, BL]
+        inputs = x
+        if params.cfg_scale > 0:  # the unconditional copy: the whole prompt masked
+            prompt = valid.clone()
+            prompt[:, L - params.gen_length:] = False
+            inputs = torch.cat([x, torch.where(prompt, model.config.mask_token_id, x)])  # [2b, L]
+            attn, positions, index = torch.cat([attn, attn]), torch.cat([positions, positions]), torch.cat([cols, cols])
+        logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=self.prefix_kv,
+                           logits_index=index).logits  # [b or 2b, BL, V]
+        if params.cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (params.cfg_scale + 1) * (cond - uncond)
+        return logits
+
+
+def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
+    """One forward pass for the unfinished rows (through ``forward``, the cache; default:
+    the whole sequence), then each row unmasks its chosen positions of the current block."""
     cfg = model.config
     mask_id, G, BL = cfg.mask_token_id, params.gen_length, params.block_length
     rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
     if len(rows) == 0:
         return
-    x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
-    block = batch.block[rows]
-    cols = (L - G) + block[:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block's columns
-    attn = batch.attention_mask(isolate_prefix)[rows]
-    positions = batch.positions[rows]
-    inputs, logits_index = x, (cols if params.block_logits_only else None)
-    if params.cfg_scale > 0:  # the unconditional copy: the whole prompt masked
-        prompt = valid.clone()
-        prompt[:, L - G:] = False
-        inputs = torch.cat([x, torch.where(prompt, mask_id, x)])
-        attn, positions = torch.cat([attn, attn]), torch.cat([positions, positions])
-        logits_index = None if logits_index is None else torch.cat([logits_index, logits_index])
-    logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=prefix_kv,
-                       logits_index=logits_index).logits  # [b or 2b, L or BL, V]
-    if logits_index is None:
-        logits = logits.gather(1, torch.cat([cols] * (logits.shape[0] // len(rows)))[..., None]
-                               .expand(-1, -1, logits.shape[-1]))  # [b or 2b, BL, V]
-    if params.cfg_scale > 0:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + (params.cfg_scale + 1) * (cond - uncond)
+    x, L = batch.x[rows], batch.x.shape[1]
+    cols = (L - G) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
+    logits = (forward or FullForward()).block_logits(model, batch, rows, cols, params)  # [b, BL, V]
     if params.suppress_eos:
         logits[..., cfg.eos_token_id] = -torch.inf
     gens = [batch.generators[i] for i in rows.tolist()]
@@ -169,7 +183,7 @@ def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = N
     ``attention_mask`` when rows differ in length) -> ids [B, Lp + gen_length].
 
     ``options``: the other ``SamplingParams`` fields (threshold, early_stop, suppress_eos,
-    zero_eos_confidence, block_logits_only). ``seed``: one per row or one for all rows
+    zero_eos_confidence). ``seed``: one per row or one for all rows
     (row i gets seed + i); default: drawn from torch's global generator.
     """
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,

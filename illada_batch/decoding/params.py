@@ -34,7 +34,6 @@ class SamplingParams:
     early_stop: bool = False  # a row whose text already ends in EOS stops costing steps
     suppress_eos: bool = False  # forbid EOS in the logits
     zero_eos_confidence: bool = False  # EOS/EoT predictions get confidence 0 (unmasked last)
-    block_logits_only: bool = False  # compute logits only for the current block (same tokens, less work)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remasking", Remasking(self.remasking))

@@ -1,8 +1,8 @@
 """Page pool for a paged KV cache with hash-based prefix reuse.
 
 A *page* holds the K/V of ``page_size`` consecutive tokens. This module only
-does bookkeeping (which page ids are used, shared, cached or free); the engine
-owns the tensors. Modelled on nano-vllm's block manager and vLLM v1's block pool.
+does bookkeeping (which page ids are used, shared, cached or free); the K/V
+tensors live in ``kv_cache.KVCache``. Modelled on nano-vllm's block manager and vLLM v1's block pool.
 
 Contract with the caller of :meth:`PagePool.allocate`: full pages that come
 back fresh are registered in the prefix cache immediately, so the caller must

@@ -36,7 +36,7 @@ class Result:
 @dataclass
 class Counters:
     forward_passes: int = 0
-    rows: int = 0
+    samples: int = 0  # samples generated (errors excluded)
     tokens: int = 0  # generated text tokens (before the first EOS)
     prefix_pages_hit: int = 0
     prefix_pages_missed: int = 0

@@ -135,7 +135,7 @@ class VLLMEngine:
         text_ids = ids if cut is None else ids[:cut]
         full_pages = (len(r.prefix_ids) + len(r.prompt_ids)) // self.page_size
         cached_pages = (out.num_cached_tokens or 0) // self.page_size
-        self.counters.rows += 1
+        self.counters.samples += 1
         self.counters.tokens += len(text_ids)
         self.counters.prefix_pages_read += full_pages
         self.counters.prefix_pages_hit += cached_pages

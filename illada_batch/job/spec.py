@@ -77,7 +77,7 @@ class SamplingSpec(_Strict):
     zero_eos_confidence: bool = False
 
     def params(self) -> SamplingParams:
-        return SamplingParams(**self.model_dump(), block_logits_only=True)
+        return SamplingParams(**self.model_dump())
 
     @model_validator(mode="after")
     def _valid(self) -> "SamplingSpec":

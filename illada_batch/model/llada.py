@@ -1,4 +1,4 @@
-"""The LLaDA architecture, and nothing else (generation lives in ``generate.py``).
+"""The LLaDA architecture, and nothing else (generation lives in ``decoding/loop.py``).
 
 LLaDA-8B is a Llama-style transformer without a causal mask: RMSNorm in float32, RoPE
 (non-interleaved halves, float32), SwiGLU ``ff_out(silu(ff_proj(x)) * up_proj(x))``, no
@@ -8,7 +8,7 @@ so ``state_dict()`` is the checkpoint layout.
 
 Beyond a plain forward, two hooks serve the prefix cache without a second code path:
 ``prefix_kv`` (K/V of a shared prefix that every row's queries also attend to) and
-``return_kv`` (hand back this call's K/V so a prefix can be stored in pages).
+``return_logits=False`` (hand back this call's K/V instead, so a prefix can be stored in pages).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Block(nn.Module):
 @dataclass
 class ForwardOut:
     logits: Tensor | None  # [B, L or K, embedding_size]; None when return_logits=False
-    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_kv or not return_logits
+    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_logits=False
     hidden: Tensor | None = None  # [B, L, d] before the final norm, when return_logits=False
 
 
@@ -139,14 +139,14 @@ class LLaDA(nn.Module):
 
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
             prefix_kv: list[LayerKV] | None = None, logits_index: Tensor | None = None,
-            return_kv: bool = False, return_logits: bool = True) -> ForwardOut:
+            return_logits: bool = True) -> ForwardOut:
         """The one forward.
 
         input_ids [B, L]. attention_mask: [B, L] key padding (True/1 = real token) or a full
         [B, L, L] boolean mask (True = may attend). positions [B, L]: RoPE positions,
         default ``arange(L)``. prefix_kv: per-layer K/V of a prefix every row also attends
         to (positions then continue after it). logits_index [B, K]: compute logits only at
-        these positions.
+        these positions. return_logits=False: no logits, each layer's K/V instead.
         """
         B, L = input_ids.shape
         P = 0 if prefix_kv is None else prefix_kv[0][0].shape[0]
@@ -164,7 +164,7 @@ class LLaDA(nn.Module):
             return ForwardOut(logits=None, kv=kvs, hidden=x)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        return ForwardOut(logits=self.logits(x), kv=kvs if return_kv else None)
+        return ForwardOut(logits=self.logits(x), kv=None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and output head: hidden [..., d] -> logits [..., embedding_size]."""

@@ -1,6 +1,7 @@
-"""Input listing and shard reading: Parquet over any fsspec URL, footers only for listing.
+"""Input listing and shard reading: Parquet over any fsspec URL, footers only for listing;
+JSON Lines and CSV files (parsed whole: they have no footer) through ``formats``.
 
-A shard is the unit of work, retry and commit: a row range of one Parquet file, cut on
+A shard is the unit of work, retry and commit: a row range of one input file, cut on
 ``shard_rows`` boundaries. Its id comes from the file's path relative to the input root
 and its first row, so it is stable across runs as long as the input is unchanged.
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from illada_batch.errors import InputError, StorageUnavailable
+from illada_batch.job.formats import is_text, kind, read_text, read_text_rows
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
 
@@ -48,32 +50,40 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
         if any(ch in path for ch in "*?["):
             files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
-            files, root = sorted(f for f in fs.find(path) if f.endswith(".parquet")), path
+            files, root = sorted(f for f in fs.find(path) if kind(f)), path
         elif fs.exists(path):
             files, root = [path], path.rsplit("/", 1)[0]
         else:
             raise InputError(f"input.url {url}: no such file or directory")
     if not files:
-        raise InputError(f"input.url {url}: no Parquet files found")
+        raise InputError(f"input.url {url}: no Parquet, JSON Lines or CSV files found")
     return fs, root, files
 
 
 def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
                 id_column: str | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
-    """Shards of every readable input file, from Parquet footers only; and (file, error) for the rest.
+    """Shards of every readable input file, from Parquet footers only (text files are parsed);
+    and (file, error) for the rest.
     ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats)."""
     fs, root, files = list_files(url, storage_options)
     shards, bad = [], []
     for path in files:
         try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f)
-                rows, schema = meta.metadata.num_rows, meta.schema_arrow
+            if is_text(path):
+                table = read_text(fs, path)
+                rows, schema = table.num_rows, table.schema
+            else:
+                with fs.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f)
+                    rows, schema = meta.metadata.num_rows, meta.schema_arrow
+        except InputError as exc:  # a text file's bad line, named
+            bad.append((path, str(exc)))
+            continue
         except Exception as exc:  # noqa: BLE001 - corrupt, truncated, unreadable
             if is_transient(exc):  # the store, not the file: stop before any work rather than fail the file
                 raise StorageUnavailable(f"{path}: cannot read the footer ({type(exc).__name__}: {exc}); "
                                          f"nothing was started") from None
-            bad.append((path, f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})"))
+            bad.append((path, f"{path}: not a readable {kind(path) or 'Parquet'} file ({type(exc).__name__}: {exc})"))
             continue
         missing = [c for c in columns if c not in schema.names]
         if missing:
@@ -112,6 +122,8 @@ def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_
 
     def read_ids(path: str):
         try:
+            if is_text(path):
+                return read_text(fs, path).column(id_column).to_pylist()
             with fs.open(path, "rb") as f:
                 return pq.read_table(f, columns=[id_column]).column(0).to_pylist()
         except Exception as exc:  # noqa: BLE001 - corrupt data pages behind a good footer
@@ -146,6 +158,8 @@ def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_
 def read_shard(fs: fsspec.AbstractFileSystem, shard: Shard, columns: list[str]) -> pa.Table:
     """The shard's rows (only ``columns``), reading just the row groups that hold them."""
     try:
+        if is_text(shard.path):
+            return read_text_rows(fs, shard.path, columns, shard.row_start, shard.num_rows)
         with fs.open(shard.path, "rb") as f:
             pf = pq.ParquetFile(f)
             missing = [c for c in columns if c not in pf.schema_arrow.names]

@@ -30,7 +30,9 @@ class ModelSpec(_Strict):
 
 
 class InputSpec(_Strict):
-    url: str  # a Parquet file, directory or glob; any fsspec URL (s3://bucket/prefix/*.parquet)
+    # a file, directory or glob of Parquet, JSON Lines (.jsonl/.json) or CSV files; any fsspec URL
+    # (s3://bucket/prefix/*.parquet). Parquet plans from footers; text files are parsed at planning
+    url: str
     id_column: str = "id"  # a stable row id (strings or integers): the output key is (id, sample_index)
     prompt_column: str | None = "prompt"  # the row's text, rendered into `template`
     messages_column: str | None = None  # or a chat `messages` column (list of {role, content}); implies chat

@@ -1,0 +1,166 @@
+"""JSON Lines and CSV prompt files: planned by row ranges, read with pyarrow's readers, the
+same checks as Parquet (a bad line named by file and line, a missing column named, a value of
+the wrong type an error row), on local files, on the S3 server, and as a job on local Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pipeline_support import assert_exactly_once, job_dict, read_output
+
+from illada_batch.job.driver import run_job
+from illada_batch.job.replica import ShardReplica
+from illada_batch.job.shards import mark_duplicate_ids, plan_shards, read_shard
+from illada_batch.job.spec import spec_from_dict
+
+COLUMNS = ["id", "prompt"]
+WORDS = "lamb king bread water stone fire tree gold light house".split()
+
+
+def prompts(k: int) -> list[str]:
+    return [f"Input: {WORDS[i % 10]} {WORDS[(i + 3) % 10]}\nOutput:" for i in range(k)]  # two lines each
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def csv_text(ids: list[str], texts: list[str]) -> str:
+    quoted = ('"' + t.replace('"', '""') + '"' for t in texts)
+    return "id,prompt\n" + "".join(f"{i},{q}\n" for i, q in zip(ids, quoted))
+
+
+def write_all_three(fs, root: str, k: int = 7) -> dict[str, list[str]]:
+    """The same k prompts as Parquet, JSON Lines and CSV, ids prefixed by format."""
+    ids = {f: [f"{f}{i}" for i in range(k)] for f in ("pq", "jl", "cs")}
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/a.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": ids["pq"], "prompt": prompts(k)}), f, row_group_size=3)
+    with fs.open(f"{root}/b.jsonl", "w") as f:
+        f.write(jsonl([{"id": i, "prompt": p} for i, p in zip(ids["jl"], prompts(k))]))
+    with fs.open(f"{root}/c.csv", "w") as f:
+        f.write(csv_text(ids["cs"], prompts(k)))
+    with fs.open(f"{root}/notes.txt", "w") as f:  # not a prompt file: a directory listing skips it
+        f.write("not prompts")
+    return ids
+
+
+def check_row_ranges(fs, url: str, options: dict, root: str, k: int = 7) -> None:
+    shards, bad = plan_shards(url, options, 3, COLUMNS, "id")
+    assert not bad
+    by_file: dict[str, list] = {}
+    for s in shards:
+        by_file.setdefault(Path(s.path).name, []).append((s.row_start, s.num_rows))
+    assert by_file == {name: [(0, 3), (3, 3), (6, 1)] for name in ("a.parquet", "b.jsonl", "c.csv")}
+    for s in shards:
+        table = read_shard(fs, s, COLUMNS)
+        assert table.column("prompt").to_pylist() == prompts(k)[s.row_start:s.row_start + s.num_rows], s
+    marked, bad = mark_duplicate_ids(url, options, shards, "id")
+    assert not bad and all(not s.duplicates for s in marked)
+
+
+def test_jsonl_and_csv_are_sharded_by_row_ranges_like_parquet(tmp_path):
+    fs = fsspec.filesystem("file")
+    write_all_three(fs, str(tmp_path / "in"))
+    check_row_ranges(fs, str(tmp_path / "in"), {}, str(tmp_path / "in"))
+    # a glob naming only some formats
+    shards, _ = plan_shards(str(tmp_path / "in" / "*.jsonl"), {}, 64, COLUMNS, "id")
+    assert [Path(s.path).name for s in shards] == ["b.jsonl"]
+
+
+@pytest.mark.slow
+def test_jsonl_and_csv_on_the_s3_server(s3):
+    fs = s3.fs()
+    write_all_three(fs, "bucket/formats")
+    check_row_ranges(fs, "s3://bucket/formats/", s3.options, "bucket/formats")
+
+
+def test_a_bad_line_fails_its_file_naming_the_line(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    good = [{"id": f"g{i}", "prompt": p} for i, p in enumerate(prompts(4))]
+    lines = jsonl(good).splitlines()
+    (src / "broken.jsonl").write_text("\n".join([lines[0], "", lines[1], '{"id": "x", "prompt": oops', lines[2]]) + "\n")
+    (src / "array.json").write_text(json.dumps(good))  # a JSON array, not one object per line
+    (src / "ragged.csv").write_text('id,prompt\na,"x"\nb,"y"\nc,"z",extra\n')
+    (src / "ok.jsonl").write_text(jsonl(good))
+    shards, bad = plan_shards(str(src), {}, 64, COLUMNS, "id")
+    assert [Path(s.path).name for s in shards] == ["ok.jsonl"]
+    errors = {Path(p).name: e for p, e in bad}
+    assert errors["broken.jsonl"].startswith(f"{src / 'broken.jsonl'}: line 4: not valid JSON (")
+    assert errors["array.json"].startswith(f"{src / 'array.json'}: line 1: not a JSON object")
+    assert errors["ragged.csv"].startswith(f"{src / 'ragged.csv'}: line 4: 3 fields, the header has 2")
+
+
+def test_a_missing_column_is_named(tmp_path):
+    (tmp_path / "t.jsonl").write_text(jsonl([{"id": "a", "text": "hi"}]))
+    (tmp_path / "t.csv").write_text("id,text\na,hi\n")
+    for name in ("t.jsonl", "t.csv"):
+        shards, bad = plan_shards(str(tmp_path / name), {}, 64, COLUMNS, "id")
+        assert not shards and bad == [(str(tmp_path / name),
+                                       f"{tmp_path / name}: missing column(s) prompt (has id, text)")]
+
+
+def test_csv_values_are_text_as_written(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('id,prompt,score\n007,"Input: lamb\nOutput:",1.5\n,"",\n8,plain,x\n')
+    fs = fsspec.filesystem("file")
+    (shard,), _ = plan_shards(str(path), {}, 64, ["id", "prompt", "score"])
+    assert read_shard(fs, shard, ["id", "prompt", "score"]).to_pylist() == [
+        {"id": "007", "prompt": "Input: lamb\nOutput:", "score": "1.5"},  # a quoted newline stays in the prompt
+        {"id": None, "prompt": "", "score": None},  # empty: null; quoted empty: ""
+        {"id": "8", "prompt": "plain", "score": "x"}]
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmt")
+    spec = spec_from_dict(job_dict(str(root / "in"), str(root / "out"), None, n=2)).resolved()
+    rep = ShardReplica(spec.model_dump_json(), str(root / "out"), spec.fingerprint())
+
+    def process(path: Path) -> dict:
+        (shard,), bad = plan_shards(str(path), {}, 64, COLUMNS, "id")
+        assert not bad
+        manifest = rep.process(shard.to_dict())
+        rows = pq.read_table(root / "out" / manifest["data_key"]).to_pylist()
+        return {(r["id"], r["sample_index"]): r for r in rows}
+
+    return process
+
+
+def test_wrong_types_are_error_rows_not_a_failed_shard(replica, tmp_path):
+    """pyarrow's JSON reader refuses a column whose type changes between lines; the file is read
+    line by line instead and the odd values become error rows, the rest is generated."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(jsonl([{"id": "a", "prompt": prompts(1)[0]}, {"id": "b", "prompt": 5},
+                           {"id": "c", "prompt": None}, {"id": "d", "prompt": ["a", "list"]},
+                           {"id": "e", "prompt": prompts(2)[1]}]))
+    got = replica(path)
+    assert sorted(got) == [(i, j) for i in "abcde" for j in (0, 1)]
+    errors = {i: got[(i, 0)]["error"] for i in "abcde"}
+    assert errors == {"a": None, "b": "prompt is int, expected a string", "c": "prompt is null",
+                      "d": "prompt is list, expected a string", "e": None}
+    assert all(got[(i, j)]["generation"] for i in "ae" for j in (0, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_job_over_text_files_on_s3_commits_every_sample_once(fmt, s3, ray_cluster):
+    fs = s3.fs()
+    ids = [f"{fmt}-{i:02d}" for i in range(12)]
+    text = jsonl([{"id": i, "prompt": p} for i, p in zip(ids, prompts(12))]) if fmt == "jsonl" \
+        else csv_text(ids, prompts(12))
+    with fs.open(f"bucket/job-{fmt}/prompts.{fmt}", "w") as f:
+        f.write(text)
+    spec = spec_from_dict(job_dict(f"s3://bucket/job-{fmt}/", f"s3://bucket/out-{fmt}", s3, shard_rows=5))
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    assert report.ok and report.committed == 3 and report.samples == 12
+    table = read_output(fs, f"bucket/out-{fmt}")
+    assert_exactly_once(table, ids, n=1)
+    assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
+    assert dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist())) == dict(zip(ids, prompts(12)))

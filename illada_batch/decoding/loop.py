@@ -138,7 +138,12 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     gens = [batch.generators[i] for i in rows.tolist()]
     current = x.gather(1, cols)  # [b, BL]
     is_mask = current == mask_id
+    # [MASK] is never an output: a position that kept predicting it would never be filled.
+    # Confidences still come from every token's logit, as the reference computes them.
+    mask_logit = logits[..., mask_id].clone()  # [b, BL]
+    logits[..., mask_id] = -torch.inf
     tokens = gumbel_argmax(logits, params.temperature, gens)  # [b, BL]
+    logits[..., mask_id] = mask_logit
     conf = confidence(logits, tokens, params.remasking, gens)  # [b, BL] float32
     if params.zero_eos_confidence:
         eot = getattr(model.tokenizer, "eot_id", None)
@@ -147,7 +152,10 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     conf = torch.where(is_mask, conf, -torch.inf)
     schedule = torch.tensor(transfer_schedule(BL, params.steps_per_block), device=x.device)
     count = schedule[batch.step[rows].clamp(max=params.steps_per_block - 1)]
-    transfer = select_transfer(conf, count, params.threshold)  # [b, BL]
+    # A block ends after its scheduled steps whatever the scores (NaN logits, say): its last
+    # step fills every position still masked (threshold: at most block_length steps).
+    last = batch.step[rows] >= (params.steps_per_block if params.threshold is None else BL) - 1  # [b]
+    transfer = select_transfer(conf, count, params.threshold) | (is_mask & last[:, None])  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
     _advance(batch, rows, cols, params, mask_id, cfg.eos_token_id)
 

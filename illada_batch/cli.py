@@ -14,22 +14,36 @@ DEMO_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
 
 
 def _params(args):
-    from illada_batch.decoding.params import SamplingParams
+    """The ``SamplingParams`` of the ``--steps`` ... flags that ``_sampling_args`` added."""
+    from illada_batch.decoding.params import SamplingParams, settings
 
-    return SamplingParams(steps=args.steps, gen_length=args.gen_length, block_length=args.block_length,
-                          temperature=args.temperature, cfg_scale=args.cfg_scale, remasking=args.remasking,
-                          threshold=args.threshold, early_stop=args.early_stop)
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in settings()})
 
 
-def _sampling_args(p: argparse.ArgumentParser, steps=32, gen_length=32, block_length=32) -> None:
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--gen-length", type=int, default=gen_length)
-    p.add_argument("--block-length", type=int, default=block_length)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--cfg-scale", type=float, default=0.0)
-    p.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random"])
-    p.add_argument("--threshold", type=float, default=None, help="confidence-threshold parallel decoding")
-    p.add_argument("--early-stop", action="store_true", help="stop a row once its text ends in EOS")
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """One flag per ``SamplingParams`` setting, with its default and help text from there."""
+    import enum
+
+    from illada_batch.decoding.params import settings
+
+    for f in settings():
+        flag, help_text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
+        default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "remasking":
+            from illada_batch.decoding.params import Remasking
+
+            p.add_argument(flag, default=default, choices=[m.value for m in Remasking], help=help_text)
+        else:
+            kind = {"int": int, "float": float, "float | None": float}[f.type]
+            p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
+
+
+def _cache_modes() -> list[str]:
+    from illada_batch.decoding.params import CacheMode
+
+    return [m.value for m in CacheMode]
 
 
 def cmd_generate(args) -> int:
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("eval", help="exact-match accuracy on the task suite")
     p.add_argument("--model", default="tiny-llada")
-    p.add_argument("--cache", default="off", choices=["off", "prefix"])
+    p.add_argument("--cache", default="off", choices=_cache_modes())
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows-per-task", type=int, default=100)
@@ -180,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-prefix-tokens", type=int, default=400)
     p.add_argument("--seed", type=int, default=10_000)
     _sampling_args(p)
-    p.set_defaults(func=cmd_eval, early_stop=True)
+    p.set_defaults(func=cmd_eval)
 
     for name, func, helptext in (("run", cmd_run, "run a job on local Ray or a cluster"),
                                  ("demo", cmd_demo, "run jobs/demo.yaml on local Ray")):

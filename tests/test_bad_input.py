@@ -399,7 +399,7 @@ def test_validate_refuses_a_bad_spec_naming_each_field(tmp_path):
     lines = [ln.strip() for ln in res.stderr.splitlines()]
     assert any(ln.startswith("bogus_key: unknown key") for ln in lines), res.stderr
     assert any(ln.startswith("n: ") and "integer" in ln for ln in lines), res.stderr
-    assert any(ln.startswith("sampling: ") and "gen_length=30" in ln and "block_length=8" in ln
+    assert any(ln.startswith("sampling.gen_length: ") and "gen_length=30" in ln and "block_length=8" in ln
                for ln in lines), res.stderr
     assert res.stdout == ""
     assert not (tmp_path / "out").exists()
@@ -410,11 +410,14 @@ def test_validate_refuses_a_bad_spec_naming_each_field(tmp_path):
     ({"sampling": {"tempreature": 0.5}}, "sampling.tempreature", "unknown key"),
     ({"n": "two"}, "n", "integer"),
     ({"n": 0}, "n", "greater than or equal to 1"),
-    ({"sampling": {"gen_length": 30, "block_length": 8}}, "sampling", "not a multiple"),
-    ({"sampling": {"steps": 16}}, "sampling", "steps=16 > gen_length=8"),
+    ({"sampling": {"gen_length": 30, "block_length": 8}}, "sampling.gen_length", "not a multiple"),
+    ({"sampling": {"steps": 16}}, "sampling.steps", "steps=16 > gen_length=8"),
+    ({"sampling": {"cfg_scale": 1.0}, "prefix": {"text": "Task: reverse.\n"}}, "sampling.cfg_scale", "engine.cache: off"),
     ({"engine": {"cache": "sometimes"}}, "engine.cache", "'off' or 'prefix'"),
 ])
 def test_load_spec_names_the_yaml_path(tmp_path, changes, field, words):
+    """Each bad field is named by its YAML path, including checks across fields (the spec's
+    prefix is cached, so classifier-free guidance is refused before any cluster work)."""
     path = _bad_spec(tmp_path, **changes)
     with pytest.raises(SpecError) as info:
         load_spec(path)
@@ -431,3 +434,11 @@ def test_validate_demo_spec(tmp_path):
     assert "64 rows in 4 shards of up to 16 rows" in res.stdout
     assert "BAD FILE" not in res.stdout and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []  # validate writes nothing
+
+
+def test_every_bad_sampling_field_is_named_at_once(tmp_path):
+    path = _bad_spec(tmp_path, sampling={"steps": 0, "gen_length": -8, "temperature": -1, "threshold": 1.5})
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    named = {ln.split(":")[0].strip() for ln in str(info.value).splitlines()[1:]}
+    assert named == {"sampling.steps", "sampling.gen_length", "sampling.temperature", "sampling.threshold"}

@@ -186,16 +186,19 @@ def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generat
 @torch.no_grad()
 def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
              gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
-             remasking: str = "low_confidence", seed: int | list[int] | None = None, **options) -> Tensor:
-    """LLaDA's reference ``generate()`` call shape: prompt ids [B, Lp] (left padded, with an
-    ``attention_mask`` when rows differ in length) -> ids [B, Lp + gen_length].
+             remasking: str = "low_confidence", seed: int | list[int] | None = None, early_stop: bool = False,
+             **options) -> Tensor:
+    """LLaDA's reference ``generate()``: its call shape and its defaults (128 steps, no early
+    stop: every response position is decoded), which differ from ``SamplingParams``' (the
+    engine's and the job's). Prompt ids [B, Lp] (left padded, with an ``attention_mask`` when
+    rows differ in length) -> ids [B, Lp + gen_length].
 
-    ``options``: the other ``SamplingParams`` fields (threshold, early_stop, suppress_eos,
+    ``options``: the other ``SamplingParams`` fields (threshold, suppress_eos,
     zero_eos_confidence). ``seed``: one per row or one for all rows
     (row i gets seed + i); default: drawn from torch's global generator.
     """
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
-                            cfg_scale=cfg_scale, remasking=remasking, **options)
+                            cfg_scale=cfg_scale, remasking=remasking, early_stop=early_stop, **options)
     cfg = model.config
     B = prompt_ids.shape[0]
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

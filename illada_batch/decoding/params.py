@@ -1,9 +1,15 @@
-"""Sampling parameters of the diffusion sampler, shared by the API, the engine and job specs."""
+"""Sampling parameters of the diffusion sampler: the one definition of each setting.
+
+The Python API, the engine, the job spec (``sampling:`` in ``jobs/*.yaml``) and the CLI
+(``--steps`` ...) all derive from ``SamplingParams``: each field's default, its help text
+(which says its trade-off) and its bounds live here and nowhere else. Torch-free, so the
+driver side can validate a spec without loading torch.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 from illada_batch.errors import ParamsError
 
@@ -22,22 +28,41 @@ class CacheMode(str, enum.Enum):
     PREFIX = "prefix"  # the shared prefix's K/V computed once, in pages, read by every row
 
 
+def _setting(default, help: str, **bounds):
+    """A field with its help text and bounds (gt, ge, le), read by the spec and the CLI."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    steps: int = 128  # forward passes per sample (fixed schedule); more = better, slower
-    gen_length: int = 128  # response length in tokens (the answer plus EOS padding)
-    block_length: int = 128  # semi-autoregressive block; gen_length must be a multiple
-    temperature: float = 0.0  # 0 = greedy; > 0 = Gumbel noise in float64
-    cfg_scale: float = 0.0  # classifier-free guidance; > 0 doubles the compute
-    remasking: Remasking = Remasking.LOW_CONFIDENCE
-    threshold: float | None = None  # confidence-threshold parallel decoding (None = fixed schedule)
-    early_stop: bool = False  # a row whose text already ends in EOS stops costing steps
-    suppress_eos: bool = False  # forbid EOS in the logits
-    zero_eos_confidence: bool = False  # EOS/EoT predictions get confidence 0 (unmasked last)
+    steps: int = _setting(32, "forward passes per sample (fixed schedule); fewer = faster, lower quality", gt=0)
+    gen_length: int = _setting(32, "response tokens (the answer plus EOS padding); cost grows with it", gt=0)
+    block_length: int = _setting(32, "semi-autoregressive block; gen_length must be a multiple; smaller blocks "
+                                     "read better on small models", gt=0)
+    temperature: float = _setting(0.0, "0 = greedy; > 0 = Gumbel noise in float64 (per-sample seeds keep it "
+                                       "reproducible)", ge=0)
+    cfg_scale: float = _setting(0.0, "classifier-free guidance; > 0 doubles the compute and needs the prefix "
+                                     "to be masked too (cache off)", ge=0)
+    remasking: Remasking = _setting(Remasking.LOW_CONFIDENCE, "which predictions a step keeps: the most "
+                                                              "confident (low_confidence) or random ones")
+    threshold: float | None = _setting(None, "confidence-threshold parallel decoding: every prediction above it "
+                                             "is kept (far fewer steps, small quality cost); unset = fixed "
+                                             "schedule", gt=0, le=1)
+    early_stop: bool = _setting(True, "stop a sample once its text up to the first EOS is final (same text, "
+                                      "fewer steps)")
+    suppress_eos: bool = _setting(False, "forbid EOS: every sample runs to gen_length")
+    zero_eos_confidence: bool = _setting(False, "EOS predictions get confidence 0, so they are unmasked last")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "remasking", Remasking(self.remasking))
-        self.validate()
+        if not isinstance(self.remasking, Remasking):
+            try:
+                object.__setattr__(self, "remasking", Remasking(self.remasking))
+            except ValueError:
+                raise ParamsError(f"remasking: {self.remasking!r} is not one of "
+                                  f"{', '.join(m.value for m in Remasking)}") from None
+        problems = self.problems()
+        if problems:
+            raise ParamsError("; ".join(f"{name}: {msg}" for name, msg in problems))
 
     @property
     def num_blocks(self) -> int:
@@ -47,27 +72,39 @@ class SamplingParams:
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
 
-    def validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise ParamsError(msg)
-
-        for name in ("steps", "gen_length", "block_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (field, what is wrong) at once: bounds first, then how the fields fit together."""
+        out = []
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or not ({"gt", "ge", "le"} & set(meta)):
+                continue
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                out.append((f.name, f"must be an integer, got {value!r}"))
+            elif "gt" in meta and not value > meta["gt"]:
+                out.append((f.name, f"must be > {meta['gt']}, got {value!r}"))
+            elif "ge" in meta and not value >= meta["ge"]:
+                out.append((f.name, f"must be >= {meta['ge']}, got {value!r}"))
+            elif "le" in meta and not value <= meta["le"]:
+                out.append((f.name, f"must be <= {meta['le']}, got {value!r}"))
+        if out:
+            return out
         if self.gen_length % self.block_length:
-            bad(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}")
-        if self.steps % self.num_blocks:
-            bad(f"steps={self.steps} is not a multiple of the number of blocks ({self.num_blocks} = gen_length / block_length)")
+            out.append(("gen_length", f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}"))
+        elif self.steps % self.num_blocks:
+            out.append(("steps", f"steps={self.steps} is not a multiple of the number of blocks ({self.num_blocks} = "
+                                 f"gen_length / block_length)"))
         if self.steps > self.gen_length:
-            bad(f"steps={self.steps} > gen_length={self.gen_length}: a step must unmask at least one token")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if self.cfg_scale < 0:
-            bad(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            bad(f"threshold must be in (0, 1], got {self.threshold}")
+            out.append(("steps", f"steps={self.steps} > gen_length={self.gen_length}: a step must unmask at least one "
+                                 f"token"))
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["remasking"] = self.remasking.value
         return d
+
+
+def settings() -> list:
+    """The user settings of ``SamplingParams`` (name, type, default, metadata help and bounds)."""
+    return list(fields(SamplingParams))

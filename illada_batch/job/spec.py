@@ -8,14 +8,26 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from illada_batch.decoding.params import ParamsError, SamplingParams
-from illada_batch.errors import VLLM_INSTALL, SpecError
+from illada_batch.decoding import params as params_mod
+from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.errors import VLLM_INSTALL, ParamsError, SpecError
 
 
 class _Strict(BaseModel):
@@ -66,23 +78,22 @@ class PrefixSpec(_Strict):
         return self
 
 
-class SamplingSpec(_Strict):
-    steps: int = 32  # forward passes per sample; fewer = faster, lower quality
-    gen_length: int = 32  # response tokens (answer + EOS padding); cost grows with it
-    block_length: int = 32  # semi-autoregressive block; smaller blocks read better on small models
-    temperature: float = 0.0  # 0 = greedy; > 0 = sampling (per-sample seeds make it reproducible)
-    cfg_scale: float = 0.0  # classifier-free guidance; doubles the compute; needs engine.cache = off
-    remasking: Literal["low_confidence", "random"] = "low_confidence"
-    threshold: float | None = None  # confidence-threshold parallel decoding: far fewer steps, small quality cost
-    early_stop: bool = True  # stop a sample once its text ends in EOS (same text, fewer steps)
-    suppress_eos: bool = False
-    zero_eos_confidence: bool = False
+def _sampling_fields() -> dict:
+    """``SamplingParams``' user settings as pydantic fields: same names, types, defaults, bounds."""
+    hints = typing.get_type_hints(SamplingParams)
+    out = {}
+    for f in params_mod.settings():
+        bounds = {k: f.metadata[k] for k in ("gt", "ge", "le") if k in f.metadata}
+        out[f.name] = (hints[f.name], Field(f.default, description=f.metadata["help"], **bounds))
+    return out
 
+
+class _SamplingBase(_Strict):
     def params(self) -> SamplingParams:
         return SamplingParams(**self.model_dump())
 
     @model_validator(mode="after")
-    def _valid(self) -> "SamplingSpec":
+    def _fits_together(self) -> "_SamplingBase":
         try:
             self.params()
         except ParamsError as exc:
@@ -90,8 +101,12 @@ class SamplingSpec(_Strict):
         return self
 
 
+# `sampling:` in a job spec: every field, default, bound and help text comes from SamplingParams.
+SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_fields())
+
+
 class EngineSpec(_Strict):
-    cache: Literal["off", "prefix"] = "prefix"  # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes)
+    cache: CacheMode = CacheMode.PREFIX  # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes)
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
     kv_budget: float | None = Field(None, gt=0)  # prefix cache: bytes (> 1) or fraction of free device memory (<= 1); default 10% on GPU, 256 MiB on CPU
 
@@ -149,6 +164,11 @@ class JobSpec(_Strict):
         if self.backend == "vllm" and self.sampling.cfg_scale > 0:
             raise ValueError("sampling.cfg_scale: classifier-free guidance is a diffusion option; "
                              "the vllm backend needs cfg_scale 0")
+        if (self.backend == "diffusion" and self.sampling.cfg_scale > 0 and self.engine.cache is not CacheMode.OFF
+                and (self.prefix.text or self.prefix.file)):
+            raise ValueError(f"sampling.cfg_scale: classifier-free guidance masks the whole prompt, the shared "
+                             f"prefix too, which engine.cache '{self.engine.cache.value}' keeps unmasked: set "
+                             f"engine.cache: off, or cfg_scale: 0")
         return self
 
     @field_validator("template")
@@ -222,8 +242,12 @@ class _AnyKeys(dict):
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid job spec"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S)  # a cross-field check naming its field
+        if named:
+            path, msg = (f"{path}.{named[1]}" if path else named[1]), named[2]
+        path = path or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
         lines.append(f"  {path}: {msg}")

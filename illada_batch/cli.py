@@ -155,17 +155,24 @@ def cmd_status(args) -> int:
 def cmd_submit(args) -> int:
     from illada_batch.job.submit import submit
 
-    return submit(args)
+    return submit(args.spec, args.address, args.set, args.date, args.submission_id, args.wait)
 
 
 def cmd_render(args) -> int:
-    from illada_batch.job.render import render_rayjob
+    from illada_batch.job.render import render_rayjob, run_id
 
-    print(render_rayjob(args.spec, args.date, args.set))
+    if args.kind == "rayjob":
+        sys.stdout.write(render_rayjob(args.spec, args.date, args.set, image=args.image))
+    else:
+        print(run_id(args.spec, args.date, args.set))
     return 0
 
 
 def cmd_bench(args) -> int:
+    if args.backend == "vllm":  # the diffusion engine and vLLM side by side
+        from illada_batch.bench.versus_vllm import main as bench_vllm
+
+        return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
     from illada_batch.bench.modes import main as bench_main
 
     return bench_main(args)
@@ -230,11 +237,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the status as JSON (for scripts)")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("render", help="print a KubeRay RayJob manifest for a job spec")
-    p.add_argument("kind", choices=["rayjob"])
+    p = sub.add_parser("render", help="print a KubeRay RayJob manifest (or the run id) for a job spec and date")
+    p.add_argument("kind", choices=["rayjob", "submission-id"],
+                   help="rayjob: the RayJob YAML; submission-id: the run id (Ray submission id, RayJob name)")
     p.add_argument("spec")
-    p.add_argument("--date", required=True)
-    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--date", required=True, help="YYYY-MM-DD: fills {date} and names the run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--image", default=None, help="image of the Ray pods (default: $ILLADA_IMAGE or the release's)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="engine benchmark: cache and decoding modes on the tiny model")

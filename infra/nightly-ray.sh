@@ -19,7 +19,7 @@ cd "$ILLADA_HOME"
 
 SPEC=jobs/nightly.yaml
 DATE="$(date -u +%F)"
-ID="$(python -m illada_batch.job.render submission-id "$SPEC" --date "$DATE")"
+ID="$(illada-batch render submission-id "$SPEC" --date "$DATE")"
 
 if out="$(illada-batch submit "$SPEC" --address "$RAY_ADDRESS" --date "$DATE" --submission-id "$ID" 2>&1)"; then
   printf '%s\n' "$out"

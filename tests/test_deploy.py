@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from illada_batch.job.render import SPEC_ENV, embedded_spec, main, render_rayjob, submission_id
+from illada_batch.cli import main as cli
+from illada_batch.job.render import SPEC_ENV, embedded_spec, render_rayjob, submission_id
 from illada_batch.job.spec import SpecError, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,7 +208,9 @@ def test_a_bad_spec_is_refused_before_rendering(tmp_path, capsys):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SpecError, match="sampling"):
         render_rayjob(str(path), DATE)
-    assert main(["rayjob", str(path), "--date", DATE]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli(["render", "rayjob", str(path), "--date", DATE])
+    assert exit_.value.code == 2
     out = capsys.readouterr()
     assert out.out == "" and "sampling" in out.err
 
@@ -222,11 +225,11 @@ def test_embedded_spec_refuses_a_huge_inlined_prefix(tmp_path):
 
 
 def test_main_prints_the_rayjob_and_the_id(capsys):
-    assert main(["rayjob", str(NIGHTLY), "--date", DATE, "--image", "example.com/img:1"]) == 0
+    assert cli(["render", "rayjob", str(NIGHTLY), "--date", DATE, "--image", "example.com/img:1"]) == 0
     out = capsys.readouterr().out
     assert out == render_rayjob(str(NIGHTLY), DATE, image="example.com/img:1")
     assert "example.com/img:1" in out
-    assert main(["submission-id", str(NIGHTLY), "--date", DATE]) == 0
+    assert cli(["render", "submission-id", str(NIGHTLY), "--date", DATE]) == 0
     assert capsys.readouterr().out.strip() == f"illada-nightly-{DATE}"
 
 
@@ -255,7 +258,7 @@ def test_cronjob_renders_todays_rayjob_from_the_nightly_spec():
     pod = _pod(one(CRONJOB, "CronJob"))
     (render,) = pod["initContainers"]
     script = "\n".join(render["args"])
-    assert "illada_batch.job.render rayjob /spec/nightly.yaml" in script and "date -u +%F" in script
+    assert "illada-batch render rayjob /spec/nightly.yaml" in script and "date -u +%F" in script
     # The ConfigMap volume rebuilds jobs/' layout, so the spec's relative prefix.file resolves.
     (vol,) = [v for v in pod["volumes"] if "configMap" in v]
     paths = {i["path"] for i in vol["configMap"]["items"]}
@@ -308,10 +311,11 @@ def test_nightly_ray_script_submits_once_per_date(tmp_path, stub_bin, mode, rc):
     b, add = stub_bin
     # The run id comes from the package (the function the RayJob uses); stub it here, since
     # its value is tested above, and check the script asks for the nightly spec's id.
-    add("python", '''[ "$1 $2 $3 $4 $5" = "-m illada_batch.job.render submission-id jobs/nightly.yaml --date" ] || exit 9
-echo "illada-nightly-$6"
-''')
-    add("illada-batch", '''case "$MODE" in
+    add("illada-batch", '''if [ "$1" = render ]; then
+  [ "$1 $2 $3 $4" = "render submission-id jobs/nightly.yaml --date" ] || exit 9
+  echo "illada-nightly-$5"; exit 0
+fi
+case "$MODE" in
   ok) echo "submitted";;
   exists) echo "RuntimeError: Job with submission_id illada-nightly-x already exists. Please use a different submission_id." >&2; exit 1;;
   *) echo "ConnectionError: cannot reach the dashboard" >&2; exit 3;;
@@ -323,7 +327,7 @@ esac
     res = subprocess.run(["bash", str(NIGHTLY_SH)], env=env, capture_output=True, text=True)
     assert res.returncode == rc, res.stderr
     calls = log.read_text().splitlines()
-    assert calls[0].startswith("python ")
+    assert calls[0].startswith("illada-batch render submission-id ")
     submit = calls[1].split()
     date = submit[submit.index("--date") + 1]
     assert abs((dt.date.fromisoformat(date) - dt.datetime.now(dt.timezone.utc).date()).days) <= 1

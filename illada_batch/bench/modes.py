@@ -17,7 +17,7 @@ import torch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
-from illada_batch.tasks.evaluate import suite_rows
+from illada_batch.tasks.evaluate import accuracy, suite_requests, suite_rows
 
 GEN = 32
 
@@ -62,14 +62,8 @@ def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[di
 
 def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
     """``run_requests`` on task-suite rows, with their exact-match accuracy."""
-    from illada_batch.tasks import suite as tasks
-
-    tok = model.tokenizer
-    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
-    reqs = [Request(r.id, tuple(tok.encode(r.prompt)), pre[r.prefix_id], params) for r in rows]
-    out, results = run_requests(model, cache, reqs, batch)
-    out["accuracy"] = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "")
-                          for r, res in zip(rows, results)) / len(rows)
+    out, results = run_requests(model, cache, suite_requests(model.tokenizer, prefixes, rows, params), batch)
+    out["accuracy"] = accuracy(prefixes, rows, results)["overall"]
     return out
 
 
@@ -170,10 +164,6 @@ def _random_model(shape: str):
 def main(args) -> int:
     from illada_batch.model.checkpoint import load_model
 
-    if args.backend == "vllm":  # the diffusion engine and vLLM side by side
-        from illada_batch.bench.versus_vllm import main as bench_vllm
-
-        return bench_vllm(args)
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
     if args.model_shape:

@@ -24,29 +24,25 @@ BATCH = 16
 def _rows(tok, n_rows: int, seed: int):
     from illada_batch.tasks.evaluate import suite_rows
 
-    prefixes, rows = suite_rows(tok, seed=seed, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1,
-                                min_prefix_tokens=400)
-    pre = {pid: tuple(tok.encode(t)) for pid, t in prefixes.items()}
-    return [(r, tuple(tok.encode(r.prompt)), pre[r.prefix_id]) for r in rows], prefixes
+    return suite_rows(tok, seed=seed, rows_per_task=max(1, n_rows // 5), prefixes_per_task=1, min_prefix_tokens=400)
 
 
-def _measure(engine, label: str, model: str, params: list, rows, prefixes, warmup) -> dict:
-    """``params[i]``: the sampling parameters of row i."""
-    from illada_batch.engine.requests import Request
-    from illada_batch.tasks import suite as tasks
+def _measure(engine, label: str, model: str, params: list, suite, warmup) -> dict:
+    """The engine on the task-suite rows of ``suite`` (prefixes, rows); ``params[i]`` is row i's."""
+    from illada_batch.tasks.evaluate import accuracy, suite_requests
 
-    engine.run([Request(f"w{i}", p, pre, params[0]) for i, (_, p, pre) in enumerate(warmup)])
+    prefixes, rows = suite
+    engine.run(suite_requests(engine.tokenizer, *warmup, params[0]))
     passes = engine.counters.forward_passes
-    reqs = [Request(r.id, p, pre, sp) for (r, p, pre), sp in zip(rows, params)]
     t0 = time.perf_counter()
-    results = engine.run(reqs)
+    results = engine.run(suite_requests(engine.tokenizer, prefixes, rows, params))
     seconds = time.perf_counter() - t0
     lengths = [len(res.token_ids) + (res.finish_reason == "eos") for res in results]
-    hits = sum(tasks.check(r.task, prefixes[r.prefix_id], r.prompt, res.text or "") for (r, _, _), res in zip(rows, results))
     return {"engine": label, "model": model, "rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds,
             "tokens_per_s": sum(lengths) / seconds, "tokens_per_row": sum(lengths) / len(rows),
             "eos_rate": sum(res.finish_reason == "eos" for res in results) / len(rows),
-            "forward_passes": engine.counters.forward_passes - passes, "accuracy": hits / len(rows), "_lengths": lengths}
+            "forward_passes": engine.counters.forward_passes - passes,
+            "accuracy": accuracy(prefixes, rows, results)["overall"], "_lengths": lengths}
 
 
 def _params(path) -> int:
@@ -72,7 +68,7 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def main(model: str = "tiny-llada", ar_model: str = "tiny-qwen2", rows: int = 64, out_path: str = "bench.json") -> int:
     import torch
 
     from illada_batch.decoding.params import SamplingParams
@@ -83,36 +79,39 @@ def main(args) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # vLLM's CPU worker reads it
-    diffusion = Engine.from_pretrained(args.model, cache="prefix", max_batch_size=BATCH)
+    diffusion = Engine.from_pretrained(model, cache="prefix", max_batch_size=BATCH)
     tok = diffusion.tokenizer
-    rows, prefixes = _rows(tok, args.rows, seed=20_000)
-    warmup, _ = _rows(tok, 5, seed=21_000)
+    suite = _rows(tok, rows, seed=20_000)
+    warmup = _rows(tok, 5, seed=21_000)
+    prefixes, task_rows = suite
     fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=True)
     out = []
     for label, params in (("diffusion, 32 steps", fixed), ("diffusion, threshold 0.9", replace(fixed, threshold=0.9))):
-        out.append(_measure(diffusion, label, args.model, [params] * len(rows), rows, prefixes, warmup))
+        out.append(_measure(diffusion, label, model, [params] * len(task_rows), suite, warmup))
     del diffusion
 
     from illada_batch.engine.vllm_engine import VLLMEngine
 
     t0 = time.perf_counter()
-    ar = VLLMEngine(resolve_model_path(args.ar_model), prefix_cache=True, max_batch_size=BATCH)
+    ar = VLLMEngine(resolve_model_path(ar_model), prefix_cache=True, max_batch_size=BATCH)
     startup = time.perf_counter() - t0
-    if ar.tokenizer.encode(prefixes[rows[0][0].prefix_id]) != list(rows[0][2]):
-        raise SystemExit(f"{args.ar_model} has another tokenizer than {args.model}: the rows would differ")
+    probe = prefixes[task_rows[0].prefix_id]
+    if ar.tokenizer.encode(probe) != tok.encode(probe):
+        raise SystemExit(f"{ar_model} has another tokenizer than {model}: the rows would differ")
     # Second vLLM run: each row decodes as many tokens as the diffusion model wrote for it (its
     # text and EOS), so rows/s compares the same work even though tiny-qwen2 never says EOS.
     same_len = [SamplingParams(steps=n, gen_length=n, block_length=n) for n in out[0]["_lengths"]]
     try:
-        out.append(_measure(ar, "vllm, prefix caching", args.ar_model, [fixed] * len(rows), rows, prefixes, warmup))
-        out.append(_measure(ar, "vllm, diffusion's lengths", args.ar_model, same_len, rows, prefixes, warmup))
+        out.append(_measure(ar, "vllm, prefix caching", ar_model, [fixed] * len(task_rows), suite, warmup))
+        out.append(_measure(ar, "vllm, diffusion's lengths", ar_model, same_len, suite, warmup))
     finally:
         ar.close()
     for r in out:
         r["params"] = _params(r["model"])
         del r["_lengths"]
     print(_table(out))
-    print(f"\n{len(rows)} rows, prefixes of {min(len(p) for _, _, p in rows)}+ tokens, gen_length {GEN}, batch {BATCH}, "
+    shortest = min(len(tok.encode(p)) for p in prefixes.values())
+    print(f"\n{len(task_rows)} rows, prefixes of {shortest}+ tokens, gen_length {GEN}, batch {BATCH}, "
           f"{threads} thread(s); vllm start-up (not counted above) {startup:.1f} s")
     d32, dthr, ar_full, ar_same = out
     print(f"vllm / diffusion, tokens/s: {ar_full['tokens_per_s'] / d32['tokens_per_s']:.1f}x (32 steps), "
@@ -120,7 +119,7 @@ def main(args) -> int:
           f"{ar_same['rows_per_s'] / d32['rows_per_s']:.1f}x, {ar_same['rows_per_s'] / dthr['rows_per_s']:.1f}x")
     report = {"machine": platform.processor() or platform.machine(), "threads": threads, "gen_length": GEN,
               "batch": BATCH, "vllm_startup_s": startup, "results": out}
-    with open(args.out, "w") as f:
+    with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out_path}")
     return 0

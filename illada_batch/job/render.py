@@ -26,13 +26,11 @@ byte-identical YAML (no timestamps, stable key order).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import math
 import os
 import re
-import sys
 
 import yaml
 
@@ -62,6 +60,11 @@ def _check_date(date: str) -> str:
     except ValueError:
         raise SpecError(f"--date {date!r}: not a calendar date") from None
     return date
+
+
+def run_id(spec_path: str, date: str, overrides: list[str] | None = None) -> str:
+    """The run id (submission id, RayJob name) of a job spec file for ``date``."""
+    return submission_id(load_spec(spec_path, overrides, runs_here=False).name, _check_date(date))
 
 
 def submission_id(job_name: str, date: str) -> str:
@@ -157,8 +160,10 @@ def _cluster_spec(spec: JobSpec, image: str) -> dict:
 
 
 def render_rayjob(spec_path: str, date: str, overrides: list[str] | None = None,
-                  image: str = DEFAULT_IMAGE) -> str:
-    """The KubeRay ``RayJob`` (ray.io/v1) that runs ``spec_path`` for ``date``, as YAML text."""
+                  image: str | None = None) -> str:
+    """The KubeRay ``RayJob`` (ray.io/v1) that runs ``spec_path`` for ``date``, as YAML text.
+    ``image``: of the Ray pods; default ``$ILLADA_IMAGE``, else ``DEFAULT_IMAGE``."""
+    image = image or os.environ.get("ILLADA_IMAGE", DEFAULT_IMAGE)
     _check_date(date)
     spec, spec_text = embedded_spec(spec_path, overrides)
     run_id = submission_id(spec.name, date)
@@ -205,35 +210,3 @@ _Dumper.add_representer(str, _str)
 
 def _dump(data) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
-
-
-# --- command line -----------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m illada_batch.job.render", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="kind", required=True)
-    p = sub.add_parser("rayjob", help="print the KubeRay RayJob for a job spec and date")
-    p.add_argument("spec")
-    p.add_argument("--date", required=True, help="YYYY-MM-DD: fills {date} and names the run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--image", default=os.environ.get("ILLADA_IMAGE", DEFAULT_IMAGE),
-                   help="image of the Ray pods (default: $ILLADA_IMAGE or %(default)s)")
-    p = sub.add_parser("submission-id", help="print the run id (submission id, RayJob name) for a job and date")
-    p.add_argument("spec")
-    p.add_argument("--date", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
-    try:
-        if args.kind == "rayjob":
-            sys.stdout.write(render_rayjob(args.spec, args.date, args.set, image=args.image))
-        else:
-            print(submission_id(load_spec(args.spec, args.set, runs_here=False).name, _check_date(args.date)))
-    except SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,14 +29,17 @@ def _absolute_local_paths(spec, text: str) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def submit(args) -> int:
+def submit(spec_path: str, address: str, overrides: list[str] | None = None, date: str | None = None,
+           run_id: str | None = None, wait: bool = False) -> int:
+    """Submit the job to the Ray cluster at ``address`` (http://HEAD:8265); the exit code.
+    ``run_id``: the submission id (default: derived from the job name and date)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    spec, text = embedded_spec(args.spec, args.set)
+    spec, text = embedded_spec(spec_path, overrides)
     text = _absolute_local_paths(spec, text)
-    date = args.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    sid = args.submission_id or submission_id(spec.name, date)
-    client = JobSubmissionClient(args.address)
+    date = date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    sid = run_id or submission_id(spec.name, date)
+    client = JobSubmissionClient(address)
     entrypoint = f"illada-batch run --spec-env ILLADA_JOB_SPEC --date {date} --quiet"
     deadline = time.time() + 120
     while True:
@@ -46,14 +49,14 @@ def submit(args) -> int:
             break
         except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError with the server's message
             if "already exists" in str(exc):
-                print(f"{sid}: already submitted to {args.address}; not starting a duplicate run")
+                print(f"{sid}: already submitted to {address}; not starting a duplicate run")
                 return 0
             if "No available agent" in str(exc) and time.time() < deadline:  # a head still starting up
                 time.sleep(2)
                 continue
             raise
     print(sid)
-    if not args.wait:
+    if not wait:
         return 0
 
     async def follow() -> None:

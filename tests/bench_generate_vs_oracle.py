@@ -1,17 +1,13 @@
 """Tokens/s of illada_batch.generate against the tests' oracle, same model, prompts and
 outputs (cache off, temperature 0). Not a test: run `.venv/bin/python tests/bench_generate_vs_oracle.py`."""
 
-import sys
 import time
-from pathlib import Path
 
 import torch
+from oracle import oracle_generate  # tests/, this script's folder
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_generate import oracle_generate  # noqa: E402
-
-from illada_batch import generate, load_model  # noqa: E402
-from illada_batch.tasks.evaluate import suite_rows  # noqa: E402
+from illada_batch import generate, load_model
+from illada_batch.tasks.evaluate import suite_rows
 
 torch.set_num_threads(1)
 m = load_model("tiny-llada")

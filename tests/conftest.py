@@ -15,34 +15,50 @@ TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64,
             mask_token_id=95, eos_token_id=1, pad_token_id=0)
 
 
+# The engine tests' shape: d_model 64, vocab 256, 256 positions.
+ENGINE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128, vocab_size=256,
+              embedding_size=256, rope_theta=10000.0, max_sequence_length=256, mask_token_id=2, eos_token_id=1,
+              pad_token_id=1)
+
+
+def tiny_llada(seed: int = 0, recipe: str = "scaled", eos_scale: float = 1.0, **overrides) -> LLaDA:
+    """A tiny random LLaDA (float32, CPU) whose output depends on the context, not only on the
+    token at a position; the mask token is never the argmax (its head row is zero) and argmax
+    ties are impossible (head std 0.5). Norm weights are random too.
+
+    ``recipe="scaled"`` (the sampler tests, ``TINY`` shape): block weights std 1/sqrt(fan_in),
+    q/k twice that (sharp attention), a small mask-token embedding.
+    ``recipe="sharp"`` (the engine tests, ``ENGINE`` shape): default init with the attention
+    projections scaled 3x. ``eos_scale`` scales the EOS row of the head, so that some rows
+    emit EOS early and others run to the full length."""
+    torch.set_num_threads(1)
+    cfg = LLaDAConfig(**{**(TINY if recipe == "scaled" else ENGINE), **overrides})
+    torch.manual_seed(seed)
+    model = LLaDA(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.uniform_(0.5, 1.5)
+            elif recipe == "scaled" and ".blocks." in name:  # [out, in]
+                p.normal_(0.0, (2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
+                          / math.sqrt(p.shape[1]))
+            elif recipe == "sharp" and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                      "attn_out.weight")):
+                p.mul_(3.0)  # sharp, position-dependent attention: tokens depend on context
+        if recipe == "scaled":
+            model.model.transformer.wte.weight[cfg.mask_token_id].mul_(0.1)
+        head = model.model.transformer.ff_out.weight
+        head.normal_(0.0, 0.5)
+        head[cfg.mask_token_id].zero_()
+        head[cfg.eos_token_id] *= eos_scale
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def make_tiny_llada():
-    """``make(seed=0, **config overrides) -> LLaDA`` with every parameter random (norms too).
-
-    Scaled so the output depends on the context, not only on the token at a position:
-    block weights std 1/sqrt(fan_in) (q/k twice that: sharp attention), a small mask-token
-    embedding, an output head with std 0.5 (argmax ties impossible) whose mask-token row is
-    zero (the mask token is never the argmax)."""
-
-    def make(seed: int = 0, **overrides) -> LLaDA:
-        torch.set_num_threads(1)
-        cfg = LLaDAConfig(**{**TINY, **overrides})
-        torch.manual_seed(seed)
-        model = LLaDA(cfg)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
-                    p.uniform_(0.5, 1.5)
-                elif ".blocks." in name:  # [out, in]
-                    p.normal_(0.0, (2.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0)
-                              / math.sqrt(p.shape[1]))
-            model.model.transformer.wte.weight[cfg.mask_token_id].mul_(0.1)
-            head = model.model.transformer.ff_out.weight
-            head.normal_(0.0, 0.5)
-            head[cfg.mask_token_id].zero_()
-        return model.eval()
-
-    return make
+    """The one tiny-model factory: ``make(seed=0, recipe="scaled", eos_scale=1.0, **config)``
+    (see ``tiny_llada``)."""
+    return tiny_llada
 
 
 @pytest.fixture(scope="module")

@@ -27,35 +27,14 @@ PAGE = 16
 G32 = SamplingParams(steps=16, gen_length=32, block_length=16)  # fixed schedule, 2 blocks
 
 
-def make_model(seed: int = 0, eos_scale: float = 1.0, **overrides) -> LLaDA:
-    torch.set_num_threads(1)
-    cfg = dataclasses.replace(PRESETS["tiny"], **{
-        **dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128, vocab_size=256,
-               embedding_size=256, max_sequence_length=256),
-        **overrides})
-    torch.manual_seed(seed)
-    model = LLaDA(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
-                p.uniform_(0.5, 1.5)
-            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "attn_out.weight")):
-                p.mul_(3.0)  # sharp, position-dependent attention: tokens depend on context
-        head = model.model.transformer.ff_out.weight
-        head.normal_(0.0, 0.5)
-        head[cfg.mask_token_id].zero_()
-        head[cfg.eos_token_id] *= eos_scale
-    return model.eval()
+@pytest.fixture(scope="module")
+def model(make_tiny_llada) -> LLaDA:
+    return make_tiny_llada(recipe="sharp")
 
 
 @pytest.fixture(scope="module")
-def model() -> LLaDA:
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def eos_model() -> LLaDA:
-    return make_model(eos_scale=2.5)
+def eos_model(make_tiny_llada) -> LLaDA:
+    return make_tiny_llada(recipe="sharp", eos_scale=2.5)
 
 
 def bpp(model: LLaDA) -> int:
@@ -330,8 +309,8 @@ def test_budget_below_one_page_falls_back_or_names_kv_budget(model):
 
 
 @pytest.mark.parametrize("cache", ["prefix", "off"])
-def test_bad_requests_become_error_results_and_the_rest_generate(cache):
-    model = make_model(max_sequence_length=128)
+def test_bad_requests_become_error_results_and_the_rest_generate(cache, make_tiny_llada):
+    model = make_tiny_llada(recipe="sharp", max_sequence_length=128)
     rng = random.Random(6)
     prefix = toks(rng, 50)
     good = [Request("ok0", toks(rng, 7), prefix, G32), Request("ok1", toks(rng, 20), prefix, G32),

@@ -17,6 +17,7 @@ _LAZY = {
     "Engine": "illada_batch.engine.diffusion",
     "Request": "illada_batch.engine.requests",
     "Result": "illada_batch.engine.requests",
+    "generate_dataset": "illada_batch.job.ray_data",
 }
 __all__ = list(_LAZY)
 

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 
 from illada_batch.errors import InputError, StorageUnavailable
@@ -93,11 +94,13 @@ def build_engine(spec: JobSpec):
                                   kv_budget=budget)
 
 
-class ShardReplica:
-    """Plain class (testable without Ray); ``Replica`` below is its actor form."""
+class RowGenerator:
+    """The engine side of a replica, built once: rows in (an Arrow table of input columns),
+    output rows out (the job's output columns, one per (row, sample)). ``ShardReplica`` adds
+    the shard's read and commit; ``job/ray_data.py`` maps Ray Data batches through it."""
 
-    def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
-        self.spec = JobSpec.model_validate_json(spec_json)
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
         self.engine = build_engine(self.spec)
         self._engine_lock = threading.Lock()
         self.tok = self.engine.tokenizer
@@ -114,23 +117,13 @@ class ShardReplica:
 
             self.chat_wrap, prefix = chat_wrap, head
         self.prefix_ids = tuple(self.tok.encode(prefix)) if prefix else ()
-        self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
-        self.out = Output(*filesystem(output_url, self.spec.output.storage_options))
-        self.fingerprint = fingerprint
         self.model_name = self.spec.model.path
 
-    def process(self, shard_dict: dict) -> dict:
+    def generate_rows(self, table: pa.Table, duplicates: tuple[tuple[int, str], ...] = ()) -> tuple[pa.Table, float]:
+        """The output rows for ``table``'s rows, and the seconds the engine took."""
         from illada_batch.engine.requests import Request
 
-        t0 = time.time()
-        shard = Shard.from_dict(shard_dict)
-        try:
-            table = read_shard(self.fs, shard, self.spec.input.columns())
-        except StorageUnavailable:
-            raise  # the store, not the shard: the driver retries it
-        except InputError as exc:
-            raise ShardError(str(exc)) from None
-        rows = render_rows(self.spec, table, self.chat_wrap, shard.duplicates)
+        rows = render_rows(self.spec, table, self.chat_wrap, duplicates)
         requests, keys = [], []
         for i, row in enumerate(rows):
             if row.error is None:
@@ -142,13 +135,7 @@ class ShardReplica:
             t_gen = time.time()
             results = dict(zip(keys, self.engine.run(requests)))
             gen_seconds = time.time() - t_gen
-        out = output_table(self.spec, table, rows, results, self.model_name)
-        errors = sum(e is not None for e in out.column("error").to_pylist())
-        tokens = sum(out.column("num_tokens").to_pylist())
-        stats = {"samples": out.num_rows, "errors": errors, "tokens": tokens, "gen_seconds": gen_seconds,
-                 "seconds": time.time() - t0, "started": t0, "node": os.uname().nodename, "pid": os.getpid()}
-        manifest = self.out.write_shard(shard.shard_id, out, self.fingerprint, stats)
-        return manifest
+        return output_table(self.spec, table, rows, results, self.model_name), gen_seconds
 
     def counters(self) -> dict:
         return self.engine.counters.as_dict()
@@ -158,6 +145,33 @@ class ShardReplica:
         close = getattr(self.engine, "close", None)
         if close is not None:
             close()
+
+
+class ShardReplica(RowGenerator):
+    """Plain class (testable without Ray); ``Replica`` below is its actor form."""
+
+    def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
+        super().__init__(JobSpec.model_validate_json(spec_json))
+        self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
+        self.out = Output(*filesystem(output_url, self.spec.output.storage_options))
+        self.fingerprint = fingerprint
+
+    def process(self, shard_dict: dict) -> dict:
+        t0 = time.time()
+        shard = Shard.from_dict(shard_dict)
+        try:
+            table = read_shard(self.fs, shard, self.spec.input.columns())
+        except StorageUnavailable:
+            raise  # the store, not the shard: the driver retries it
+        except InputError as exc:
+            raise ShardError(str(exc)) from None
+        out, gen_seconds = self.generate_rows(table, shard.duplicates)
+        errors = sum(e is not None for e in out.column("error").to_pylist())
+        tokens = sum(out.column("num_tokens").to_pylist())
+        stats = {"samples": out.num_rows, "errors": errors, "tokens": tokens, "gen_seconds": gen_seconds,
+                 "seconds": time.time() - t0, "started": t0, "node": os.uname().nodename, "pid": os.getpid()}
+        manifest = self.out.write_shard(shard.shard_id, out, self.fingerprint, stats)
+        return manifest
 
 
 # Two calls at once: the driver keeps two shards in flight per replica, so the next shard's

@@ -179,6 +179,14 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with friendly():
+        return args.func(args)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per ``cmd_*`` function above (an argument table)."""
     ap = argparse.ArgumentParser(prog="illada-batch", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -258,10 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
     p.set_defaults(func=cmd_bench)
 
-    args = ap.parse_args(argv)
-    with friendly():
-        return args.func(args)
-    return 1
+    return ap
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from illada_batch.tasks import dataset as D
 from illada_batch.tasks import suite as T
 
 PROMPT_RE = re.compile(r"^Input: [a-z0-9]+( [a-z0-9]+)*\nOutput:$")
@@ -194,20 +195,20 @@ def test_write_parquet_round_trip(tmp_path, suite):
 
     prefixes, rows = suite
     path = tmp_path / "suite.parquet"
-    T.write_parquet(str(path), prefixes, rows)
+    D.write_parquet(str(path), prefixes, rows)
     table = pq.read_table(path)
-    assert table.column_names == list(T.COLUMNS)
+    assert table.column_names == list(D.COLUMNS)
     assert all(str(f.type) == "string" for f in table.schema)
-    assert T.read_parquet(str(path)) == (prefixes, rows)
+    assert D.read_parquet(str(path)) == (prefixes, rows)
     first = table.slice(0, 1).to_pylist()[0]
     assert first["prefix"] == prefixes[rows[0].prefix_id] and first["answer"] == rows[0].answer
 
 
 def test_cli(tmp_path):
     out = tmp_path / "d.parquet"
-    T.main(["--out", str(out), "--seed", "1", "--rows-per-task", "4",
+    D.main(["--out", str(out), "--seed", "1", "--rows-per-task", "4",
             "--prefixes-per-task", "2", "--min-prefix-tokens", "60"])
-    prefixes, rows = T.read_parquet(str(out))
+    prefixes, rows = D.read_parquet(str(out))
     assert len(rows) == 4 * len(T.TASKS) and len(prefixes) == 2 * len(T.TASKS)
     assert (prefixes, rows) == T.make_suite(1, 4, 2, 60)
 

@@ -122,7 +122,7 @@ def evaluate_suite(model: LLaDA, prefixes, rows) -> dict[str, float]:
     return acc
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tiny-llada")
     ap.add_argument("--seed", type=int, default=0)
@@ -139,11 +139,12 @@ def main(argv=None) -> None:
     ap.add_argument("--task-weights", default=None, help="e.g. substitute=3,reverse=2 (others 1)")
     ap.add_argument("--isolated-fraction", type=float, default=0.5,
                     help="share of steps whose prefix attends only to itself (what the prefix cache computes)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
+
+def new_model(args: argparse.Namespace, out: Path) -> tuple[LLaDA, Tokenizer]:
+    """The model to train and its tokenizer (written to ``out``): a fresh one, or a first
+    stage's (``--init-from``, whose tokenizer it keeps)."""
     out.mkdir(parents=True, exist_ok=True)
     if args.init_from:  # a second stage keeps the first stage's tokenizer
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -163,6 +164,16 @@ def main(argv=None) -> None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(Path(args.init_from) / "model.safetensors")))
+    return model, tok
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    model, tok = new_model(args, out)
+    cfg = model.config
     model.tokenizer = tok
     model.train()
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {cfg.vocab_size}", flush=True)

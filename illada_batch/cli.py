@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
     p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
+    p.add_argument("--cache", default=",".join(_cache_modes()),
+                   help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)
 
     return ap

@@ -413,7 +413,8 @@ def test_validate_refuses_a_bad_spec_naming_each_field(tmp_path):
     ({"sampling": {"gen_length": 30, "block_length": 8}}, "sampling.gen_length", "not a multiple"),
     ({"sampling": {"steps": 16}}, "sampling.steps", "steps=16 > gen_length=8"),
     ({"sampling": {"cfg_scale": 1.0}, "prefix": {"text": "Task: reverse.\n"}}, "sampling.cfg_scale", "engine.cache: off"),
-    ({"engine": {"cache": "sometimes"}}, "engine.cache", "'off' or 'prefix'"),
+    ({"engine": {"cache": "blocks"}, "sampling": {"cfg_scale": 1.0}}, "sampling.cfg_scale", "engine.cache: off"),
+    ({"engine": {"cache": "sometimes"}}, "engine.cache", "'off', 'prefix', 'blocks' or 'prefix+blocks'"),
 ])
 def test_load_spec_names_the_yaml_path(tmp_path, changes, field, words):
     """Each bad field is named by its YAML path, including checks across fields (the spec's

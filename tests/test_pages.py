@@ -334,3 +334,44 @@ PoolMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_pool_state_machine = PoolMachine.TestCase
+
+
+# ------------------------------------------------------------------ row pages (block cache)
+
+
+def test_row_pages_are_private_taken_lru_first_and_freed_to_the_front():
+    from illada_batch.engine.pages import RowPages
+
+    pool = PagePool(num_pages=6, page_size=4)
+    prefix = pool.allocate(list(range(8)), "m")  # pages 0, 1: hashed
+    pool.free(prefix)  # free again, still cached: free list 2 3 4 5 1 0
+    row = pool.allocate_row(9)  # 3 pages, least recently used first
+    assert isinstance(row, RowPages) and row.pages == (2, 3, 4) and row.num_tokens == 9
+    pool.check_invariants()
+    assert pool.allocate_row(13) is None  # 4 pages > 3 free: untouched
+    assert pool.num_free_pages == 3
+    again = pool.allocate(list(range(8)), "m")  # the prefix's cached pages survived the row
+    assert again.num_cached_tokens == 8
+    other = pool.allocate_row(4)  # takes page 5, the only free one
+    assert other.pages == (5,)
+    pool.check_invariants()
+    pool.free(row)  # a row's pages hold nothing reusable: next to be taken
+    assert pool.free_page_ids()[:3] == (2, 3, 4)
+    with pytest.raises(ValueError, match="RowPages that is not live"):
+        pool.free(row)
+    pool.free(other)
+    pool.free(again)
+    pool.check_invariants()
+    assert pool.num_free_pages == 6
+
+
+def test_row_page_evicts_a_free_cached_prefix_page_when_it_must():
+    pool = PagePool(num_pages=2, page_size=4)
+    pool.free(pool.allocate(list(range(8)), "m"))
+    row = pool.allocate_row(5)
+    pool.check_invariants()
+    assert pool.allocate(list(range(8)), "m") is None  # both pages taken by the row
+    pool.free(row)
+    fresh = pool.allocate(list(range(8)), "m")
+    assert fresh.num_cached_tokens == 0  # the row overwrote them: no stale hit
+    pool.check_invariants()

@@ -36,6 +36,9 @@ class DecodeBatch:
     done: Tensor  # [B] bool
     generators: list[torch.Generator]
     tags: list = field(default_factory=list)  # the caller's handle per row (request ids)
+    # Block cache: each row's K/V pages in its token order (its first real token first),
+    # right-padded with page 0 (never read: masked); None without a block cache.
+    page_table: Tensor | None = None  # [B, max pages]
 
     @property
     def size(self) -> int:
@@ -44,7 +47,8 @@ class DecodeBatch:
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], params: SamplingParams, mask_id: int, pad_id: int,
                      generators: list[torch.Generator], device: torch.device, position_offset: int = 0,
-                     prefix_lengths: list[int] | None = None, tags: list | None = None) -> "DecodeBatch":
+                     prefix_lengths: list[int] | None = None, tags: list | None = None,
+                     page_tables: list[list[int]] | None = None) -> "DecodeBatch":
         B, G = len(prompts), params.gen_length
         L = max(len(p) for p in prompts) + G
         x = torch.full((B, L), pad_id, dtype=torch.long)
@@ -59,9 +63,15 @@ class DecodeBatch:
         def zeros() -> Tensor:
             return torch.zeros(B, dtype=torch.long, device=device)
 
+        table = None
+        if page_tables is not None:
+            table = torch.zeros((B, max(map(len, page_tables))), dtype=torch.long)
+            for i, t in enumerate(page_tables):
+                table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            table = table.to(device)
         return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), zeros(),
                    zeros(), zeros(), torch.zeros(B, dtype=torch.bool, device=device),
-                   list(generators), list(tags) if tags is not None else list(range(B)))
+                   list(generators), list(tags) if tags is not None else list(range(B)), table)
 
     def select(self, keep: Tensor) -> "DecodeBatch":
         """The rows where ``keep`` [B] is True, with left padding trimmed to the longest."""
@@ -71,7 +81,8 @@ class DecodeBatch:
         trim = slice(first, None)
         return DecodeBatch(self.x[idx, trim], valid[:, trim], self.positions[idx, trim], self.prefix_end[idx] - first,
                            self.block[idx], self.step[idx], self.nfe[idx], self.done[idx],
-                           [self.generators[i] for i in idx.tolist()], [self.tags[i] for i in idx.tolist()])
+                           [self.generators[i] for i in idx.tolist()], [self.tags[i] for i in idx.tolist()],
+                           None if self.page_table is None else self.page_table[idx])
 
     def extend(self, other: "DecodeBatch", pad_id: int) -> "DecodeBatch":
         """Both batches' rows, left-padded to a common length."""
@@ -81,12 +92,16 @@ class DecodeBatch:
             return torch.nn.functional.pad(t, (L - t.shape[1], 0), value=value)
 
         cat = torch.cat
+        table = None
+        if self.page_table is not None:
+            n = max(self.page_table.shape[1], other.page_table.shape[1])
+            table = cat([torch.nn.functional.pad(t, (0, n - t.shape[1])) for t in (self.page_table, other.page_table)])
         return DecodeBatch(
             cat([lpad(self.x, pad_id), lpad(other.x, pad_id)]), cat([lpad(self.valid, False), lpad(other.valid, False)]),
             cat([lpad(self.positions, 0), lpad(other.positions, 0)]),
             cat([self.prefix_end + L - self.x.shape[1], other.prefix_end + L - other.x.shape[1]]),
             cat([self.block, other.block]), cat([self.step, other.step]), cat([self.nfe, other.nfe]),
-            cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags)
+            cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags, table)
 
     def attention_mask(self, isolate_prefix: bool) -> Tensor:
         """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself."""
@@ -101,6 +116,7 @@ class FullForward:
 
     def __init__(self, prefix_kv: list[LayerKV] | None = None, isolate_prefix: bool = False) -> None:
         self.prefix_kv, self.isolate_prefix = prefix_kv, isolate_prefix
+        self.query_tokens = 0  # query positions run (padding included)
 
     def block_logits(self, model: LLaDA, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
@@ -114,6 +130,7 @@ class FullForward:
             prompt[:, L - params.gen_length:] = False
             inputs = torch.cat([x, torch.where(prompt, model.config.mask_token_id, x)])  # [2b, L]
             attn, positions, index = torch.cat([attn, attn]), torch.cat([positions, positions]), torch.cat([cols, cols])
+        self.query_tokens += inputs.numel()
         logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=self.prefix_kv,
                            logits_index=index).logits  # [b or 2b, BL, V]
         if params.cfg_scale > 0:

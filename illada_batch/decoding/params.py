@@ -26,6 +26,19 @@ class CacheMode(str, enum.Enum):
 
     OFF = "off"  # every step runs [prefix | prompt | response]
     PREFIX = "prefix"  # the shared prefix's K/V computed once, in pages, read by every row
+    # Block cache: each row's K/V in pages, refreshed by one forward at each block's first
+    # step; the block's other steps run only the block's tokens against them.
+    BLOCKS = "blocks"  # refresh over [prefix | prompt | response]: the prefix in the row's context, as trained
+    PREFIX_BLOCKS = "prefix+blocks"  # the shared prefix pages of PREFIX, refresh over [prompt | response]
+
+    @property
+    def block_cache(self) -> bool:
+        return self in (CacheMode.BLOCKS, CacheMode.PREFIX_BLOCKS)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """The prefix is encoded once, attending only to itself, and shared by every row."""
+        return self in (CacheMode.PREFIX, CacheMode.PREFIX_BLOCKS)
 
 
 def _setting(default, help: str, **bounds):

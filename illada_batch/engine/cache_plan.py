@@ -6,28 +6,50 @@ chosen once per group (rows sharing a prefix and sampling parameters) by ``choos
   attending only to itself (``isolate_prefix``), so its rows compute what the cache would.
 - ``SharedPrefix``: the prefix's K/V are read from pages once per group (encoded first where
   pages missed); rows carry ``[prompt]`` at positions after the prefix and attend to it.
+- ``BlockCache``: each row's own K/V in pages, taken when it joins (a row whose pages do not
+  fit waits for a finishing row's) and freed when it finishes; ``block_cache.BlockCacheForward``
+  refreshes them at each block start. Faithful (``blocks``): rows carry the prefix, so its
+  K/V are computed in each row's context. Shared (``prefix+blocks``): the prefix's K/V come
+  from ``SharedPrefix``'s pages (or, when they and one row do not fit, are encoded for the
+  group alone: the same numbers) and rows carry ``[prompt]``.
 
-A plan makes a group's new rows (``new_rows``), hands the loop its forward (``forward``,
-the cache parameter of ``denoise_step``) and gives its pages back when the group ends
-(``close``).
+A plan takes waiting rows (``take``), makes them a batch (``new_rows``), hands the loop its
+forward (``forward``, the cache parameter of ``denoise_step``), releases a finished row
+(``release``) and gives its pages back when the group ends (``close``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 
 import torch
 
 from illada_batch.decoding.loop import DecodeBatch, FullForward, row_generators
-from illada_batch.decoding.params import SamplingParams
+from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.engine.block_cache import BlockCacheForward
 from illada_batch.engine.kv_cache import KVCache
-from illada_batch.engine.pages import PagePool, PrefixPages
+from illada_batch.engine.pages import PagePool, PrefixPages, RowPages
 from illada_batch.engine.requests import Counters, Request, sample_seed
 from illada_batch.model.llada import LayerKV, LLaDA
 
+Waiting = deque[tuple[int, Request]]  # (the request's index in the run, the request)
 
-class NoCache:
+
+class _Plan:
+    def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
+        """Waiting rows that join the batch now (up to ``room``)."""
+        return [queue.popleft() for _ in range(min(room, len(queue)))]
+
+    def release(self, index: int) -> None:
+        """The row ``index`` finished."""
+
+    def close(self) -> None:
+        """The group finished."""
+
+
+class NoCache(_Plan):
     """Rows carry the prefix; every step runs ``[prefix | prompt | response]``."""
 
     def __init__(self, prefix_ids: tuple[int, ...], isolate_prefix: bool) -> None:
@@ -38,11 +60,8 @@ class NoCache:
         return _batch(model, params, new, [list(self.prefix_ids) + list(r.prompt_ids) for _, r in new],
                       position_offset=0, prefix_lengths=[len(self.prefix_ids)] * len(new))
 
-    def close(self) -> None:
-        pass
 
-
-class SharedPrefix:
+class SharedPrefix(_Plan):
     """Rows carry ``[prompt]`` and attend to the prefix's K/V, shared by every row."""
 
     def __init__(self, prefix_ids: tuple[int, ...], kv: list[LayerKV], pages: PrefixPages, pool: PagePool) -> None:
@@ -56,33 +75,98 @@ class SharedPrefix:
         self.pool.free(self.pages)
 
 
-CachePlan = NoCache | SharedPrefix
+class BlockCache(_Plan):
+    """Each row's K/V in its own pages, refreshed at each block start. ``shared_kv``: the
+    prefix's shared K/V (rows then carry ``[prompt]``); None: rows carry the prefix."""
+
+    def __init__(self, prefix_ids: tuple[int, ...], shared_kv: list[LayerKV] | None, prefix_pages: PrefixPages | None,
+                 pool: PagePool, kv: KVCache) -> None:
+        self.prefix_ids, self.pool, self.prefix_pages = prefix_ids, pool, prefix_pages
+        self.carried = () if shared_kv is not None else prefix_ids  # the prefix tokens each row carries
+        self.offset = len(prefix_ids) - len(self.carried)  # positions before a row's first token
+        self.forward = BlockCacheForward(kv, shared_kv)
+        self.row_pages: dict[int, RowPages] = {}
+        self.waits = 0  # times a row waited for pages
+
+    def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
+        taken = []
+        while queue and len(taken) < room:
+            i, r = queue[0]
+            pages = self.pool.allocate_row(len(self.carried) + len(r.prompt_ids) + params.gen_length)
+            if pages is None:  # waits for a finishing row's pages
+                self.waits += 1
+                break
+            self.row_pages[i] = pages
+            taken.append(queue.popleft())
+        return taken
+
+    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: LLaDA) -> DecodeBatch:
+        return _batch(model, params, new, [list(self.carried) + list(r.prompt_ids) for _, r in new],
+                      position_offset=self.offset, page_tables=[list(self.row_pages[i].pages) for i, _ in new])
+
+    def release(self, index: int) -> None:
+        self.pool.free(self.row_pages.pop(index))
+
+    def close(self) -> None:
+        assert not self.row_pages, f"rows {sorted(self.row_pages)} still hold pages at the group's end"
+        if self.prefix_pages is not None:
+            self.pool.free(self.prefix_pages)
+
+
+CachePlan = NoCache | SharedPrefix | BlockCache
 
 
 def _batch(model: LLaDA, params: SamplingParams, new: list[tuple[int, Request]], prompts: list[list[int]],
-           position_offset: int, prefix_lengths: list[int] | None = None) -> DecodeBatch:
+           position_offset: int, prefix_lengths: list[int] | None = None,
+           page_tables: list[list[int]] | None = None) -> DecodeBatch:
     cfg = model.config
     seeds = [sample_seed(r.seed, r.request_id, r.sample_index) for _, r in new]
     return DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
                                     row_generators(seeds, model.device), model.device, position_offset=position_offset,
-                                    prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)])
+                                    prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)],
+                                    page_tables=page_tables)
 
 
-def choose_plan(model: LLaDA, prefix_ids: tuple[int, ...], prefix_cache: bool, pool: PagePool | None,
+def choose_plan(model: LLaDA, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
                 kv: KVCache | None, model_key: str, counters: Counters) -> CachePlan:
-    """The plan for one group: the shared prefix from pages when the engine caches prefixes
-    and the prefix fits the pool, else the cache off (prefix isolated on a prefix engine)."""
-    if not (prefix_cache and prefix_ids):
+    """The plan for one group. ``longest_row``: the most tokens one of its rows holds
+    (prompt + gen_length, prefix excluded). The shared prefix comes from pages when the mode
+    shares it and it fits the pool (a block cache also needs room for one row beside it);
+    otherwise the cache off with the prefix isolated (``prefix``), or the prefix's K/V
+    encoded for this group alone (``prefix+blocks``): either way the same numbers."""
+    if mode is CacheMode.BLOCKS or (mode.block_cache and not prefix_ids):
+        return BlockCache(prefix_ids, None, None, pool, kv)
+    if not (mode.shares_prefix and prefix_ids):
         return NoCache(prefix_ids, isolate_prefix=False)
     # LLaDA is bidirectional: a page's K/V depend on the whole prefix, not only on the
     # tokens before it, so the whole prefix goes into the page key. Pages are shared by
     # every row and every later run with this prefix, never across different prefixes.
     key = f"{model_key}:{hashlib.blake2b(repr(prefix_ids).encode(), digest_size=8).hexdigest()}"
     pages = pool.allocate(prefix_ids, key) if pool is not None else None
-    if pages is None:  # does not fit the budget: this group runs with the cache off
+    if pages is not None and mode.block_cache and pool.num_free_pages < -(-longest_row // pool.page_size):
+        pool.free(pages)  # the prefix would leave no room for a row
+        pages = None
+    if pages is None:  # does not fit the budget
         counters.prefix_fallbacks += 1
+        if mode.block_cache:
+            return BlockCache(prefix_ids, encode_isolated(model, prefix_ids), None, pool, kv)
         return NoCache(prefix_ids, isolate_prefix=True)
-    return SharedPrefix(prefix_ids, encode_prefix(model, kv, pages, prefix_ids, counters), pages, pool)
+    prefix_kv = encode_prefix(model, kv, pages, prefix_ids, counters)
+    if mode.block_cache:
+        return BlockCache(prefix_ids, prefix_kv, pages, pool, kv)
+    return SharedPrefix(prefix_ids, prefix_kv, pages, pool)
+
+
+def encode_isolated(model: LLaDA, prefix_ids: tuple[int, ...]) -> list[LayerKV]:
+    """The prefix's K/V (per layer [P, Hkv, hd]), attending only to itself, without pages."""
+    got: list[LayerKV] = []
+
+    def keep(layer: int, k: torch.Tensor, v: torch.Tensor) -> LayerKV:  # k, v [1, Hkv, P, hd]
+        got.append((k[0].transpose(0, 1), v[0].transpose(0, 1)))
+        return k, v
+
+    model.run(torch.tensor(prefix_ids, device=model.device)[None], return_logits=False, kv_hook=keep)
+    return got
 
 
 def encode_prefix(model: LLaDA, kv: KVCache, pages: PrefixPages, prefix_ids: tuple[int, ...],
@@ -99,8 +183,13 @@ def encode_prefix(model: LLaDA, kv: KVCache, pages: PrefixPages, prefix_ids: tup
         past = kv.read(pages.pages, start) if start else None
         ids = torch.tensor(prefix_ids[start:], device=model.device)[None]  # [1, P - start]
         positions = torch.arange(start, P, device=model.device)[None]  # [1, P - start]
-        out = model.run(ids, positions=positions, prefix_kv=past, return_logits=False)
-        kv.write(pages.pages, start, [(k[0].transpose(0, 1), v[0].transpose(0, 1)) for k, v in out.kv])
+        slots = kv.slots(pages.pages, start, P)  # [P - start]
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> LayerKV:  # k, v [1, Hkv, P - start, hd]
+            kv.write_slots(layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return k, v
+
+        model.run(ids, positions=positions, prefix_kv=past, return_logits=False, kv_hook=store)
     prefix_kv = kv.read(pages.pages, P)
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

@@ -25,7 +25,7 @@ import torch
 
 from illada_batch.decoding.loop import DecodeBatch, denoise_step
 from illada_batch.decoding.params import CacheMode, SamplingParams
-from illada_batch.engine.cache_plan import CachePlan, SharedPrefix, choose_plan
+from illada_batch.engine.cache_plan import CachePlan, choose_plan
 from illada_batch.engine.kv_cache import KVCache, pages_for_budget
 from illada_batch.engine.pages import PagePool
 from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
@@ -36,18 +36,24 @@ from illada_batch.model.llada import LLaDA
 class Engine:
     def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16) -> None:
-        """``kv_budget``: bytes (int) or a fraction of free device memory (float) for prefix
-        pages; default 10% of free GPU memory on CUDA, 256 MiB on CPU. A budget under one
-        page runs every group with the cache off, prefixes isolated (what the cache computes)."""
+        """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
+        pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
+        on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
+        with the cache off, prefixes isolated (what the cache computes); the block cache
+        modes need room for one row of the model's longest sequence."""
         self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
         self.tokenizer = model.tokenizer
         self.counters = Counters()
         self.pool: PagePool | None = None
         self.kv: KVCache | None = None
-        if self.cache is CacheMode.PREFIX:
+        if self.cache is not CacheMode.OFF:
             if kv_budget is None:
                 kv_budget = 0.1 if model.device.type == "cuda" else 256 * 2**20
             num_pages = pages_for_budget(model.config, kv_budget, page_size, model.dtype, model.device)
+            row_pages = -(-model.config.max_sequence_length // page_size)
+            if self.cache.block_cache and num_pages < row_pages:
+                raise ValueError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
+                                 f"{row_pages} for one row of the model's {model.config.max_sequence_length} tokens")
             if num_pages >= 1:  # below one page every group falls back to the cache off
                 self.pool = PagePool(num_pages, page_size)
                 self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)
@@ -90,8 +96,9 @@ class Engine:
             else:
                 groups[(r.prefix_ids, r.params)].append(i)
         for prefix_ids, params in groups:
-            if params.cfg_scale > 0 and self.cache is CacheMode.PREFIX and prefix_ids:
-                raise ValueError("cfg_scale > 0 masks the prefix too: use cache='off' with classifier-free guidance")
+            if params.cfg_scale > 0 and (self.cache.block_cache or (self.cache is CacheMode.PREFIX and prefix_ids)):
+                raise ValueError(f"cfg_scale > 0 with cache '{self.cache.value}': classifier-free guidance masks "
+                                 "the prompt and prefix, which the cache keeps unmasked; use cache='off'")
         for (prefix_ids, params), idx in groups.items():
             self._run_group(prefix_ids, params, [(i, requests[i]) for i in idx], results)
         return [results[i] for i in range(len(requests))]
@@ -102,9 +109,10 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
                    results: dict[int, Result]) -> None:
-        plan = choose_plan(self.model, prefix_ids, self.cache is CacheMode.PREFIX, self.pool, self.kv,
-                           self.model_key, self.counters)
-        if isinstance(plan, SharedPrefix):
+        longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
+        plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
+                           self.counters)
+        if getattr(plan, "pages", None) or getattr(plan, "prefix_pages", None):  # the shared prefix is read from pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         # Rows of similar length share a batch (less padding); a row's tokens do not depend on
         # its neighbours, so the order changes only the speed.
@@ -114,24 +122,32 @@ class Engine:
             batch = self._schedule(plan, params, queue, batch)
             denoise_step(self.model, batch, params, plan.forward)
             self.counters.forward_passes += 1
-            batch = self._postprocess(batch, params, results)
+            batch = self._postprocess(plan, batch, params, results)
         self._sync()
         self.counters.seconds["decode"] += time.perf_counter() - t0
+        self.counters.query_tokens += plan.forward.query_tokens
+        self.counters.row_waits += getattr(plan, "waits", 0)
         plan.close()
 
     def _schedule(self, plan: CachePlan, params: SamplingParams, queue: deque, batch: DecodeBatch | None) -> DecodeBatch:
-        """Refill the batch: waiting rows take the free slots."""
+        """Refill the batch: waiting rows take the free slots (and, in a block cache, pages)."""
         room = self.max_batch_size - (batch.size if batch is not None else 0)
-        if not (room and queue):
+        new = plan.take(queue, room, params) if room and queue else []
+        if not new:
+            if batch is None:  # cannot happen: the engine's pool holds one row of the longest sequence
+                raise RuntimeError("no row fits the KV pages of an empty batch")
             return batch
-        fresh = plan.new_rows([queue.popleft() for _ in range(min(room, len(queue)))], params, self.model)
+        fresh = plan.new_rows(new, params, self.model)
         return fresh if batch is None else batch.extend(fresh, self.model.config.pad_token_id)
 
-    def _postprocess(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> DecodeBatch | None:
+    def _postprocess(self, plan: CachePlan, batch: DecodeBatch, params: SamplingParams,
+                     results: dict[int, Result]) -> DecodeBatch | None:
         """Finish the done rows: their results out, the rest of the batch kept."""
         if not bool(batch.done.any()):
             return batch
         self._finish(batch, params, results)
+        for row in batch.done.nonzero().squeeze(-1).tolist():
+            plan.release(batch.tags[row][0])
         return batch.select(~batch.done) if not bool(batch.done.all()) else None
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:

@@ -50,24 +50,38 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    def _slots(self, pages: Sequence[PageId], start: int, stop: int) -> torch.Tensor:
+    def slots(self, pages: Sequence[PageId], start: int, stop: int) -> torch.Tensor:
         """Flat slot index (page * page_size + offset) of token positions [start, stop)."""
         pos = torch.arange(start, stop)
         table = torch.tensor(pages, dtype=torch.long)
         return (table[pos // self.page_size] * self.page_size + pos % self.page_size).to(self.k.device)
 
+    def _flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v as [layers, pages * page_size, Hkv, hd] views."""
+        return (self.k.view(self.k.shape[0], -1, *self.k.shape[3:]), self.v.view(self.v.shape[0], -1, *self.v.shape[3:]))
+
     def write(self, pages: Sequence[PageId], start: int, kv: list[LayerKV]) -> None:
         """Store per-layer K/V ([T, Hkv, hd] each) of token positions [start, start + T)."""
-        slots = self._slots(pages, start, start + kv[0][0].shape[0])
-        k_flat = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])  # [layers, pages*page_size, Hkv, hd]
-        v_flat = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        slots = self.slots(pages, start, start + kv[0][0].shape[0])
         for layer, (k, v) in enumerate(kv):
-            k_flat[layer, slots] = k.to(self.k.dtype)
-            v_flat[layer, slots] = v.to(self.v.dtype)
+            self.write_slots(layer, slots, k, v)
+
+    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one layer's K/V ([N, Hkv, hd] each) at flat ``slots`` [N]."""
+        k_flat, v_flat = self._flat()
+        k_flat[layer, slots] = k.to(self.k.dtype)
+        v_flat[layer, slots] = v.to(self.v.dtype)
 
     def read(self, pages: Sequence[PageId], num_tokens: int) -> list[LayerKV]:
         """Per-layer K/V ([num_tokens, Hkv, hd] each) of the first ``num_tokens`` positions."""
-        slots = self._slots(pages, 0, num_tokens)
-        k_flat = self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
-        v_flat = self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+        slots = self.slots(pages, 0, num_tokens)
+        k_flat, v_flat = self._flat()
         return [(k_flat[layer, slots], v_flat[layer, slots]) for layer in range(self.k.shape[0])]
+
+    def gather(self, layer: int, tables: torch.Tensor) -> LayerKV:
+        """One layer's K/V of whole pages, row by row: tables [B, n] page ids -> ([B, n *
+        page_size, Hkv, hd], same), in each row's token order."""
+        B, n = tables.shape
+        k = self.k[layer][tables]  # [B, n, page_size, Hkv, hd]
+        v = self.v[layer][tables]
+        return k.view(B, n * self.page_size, *k.shape[3:]), v.view(B, n * self.page_size, *v.shape[3:])

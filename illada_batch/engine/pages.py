@@ -4,6 +4,12 @@ A *page* holds the K/V of ``page_size`` consecutive tokens. This module only
 does bookkeeping (which page ids are used, shared, cached or free); the K/V
 tensors live in ``kv_cache.KVCache``. Modelled on nano-vllm's block manager and vLLM v1's block pool.
 
+Two kinds of allocation share the pool: a prefix's pages (:meth:`PagePool.allocate`,
+hashed and shareable) and a row's own pages for the block cache
+(:meth:`PagePool.allocate_row`: private, never hashed, ref count 1, rewritten at every
+block start). Both come back as ``None`` when they do not fit, and go back through
+:meth:`PagePool.free`.
+
 Contract with the caller of :meth:`PagePool.allocate`: full pages that come
 back fresh are registered in the prefix cache immediately, so the caller must
 write their K/V (``pages[num_cached_tokens // page_size:]``) before any other
@@ -48,6 +54,14 @@ class PrefixPages:
     hashes: tuple[PageHash, ...]  # one per FULL page: len == num_tokens // page_size
 
 
+@dataclass(frozen=True)
+class RowPages:
+    """One row's own pages (block cache), as returned by :meth:`PagePool.allocate_row`."""
+
+    pages: tuple[PageId, ...]  # token order; len == ceil(num_tokens / page_size)
+    num_tokens: int
+
+
 class PagePool:
     """Fixed set of page ids with ref counts, an LRU free list and a prefix cache."""
 
@@ -68,8 +82,9 @@ class PagePool:
         self._page_parent: list[PageHash | None] = [None] * num_pages
         self._page_tokens: list[tuple[int, ...] | None] = [None] * num_pages
         self._page_model: list[str | None] = [None] * num_pages
-        # Multiset of handed-out, not yet freed allocations (detects double free).
-        self._live: Counter[PrefixPages] = Counter()
+        # Multiset of handed-out, not yet freed allocations (detects double free). A
+        # RowPages' pages are each referenced once, by it alone, and carry no hash.
+        self._live: Counter[PrefixPages | RowPages] = Counter()
         self._hits = 0
         self._misses = 0
 
@@ -144,13 +159,30 @@ class PagePool:
         self._live[result] += 1
         return result
 
-    def free(self, prefix: PrefixPages) -> None:
+    def allocate_row(self, num_tokens: int) -> RowPages | None:
+        """Private pages for ``num_tokens`` tokens of one row (least recently used free
+        pages first, evicting what they cached); ``None`` (pool untouched) if they do not fit."""
+        needed = -(-num_tokens // self._page_size)
+        if needed > len(self._free):
+            return None
+        pages = []
+        for _ in range(needed):
+            page, _ = self._free.popitem(last=False)
+            self._forget(page)
+            self._ref[page] = 1
+            pages.append(page)
+        result = RowPages(tuple(pages), num_tokens)
+        self._live[result] += 1
+        return result
+
+    def free(self, prefix: PrefixPages | RowPages) -> None:
         """Drop one reference to each page of ``prefix``. Pages reaching 0 go to
         the most-recently-used end, tail first, so a prefix's tail is evicted
-        before its head; cached pages stay reusable until evicted."""
+        before its head; cached pages stay reusable until evicted. A row's pages
+        hold nothing reusable: they go to the least-recently-used end, taken first."""
         if self._live[prefix] == 0:  # Counter lookups insert nothing
             raise ValueError(
-                "PagePool.free: caller freed a PrefixPages that is not live in this pool "
+                f"PagePool.free: caller freed a {type(prefix).__name__} that is not live in this pool "
                 f"(double free, or never allocated here): pages={prefix.pages}"
             )
         self._live[prefix] -= 1
@@ -160,6 +192,8 @@ class PagePool:
             self._ref[page] -= 1
             if self._ref[page] == 0:
                 self._free[page] = None
+                if isinstance(prefix, RowPages):
+                    self._free.move_to_end(page, last=False)
 
     def _register(
         self, page: PageId, h: PageHash, parent: PageHash | None, tokens: tuple[int, ...], model_key: str
@@ -195,6 +229,12 @@ class PagePool:
         used = sum(1 for r in self._ref if r > 0)
         assert len(self._free) + used == n, f"free {len(self._free)} + referenced {used} != {n} pages"
         live_refs = Counter(p for prefix, k in self._live.items() for p in prefix.pages for _ in range(k))
+        for alloc in self._live:
+            if isinstance(alloc, RowPages):
+                assert len(alloc.pages) == -(-alloc.num_tokens // self._page_size), f"row pages {alloc} miscounted"
+                for p in alloc.pages:
+                    assert self._ref[p] == 1, f"row page {p} is shared (ref {self._ref[p]})"
+                    assert self._page_hash[p] is None, f"row page {p} carries a prefix hash"
         for p in range(n):
             assert live_refs[p] == self._ref[p], f"page {p}: ref {self._ref[p]} but {live_refs[p]} live uses"
         for h, p in self._cached.items():

@@ -41,7 +41,9 @@ class Counters:
     prefix_pages_hit: int = 0
     prefix_pages_missed: int = 0
     prefix_pages_read: int = 0  # full prefix pages read by rows (rows x pages): hit rate = 1 - missed / read
-    prefix_fallbacks: int = 0  # groups run with the cache off because the prefix did not fit
+    prefix_fallbacks: int = 0  # groups whose prefix did not fit the pages (cache off, or a block cache's prefix per group)
+    query_tokens: int = 0  # query positions the model ran, padding included (work per generated token)
+    row_waits: int = 0  # times a row waited for a finishing row's pages (block cache)
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time per phase
 
     def as_dict(self) -> dict:

@@ -106,7 +106,10 @@ SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_
 
 
 class EngineSpec(_Strict):
-    cache: CacheMode = CacheMode.PREFIX  # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes)
+    # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes); blocks: each row's K/V
+    # cached, refreshed per block (long generations; the prefix in each row's context, as LLaDA was trained);
+    # prefix+blocks: both (fastest; the prefix attends only to itself, an approximation for LLaDA 1.x)
+    cache: CacheMode = CacheMode.PREFIX
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
     kv_budget: float | None = Field(None, gt=0)  # prefix cache: bytes (> 1) or fraction of free device memory (<= 1); default 10% on GPU, 256 MiB on CPU
 
@@ -165,9 +168,9 @@ class JobSpec(_Strict):
             raise ValueError("sampling.cfg_scale: classifier-free guidance is a diffusion option; "
                              "the vllm backend needs cfg_scale 0")
         if (self.backend == "diffusion" and self.sampling.cfg_scale > 0 and self.engine.cache is not CacheMode.OFF
-                and (self.prefix.text or self.prefix.file)):
-            raise ValueError(f"sampling.cfg_scale: classifier-free guidance masks the whole prompt, the shared "
-                             f"prefix too, which engine.cache '{self.engine.cache.value}' keeps unmasked: set "
+                and (self.engine.cache.block_cache or self.prefix.text or self.prefix.file)):
+            raise ValueError(f"sampling.cfg_scale: classifier-free guidance masks the whole prompt (a shared "
+                             f"prefix too), which engine.cache '{self.engine.cache.value}' keeps unmasked: set "
                              f"engine.cache: off, or cfg_scale: 0")
         return self
 

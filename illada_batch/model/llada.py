@@ -6,14 +6,16 @@ biases, an untied output head, grouped-query attention when ``n_kv_heads < n_hea
 Module names reproduce LLaDA's tensor names (``model.transformer.blocks.0.q_proj.weight``)
 so ``state_dict()`` is the checkpoint layout.
 
-Beyond a plain forward, two hooks serve the prefix cache without a second code path:
+Beyond a plain forward, two hooks serve the caches without a second code path:
 ``prefix_kv`` (K/V of a shared prefix that every row's queries also attend to) and
-``return_logits=False`` (hand back this call's K/V instead, so a prefix can be stored in pages).
+``kv_hook`` (per layer, sees this call's K/V and returns the K/V the queries attend to: the
+caller stores them in pages, or returns cached K/V with this call's written in).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,9 @@ from illada_batch.model.config import LLaDAConfig
 
 # One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
 LayerKV = tuple[Tensor, Tensor]
+# (layer, k, v) with this call's k, v [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries
+# attend to [B, Hkv, T, hd], T the attention mask's key length.
+KVHook = Callable[[int, Tensor, Tensor], LayerKV]
 
 
 class RMSNorm(nn.Module):
@@ -70,7 +75,7 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                prefix: LayerKV | None) -> tuple[Tensor, LayerKV]:
+                prefix: LayerKV | None, kv_hook: Callable[[Tensor, Tensor], LayerKV] | None) -> Tensor:
         cfg = self.cfg
         B, L, _ = x.shape
         h = self.attn_norm(x)
@@ -78,12 +83,13 @@ class Block(nn.Module):
         k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = (k, v)
+        if kv_hook is not None:
+            k, v = kv_hook(k, v)  # [B, Hkv, T, hd]
         if prefix is not None:
             pk, pv = prefix  # [P, Hkv, hd] shared by every row
             pk = pk.to(k.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)  # [B, Hkv, P, hd]
             pv = pv.to(v.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [B, Hkv, P+L, hd]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [B, Hkv, P+T, hd]
         if cfg.n_kv_heads != cfg.n_heads:
             rep = cfg.n_heads // cfg.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, *, hd]
@@ -91,13 +97,12 @@ class Block(nn.Module):
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
-        return x, new_kv
+        return x
 
 
 @dataclass
 class ForwardOut:
     logits: Tensor | None  # [B, L or K, embedding_size]; None when return_logits=False
-    kv: list[LayerKV] | None  # per layer ([B, Hkv, L, hd], same) when return_logits=False
     hidden: Tensor | None = None  # [B, L, d] before the final norm, when return_logits=False
 
 
@@ -139,14 +144,15 @@ class LLaDA(nn.Module):
 
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
             prefix_kv: list[LayerKV] | None = None, logits_index: Tensor | None = None,
-            return_logits: bool = True) -> ForwardOut:
+            return_logits: bool = True, kv_hook: KVHook | None = None) -> ForwardOut:
         """The one forward.
 
         input_ids [B, L]. attention_mask: [B, L] key padding (True/1 = real token) or a full
-        [B, L, L] boolean mask (True = may attend). positions [B, L]: RoPE positions,
-        default ``arange(L)``. prefix_kv: per-layer K/V of a prefix every row also attends
-        to (positions then continue after it). logits_index [B, K]: compute logits only at
-        these positions. return_logits=False: no logits, each layer's K/V instead.
+        [B, L, T] boolean mask (True = may attend; T = L, or the key length ``kv_hook``
+        returns). positions [B, L]: RoPE positions, default ``arange(L)``. prefix_kv:
+        per-layer K/V of a prefix every row also attends to (positions then continue after
+        it). logits_index [B, K]: compute logits only at these positions.
+        return_logits=False: the hidden states instead of logits.
         """
         B, L = input_ids.shape
         P = 0 if prefix_kv is None else prefix_kv[0][0].shape[0]
@@ -156,15 +162,14 @@ class LLaDA(nn.Module):
         mask = self._attn_mask(attention_mask, B, L, P)
         t = self.model.transformer
         x = t.wte(input_ids)  # [B, L, d]
-        kvs = []
-        for block in t.blocks:
-            x, kv = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[len(kvs)])
-            kvs.append(kv)
+        for i, block in enumerate(t.blocks):
+            hook = None if kv_hook is None else (lambda k, v, i=i: kv_hook(i, k, v))
+            x = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], hook)
         if not return_logits:
-            return ForwardOut(logits=None, kv=kvs, hidden=x)
+            return ForwardOut(logits=None, hidden=x)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        return ForwardOut(logits=self.logits(x), kv=None)
+        return ForwardOut(logits=self.logits(x))
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm and output head: hidden [..., d] -> logits [..., embedding_size]."""
@@ -174,7 +179,7 @@ class LLaDA(nn.Module):
 
     @staticmethod
     def _attn_mask(attention_mask: Tensor | None, B: int, L: int, P: int) -> Tensor | None:
-        """-> bool [B, 1, L, P+L] (True = attend) or None when everything may attend."""
+        """-> bool [B, 1, L, P+T] (True = attend) or None when everything may attend."""
         if attention_mask is None:
             return None
         m = attention_mask.bool()
@@ -182,10 +187,11 @@ class LLaDA(nn.Module):
             if bool(m.all()):
                 return None
             m = m[:, None, :].expand(B, L, L)  # [B, L(q), L(k)]
+        T = m.shape[-1]
         if P:
             m = torch.cat([m.new_ones(B, L, P), m], dim=-1)  # the prefix is visible to every query
-        # A query that may attend to nothing (a padding position) would give NaN: let it see itself.
-        self_key = torch.zeros(L, P + L, dtype=torch.bool, device=m.device)
-        self_key[:, P:] = torch.eye(L, dtype=torch.bool, device=m.device)
-        m = m | self_key[None]
+        if T == L:  # a query that may attend to nothing (a padding position) would give NaN: let it see itself
+            self_key = torch.zeros(L, P + L, dtype=torch.bool, device=m.device)
+            self_key[:, P:] = torch.eye(L, dtype=torch.bool, device=m.device)
+            m = m | self_key[None]
         return m[:, None]

@@ -1,0 +1,91 @@
+"""The block cache's forward (Fast-dLLM's DualCache semantics, for continuous batches).
+
+Each row's own K/V live in pages of the engine's ``KVCache`` (its page table rides in
+``DecodeBatch.page_table``). At a row's first step of a block (``batch.step == 0``) one
+forward over the row's whole sequence writes every position's K/V into its pages and gives
+that step's logits (a *refresh*). The block's other steps run only the block's tokens: their
+queries attend to the row's cached K/V with the block's positions replaced by the block's
+fresh K/V (so the cache before and after the block is reused, refreshed at each block
+start). With the cache just computed from the same tokens, a block-only forward gives the
+full forward's logits on the block (tested). A shared prefix's K/V (``prefix_kv``), when
+given, are attended to by both kinds of forward.
+
+Packing. Rows at a block start (heavy: the whole sequence) and rows mid-block (light: the
+block's tokens) are all served in every iteration, as two forwards: one over the heavy rows,
+one over the light rows. Padding light rows to the heavy rows' length would multiply their
+cost by sequence/block (9x at gen 256); see the engine's design note for the measurement.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from illada_batch.decoding.loop import DecodeBatch
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.kv_cache import KVCache
+from illada_batch.model.llada import LayerKV, LLaDA
+
+
+class BlockCacheForward:
+    """``denoise_step``'s forward for the block cache: refresh at a block's first step, the
+    block's tokens only at its other steps."""
+
+    def __init__(self, kv: KVCache, prefix_kv: list[LayerKV] | None = None) -> None:
+        self.kv, self.prefix_kv = kv, prefix_kv
+        self.query_tokens = 0  # query positions run (padding included)
+
+    def block_logits(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor,
+                     params: SamplingParams) -> Tensor:
+        """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
+        if params.cfg_scale > 0:
+            raise ValueError("cfg_scale > 0: the block cache keeps no unconditional K/V; use cache 'off'")
+        heavy = batch.step[rows] == 0  # [b] first step of the row's block
+        parts = [(sel, run(model, batch, rows[sel], cols[sel]))
+                 for sel, run in ((heavy.nonzero().squeeze(-1), self._refresh),
+                                  ((~heavy).nonzero().squeeze(-1), self._block_only)) if len(sel)]
+        if len(parts) == 1:
+            return parts[0][1]
+        out = parts[0][1].new_empty(len(rows), *parts[0][1].shape[1:])  # [b, BL, V]
+        for sel, logits in parts:
+            out[sel] = logits
+        return out
+
+    def _refresh(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+        """The rows' whole sequences: every position's K/V into their pages; block logits."""
+        valid = batch.valid[rows]  # [h, L]
+        first = int((~valid).sum(-1).min())  # left padding every one of these rows has
+        valid, x, positions = valid[:, first:], batch.x[rows, first:], batch.positions[rows, first:]  # [h, L']
+        ps = self.kv.page_size
+        tok = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [h, L'] each column's token index in its row
+        slots = (batch.page_table[rows].gather(1, tok // ps) * ps + tok % ps)[valid]  # [N] real tokens only
+
+        def store(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [h, Hkv, L', hd]
+            self.kv.write_slots(layer, slots, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])  # [N, Hkv, hd]
+            return k, v
+
+        self.query_tokens += x.numel()
+        return model.run(x, attention_mask=valid, positions=positions, prefix_kv=self.prefix_kv,
+                         logits_index=cols - first, kv_hook=store).logits  # [h, BL, V]
+
+    def _block_only(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+        """The block's tokens against the rows' cached K/V, the block's own K/V fresh."""
+        l, BL = cols.shape
+        L, ps = batch.x.shape[1], self.kv.page_size
+        length = batch.valid[rows].sum(-1)  # [l] tokens in each row
+        T = -(-int(length.max()) // ps) * ps  # keys per row: whole pages
+        table = batch.page_table[rows, :T // ps]  # [l, T / ps]
+        block_tok = cols - (L - length)[:, None]  # [l, BL] the block's token indices in its row
+        keys = torch.arange(T, device=cols.device)[None] < length[:, None]  # [l, T]
+        arange_l = torch.arange(l, device=cols.device)[:, None]
+
+        def attend_cache(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [l, Hkv, BL, hd] fresh
+            ck, cv = self.kv.gather(layer, table)  # [l, T, Hkv, hd] each, a copy
+            ck[arange_l, block_tok] = k.transpose(1, 2).to(ck.dtype)  # the block's K/V are this step's
+            cv[arange_l, block_tok] = v.transpose(1, 2).to(cv.dtype)
+            return ck.transpose(1, 2).to(k.dtype), cv.transpose(1, 2).to(v.dtype)  # [l, Hkv, T, hd]
+
+        self.query_tokens += l * BL
+        return model.run(batch.x[rows].gather(1, cols), attention_mask=keys[:, None, :].expand(l, BL, T),
+                         positions=batch.positions[rows].gather(1, cols), prefix_kv=self.prefix_kv,
+                         kv_hook=attend_cache).logits  # [l, BL, V]

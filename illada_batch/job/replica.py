@@ -85,7 +85,7 @@ def build_engine(spec: JobSpec):
         from illada_batch.engine.vllm_engine import VLLMEngine
         from illada_batch.model.checkpoint import resolve_model_path
 
-        return VLLMEngine(resolve_model_path(fetch_model(spec)), prefix_cache=e.cache == "prefix",
+        return VLLMEngine(resolve_model_path(fetch_model(spec)), prefix_cache=e.cache != "off",
                           max_batch_size=e.max_batch_size, kv_budget=budget, dtype=spec.model.dtype, seed=spec.seed)
     from illada_batch.engine.diffusion import Engine
 

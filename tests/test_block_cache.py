@@ -58,7 +58,7 @@ def assert_same(got, want):
 def _batch_mid_decode(model, mode: str, seed: int):
     """A batch of 6 rows of different lengths, each in some block with some of it unmasked."""
     rng = random.Random(seed)
-    params = SamplingParams(steps=16, gen_length=32, block_length=8)
+    params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
     prefix = toks(rng, 21, model)
     shared = encode_isolated(model, prefix) if mode == "prefix+blocks" else None
     pool = PagePool(64, PAGE)
@@ -144,8 +144,8 @@ def dual_cache_oracle(model, prefix, prompt, params: SamplingParams, shared: boo
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("params", [SamplingParams(steps=16, gen_length=32, block_length=8),
-                                    SamplingParams(steps=32, gen_length=32, block_length=16, threshold=0.3)],
+@pytest.mark.parametrize("params", [SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8),
+                                    SamplingParams(early_stop=False, steps=32, gen_length=32, block_length=16, threshold=0.3)],
                          ids=["fixed-4-blocks", "threshold"])
 def test_engine_matches_the_dual_cache_oracle(model, mode, params):
     rng = random.Random(11)
@@ -172,7 +172,7 @@ def test_engine_matches_the_dual_cache_oracle(model, mode, params):
 def test_row_tokens_do_not_depend_on_batch_neighbours(model, mode, temperature):
     rng = random.Random(2)
     prefix = toks(rng, 30, model)
-    params = SamplingParams(steps=16, gen_length=32, block_length=8, temperature=temperature)
+    params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8, temperature=temperature)
     reqs = [Request(f"b{i}", toks(rng, rng.randrange(1, 40), model), prefix, params, sample_index=i % 3, seed=11)
             for i in range(12)]
     together = Engine(model, cache=mode, max_batch_size=12).run(reqs)
@@ -187,7 +187,7 @@ def test_row_tokens_do_not_depend_on_batch_neighbours(model, mode, temperature):
 def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkeypatch):
     rng = random.Random(3)
     prefix = toks(rng, 20, model)
-    params = SamplingParams(steps=16, gen_length=32, block_length=8, threshold=0.5)
+    params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8, threshold=0.5)
     reqs = [Request(f"w{i}", toks(rng, rng.randrange(1, 12), model), prefix, params) for i in range(10)]
     roomy = Engine(model, cache=mode, max_batch_size=8).run(reqs)
     # 16 pages: one row of the model's 256 tokens; rows of 3-4 pages: 4-5 fit at once
@@ -215,13 +215,13 @@ def test_fixed_steps_threshold_early_stop_and_samples(eos_model, mode):
     def run(params, n=1, seed=0):
         return engine.run([Request(f"s{i}", p, prefix, params, j, seed) for i, p in enumerate(prompts) for j in range(n)])
 
-    fixed = SamplingParams(steps=16, gen_length=32, block_length=8)
+    fixed = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
     assert all(r.steps == 16 for r in run(fixed))
-    thresh = run(SamplingParams(steps=32, gen_length=32, block_length=8, threshold=0.5))
+    thresh = run(SamplingParams(early_stop=False, steps=32, gen_length=32, block_length=8, threshold=0.5))
     assert all(r.steps <= 32 for r in thresh) and len({r.steps for r in thresh}) > 1
     stop = run(SamplingParams(steps=16, gen_length=32, block_length=8, early_stop=True))
     assert any(r.finish_reason == "eos" and r.steps < 16 for r in stop)
-    hot = SamplingParams(steps=16, gen_length=32, block_length=8, temperature=1.0)
+    hot = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8, temperature=1.0)
     samples = run(hot, n=3, seed=9)
     assert len({tuple(r.token_ids) for r in samples}) == 18
     assert_same(run(hot, n=3, seed=9), samples)
@@ -232,7 +232,7 @@ def test_fixed_steps_threshold_early_stop_and_samples(eos_model, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_classifier_free_guidance_is_refused(model, mode):
-    params = SamplingParams(steps=8, gen_length=16, block_length=8, cfg_scale=1.0)
+    params = SamplingParams(early_stop=False, steps=8, gen_length=16, block_length=8, cfg_scale=1.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         Engine(model, cache=mode).run([Request("c", (5, 6, 7), (), params)])
 

@@ -119,10 +119,10 @@ def cmd_run(args) -> int:
     from illada_batch.job.driver import run_job
 
     spec = _load_spec(args)
-    report = run_job(spec, date=args.date, address=args.address, show_progress=not args.quiet)
-    if args.show and not report.already_complete:
-        _show_rows(report.output_url, spec, args.show)
-    return report.exit_code(spec.error_budget)
+    summary = run_job(spec, date=args.date, address=args.address, show_progress=not args.quiet)
+    if args.show:
+        _show_rows(summary.output, spec, args.show)
+    return summary.exit_code()
 
 
 def _show_rows(url: str, spec, n: int) -> None:
@@ -145,11 +145,11 @@ def cmd_demo(args) -> int:
 
 def cmd_status(args) -> int:
     from illada_batch.job.driver import dumps, status
-    from illada_batch.job.progress import status_text
+    from illada_batch.job.progress import summary_table
 
     s = status(args.output, json.loads(args.storage_options) if args.storage_options else None)
-    print(dumps(s) if args.json else status_text(s))
-    return 0 if s["complete"] else 1
+    print(dumps(s.to_dict()) if args.json else summary_table(s))
+    return s.exit_code()
 
 
 def cmd_submit(args) -> int:

@@ -50,5 +50,20 @@ class FingerprintMismatch(UserError, RuntimeError):
     """The output already holds shards of another job (model, sampling, template, ...)."""
 
 
+class RowRangeMismatch(FingerprintMismatch):
+    """The output holds a shard whose rows this run's plan does not hold the same way
+    (``shard_rows`` changed, an input file grew, was replaced or left the listing)."""
+
+
+class ClusterError(UserError, RuntimeError):
+    """The cluster cannot run the job's replicas (none could be placed or started); the
+    message says what a replica asks for and what the cluster has."""
+
+
+class JobStopped(UserError, RuntimeError):
+    """A replica raised an error that no retry can fix (missing model, wrong checksum,
+    unsupported config): the job stopped once, with the replica's own message."""
+
+
 class LockHeld(UserError, RuntimeError):
     """Another run is writing this output right now."""

@@ -78,9 +78,9 @@ def replica(tmp_path_factory):
         shards, bad = plan_shards(str(path), {}, 64, COLUMNS)
         assert not bad and len(shards) == 1
         manifest = rep.process(shards[0].to_dict())
-        rows = pq.read_table(out / manifest["data_key"]).to_pylist()
-        assert manifest["rows"] == manifest["samples"] == len(rows)
-        assert manifest["errors"] == sum(r["error"] is not None for r in rows)
+        rows = pq.read_table(out / manifest.data_key).to_pylist()
+        assert manifest.samples == manifest.stats.samples == len(rows)
+        assert manifest.stats.errors == sum(r["error"] is not None for r in rows)
         return manifest, rows
 
     return process
@@ -119,7 +119,7 @@ def test_null_empty_and_blank_prompts_are_error_rows(replica, tmp_path):
     assert_bad(got["blank"], "prompt is empty")
     assert_good(got["ok1"])
     assert_good(got["ok2"])
-    assert manifest["errors"] == 6
+    assert manifest.stats.errors == 6
 
 
 def test_non_string_prompt_column(replica, tmp_path):
@@ -209,7 +209,8 @@ def test_an_id_repeated_in_another_shard_is_generated_once(ray_cluster, tmp_path
     spec = spec_from_dict({**spec_dict(str(src), str(out), n=2), "shard_rows": 2})
     logs: list[str] = []
     report = run_job(spec, show_progress=False, log=logs.append)
-    assert report.ok and report.samples == 12 and report.errors == 2
+    assert report.complete and report.samples == 12 and report.errors == 2
+    assert report.exit_code() == 1 and report.verdict().startswith("FAILED: 2 of 12 samples have an error, over the error budget")
     assert "input: 1 row(s) repeat the id of an earlier row; they are written as error rows" in logs
     rows = read_output(fsspec.filesystem("file"), str(out)).to_pylist()
     got = by_id(rows)
@@ -264,8 +265,8 @@ def test_bad_files_fail_alone(ray_cluster, tmp_path):
     spec = spec_from_dict(spec_dict(str(src), str(out)))
     logs: list[str] = []
     report = run_job(spec, show_progress=False, log=logs.append)
-    assert not report.ok and report.exit_code(0.0) == 1 and report.exit_code(1.0) == 1
-    assert report.shards == 6 and report.committed == 2 and len(report.failed) == 4
+    assert report.exit_code() == 1 and report.verdict().startswith("FAILED: 4 of 6 shards not committed")
+    assert report.shards == 6 and report.this_run.shards == 2 and len(report.failed) == 4
     assert_exactly_once(read_output(fsspec.filesystem("file"), str(out)), good_ids, n=1)
     assert not (out / "_SUCCESS.json").exists()
 
@@ -289,7 +290,7 @@ def test_bad_files_with_one_name_in_two_folders_are_both_recorded(tmp_path):
         (src / day / "part-0.parquet").write_bytes(b"not parquet " + day.encode())
     out = tmp_path / "out"
     report = run_job(spec_from_dict(spec_dict(str(src), str(out))), show_progress=False, log=lambda *_: None)
-    assert report.shards == 2 and not report.ok
+    assert report.shards == 2 and report.exit_code() == 1
     failed = [json.loads(p.read_text()) for p in (out / "_failed").glob("*.json")]
     named = {d for f in failed for d in ("day1", "day2") if f"/{d}/part-0.parquet" in f["error"]}
     assert named == {"day1", "day2"}, f"each bad file keeps its own _failed/ record: {[f['error'] for f in failed]}"
@@ -414,6 +415,8 @@ def test_validate_refuses_a_bad_spec_naming_each_field(tmp_path):
     ({"sampling": {"steps": 16}}, "sampling.steps", "steps=16 > gen_length=8"),
     ({"sampling": {"cfg_scale": 1.0}, "prefix": {"text": "Task: reverse.\n"}}, "sampling.cfg_scale", "engine.cache: off"),
     ({"engine": {"cache": "blocks"}, "sampling": {"cfg_scale": 1.0}}, "sampling.cfg_scale", "engine.cache: off"),
+    ({"resources": {"num_cpus": -1}}, "resources.num_cpus", "greater than or equal to 0"),
+    ({"resources": {"num_gpus": -0.5}}, "resources.num_gpus", "greater than or equal to 0"),
     ({"engine": {"cache": "sometimes"}}, "engine.cache", "'off', 'prefix', 'blocks' or 'prefix+blocks'"),
 ])
 def test_load_spec_names_the_yaml_path(tmp_path, changes, field, words):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from pipeline_support import S3Server
 
+from illada_batch.errors import CheckpointError
 from illada_batch.job.replica import ShardReplica, fetch_model, weights_sha256
 from illada_batch.job.spec import spec_from_dict
 from illada_batch.model.checkpoint import MODELS_DIR
@@ -23,7 +24,8 @@ def spec(tmp_path, **extra):
 
 
 @pytest.mark.slow
-def test_model_on_s3_is_copied_once_and_checked(tmp_path):
+def test_model_on_s3_is_copied_once_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("ILLADA_MODEL_CACHE", str(tmp_path / "cache"))  # the documented cache location
     s3 = S3Server().start()
     try:
         fs = s3.fs()
@@ -32,14 +34,15 @@ def test_model_on_s3_is_copied_once_and_checked(tmp_path):
         good = weights_sha256(MODELS_DIR / "tiny-llada")
         model = {"path": "s3://models/tiny-llada", "sha256": good, "storage_options": s3.options}
         s = spec(tmp_path, model=model)
-        local = fetch_model(s, cache_root=tmp_path / "cache")
+        local = fetch_model(s)
+        assert local.startswith(str(tmp_path / "cache"))
         assert sorted(os.listdir(local)) == sorted(os.listdir(MODELS_DIR / "tiny-llada"))
         mtime = os.path.getmtime(os.path.join(local, "model.safetensors"))
-        assert fetch_model(s, cache_root=tmp_path / "cache") == local  # copied once
+        assert fetch_model(s) == local  # copied once
         assert os.path.getmtime(os.path.join(local, "model.safetensors")) == mtime
         bad = spec(tmp_path, model={**model, "sha256": "0" * 64})
-        with pytest.raises(RuntimeError, match="sha256"):
-            fetch_model(bad, cache_root=tmp_path / "cache")
+        with pytest.raises(CheckpointError, match="sha256"):
+            fetch_model(bad)
     finally:
         s3.stop()
 
@@ -50,9 +53,10 @@ def test_chat_messages_are_rendered_with_the_chat_template(tmp_path):
     s = spec(tmp_path, chat=True, input={"url": str(tmp_path / "in.parquet"), "prompt_column": None,
                                          "messages_column": "messages"}, prefix={"text": "You reverse words."})
     replica = ShardReplica(s.model_dump_json(), str(tmp_path / "out"), "fp")
+    replica.start()
     assert replica.prefix_ids and "<|start_header_id|>system" in replica.tok.decode(list(replica.prefix_ids))
     m = replica.process({"shard_id": "s0", "path": str(tmp_path / "in.parquet"), "row_start": 0, "num_rows": 3})
-    out = pq.read_table(tmp_path / "out" / m["data_key"]).to_pylist()
+    out = pq.read_table(tmp_path / "out" / m.data_key).to_pylist()
     a = next(r for r in out if r["id"] == "a")
     assert a["prompt"].startswith("<|start_header_id|>user<|end_header_id|>") and a["prompt"].endswith(
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -76,7 +80,7 @@ def test_output_loads_with_the_datasets_library(tmp_path):
 
 
 def test_replica_seconds_count_overlapping_shards_once():
-    from illada_batch.job.driver import JobReport
+    from illada_batch.job.driver import _busy_seconds
 
-    report = JobReport("out", busy={("a", 1): [(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)], ("a", 2): [(0.0, 3.0)]})
-    assert report.replica_seconds == 12.0 + 5.0 + 3.0
+    busy = {("a", 1): [(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)], ("a", 2): [(0.0, 3.0)]}
+    assert _busy_seconds(busy) == 12.0 + 5.0 + 3.0

@@ -40,21 +40,21 @@ def test_job_on_s3_commits_every_sample_once_and_resumes(s3, ray_cluster):
     ids = make_input(s3, "in1")
     spec = spec_from_dict(job_dict("s3://bucket/in1/", "s3://bucket/out1", s3, n=2, replicas=2))
     report = run_job(spec, show_progress=False, log=lambda *_: None)
-    assert report.ok and report.samples == 2 * len(ids)
+    assert report.exit_code() == 0 and report.samples == 2 * len(ids)
     # replica-seconds in the summary: a replica's overlapping shards are counted once
-    assert 0 < report.replica_seconds <= 2 * report.wall_seconds
+    assert 0 < report.this_run.replica_seconds <= 2 * report.this_run.wall_seconds
     fs = s3.fs()
     table = read_output(fs, "bucket/out1")
     assert_exactly_once(table, ids, n=2)
     assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
     assert fs.exists("bucket/out1/_SUCCESS.json") and fs.exists("bucket/out1/README.md")
     st = status("s3://bucket/out1", s3.options)
-    assert st["complete"] and st["committed_shards"] == report.shards
+    assert st.verdict() == "complete" and st.shards_committed == report.shards
 
     # Re-running a finished job does nothing and says so.
     messages = []
     again = run_job(spec, show_progress=False, log=messages.append)
-    assert again.already_complete and again.committed == report.shards and "already complete" in messages[0]
+    assert again.this_run.shards == 0 and again.this_run.skipped == report.shards and "nothing to do" in messages[0]
 
     # A different fingerprint into the same output is refused, with the reason.
     other = spec_from_dict(job_dict("s3://bucket/in1/", "s3://bucket/out1", s3, n=2, seed=7))
@@ -68,7 +68,7 @@ def test_same_rows_same_tokens_whatever_the_sharding(s3, ray_cluster):
     a = spec_from_dict(job_dict("s3://bucket/in2/", "s3://bucket/out2a", s3, shard_rows=16, **common))
     b = spec_from_dict(job_dict("s3://bucket/in2/", "s3://bucket/out2b", s3, shard_rows=3, replicas=2, **common))
     for spec in (a, b):
-        assert run_job(spec, show_progress=False, log=lambda *_: None).ok
+        assert run_job(spec, show_progress=False, log=lambda *_: None).exit_code() == 0
     fs = s3.fs()
 
     def rows(root):
@@ -85,7 +85,7 @@ def _committing_pid(fs, root: str) -> int | None:
     if not fs.exists(f"{root}/_manifest"):
         return None
     for f in fs.ls(f"{root}/_manifest", refresh=True):
-        return json.loads(fs.cat_file(f))["pid"]
+        return json.loads(fs.cat_file(f))["stats"]["pid"]
     return None
 
 
@@ -122,9 +122,9 @@ def test_driver_killed_then_rerun_does_only_the_rest(s3, ray_cluster, tmp_path):
     committed_before = len(fs.ls("bucket/out4/_manifest", refresh=True))
     assert not fs.exists("bucket/out4/_SUCCESS.json")
     report = run_job(spec_from_dict(spec_dict), show_progress=False, log=lambda *_: None)
-    assert report.ok
-    assert report.skipped >= committed_before >= 2, "a re-run after a crash redoes no committed shard"
-    assert report.committed == report.shards - report.skipped
+    assert report.exit_code() == 0
+    assert report.this_run.skipped >= committed_before >= 2, "a re-run after a crash redoes no committed shard"
+    assert report.this_run.shards == report.shards - report.this_run.skipped
     assert_exactly_once(read_output(fs, "bucket/out4"), ids, n=1)
 
 
@@ -157,7 +157,7 @@ def _job_through_an_outage(s3, name: str, outage, **overrides) -> list[str]:
     t.join()
     assert not errors, errors
     assert started and ended_outage and started[0] < ended, "the outage did not happen during the job"
-    assert report.ok, logs
+    assert report.exit_code() == 0, logs
     assert_exactly_once(read_output(fs, f"bucket/out-{name}"), ids, n=1)
     return logs
 

@@ -69,7 +69,7 @@ def both(s3, ray_cluster):
 @pytest.mark.parametrize("backend", ["vllm", "diffusion"])
 def test_demo_job_commits_every_sample_once(both, s3, backend):
     report, table = both[backend]
-    assert report.ok and report.samples == N * len(DEMO_IDS)
+    assert report.exit_code() == 0 and report.samples == N * len(DEMO_IDS)
     assert_exactly_once(table, DEMO_IDS, n=N)
     assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
     assert set(table.column("backend").to_pylist()) == {backend}

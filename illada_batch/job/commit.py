@@ -3,12 +3,14 @@
     OUTPUT/data/part-<shard>-<attempt>.parquet   rows of one shard attempt (attempt-unique key)
     OUTPUT/_manifest/<shard>.json                 the commit: one small PUT, written after the data
     OUTPUT/_failed/<shard>.json                   a shard that used up its retries, with its error
-    OUTPUT/_SUCCESS.json                          the job summary, written last
+    OUTPUT/_SUCCESS.json                          the job summary, written last, when the job succeeded
+    OUTPUT/_FAILED.json                           or the summary of a job that ended without success, and why
     OUTPUT/README.md                              the dataset card
 
 Readers and resumes trust manifests only: a data file without a manifest is an orphan,
-removed when the job finishes. Every manifest carries the job fingerprint, and a run with
-another fingerprint refuses to write into the same output.
+removed when the job finishes. Every manifest carries the job fingerprint and the rows its
+shard holds (file, size and version, first row, row count); a run refuses to write into an
+output that holds another fingerprint, or a shard whose rows its own plan does not hold.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from illada_batch.errors import FingerprintMismatch, LockHeld
+from illada_batch.errors import FingerprintMismatch, LockHeld, RowRangeMismatch
 from illada_batch.job import storage
+from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
 from illada_batch.job.storage import Store
 
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
@@ -43,7 +46,8 @@ class Output:
 
     # --- writing (replicas) ----------------------------------------------------------
 
-    def write_shard(self, shard_id: str, table: pa.Table, fingerprint: str, stats: dict) -> dict:
+    def write_shard(self, shard_id: str, rows: RowRange, table: pa.Table, fingerprint: str,
+                    stats: ShardStats) -> Manifest:
         """Data to an attempt-unique key, then the manifest. Returns the manifest."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
@@ -51,10 +55,9 @@ class Output:
         name = f"part-{shard_id}-{uuid.uuid4().hex[:12]}.parquet"
         self.store.put(self.key("data", name), data, orphan_tag=True)
         self.store.mark_committed(self.key("data", name))
-        manifest = {"shard_id": shard_id, "data_key": f"data/{name}", "rows": table.num_rows,
-                    "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint,
-                    "committed_at": time.time(), **stats}
-        self.store.put(self.key("_manifest", f"{shard_id}.json"), json.dumps(manifest).encode())
+        manifest = Manifest(shard_id, f"data/{name}", table.num_rows, hashlib.sha256(data).hexdigest(), fingerprint,
+                            time.time(), rows, stats)
+        self.store.put(self.key("_manifest", f"{shard_id}.json"), manifest.to_json())
         return manifest
 
     def record_failure(self, shard_id: str, fingerprint: str, error: str, attempts: int) -> None:
@@ -121,34 +124,58 @@ class Output:
             out[body["shard_id"]] = body
         return out
 
-    def manifests(self) -> dict[str, dict]:
+    def manifests(self) -> dict[str, Manifest]:
         self.fs.invalidate_cache()
-        return self._read_json_dir("_manifest")
+        return {sid: Manifest.from_json(body) for sid, body in self._read_json_dir("_manifest").items()}
 
     def failures(self) -> dict[str, dict]:
         return self._read_json_dir("_failed")
 
-    def check_fingerprint(self, fingerprint: str) -> dict[str, dict]:
-        """Committed manifests of this job; refuses when any was made by another fingerprint."""
+    def trusted_manifests(self, fingerprint: str, plan: dict[str, RowRange], samples_per_row: int) -> dict[str, Manifest]:
+        """Committed manifests of this job and this plan. Refuses (before anything is written)
+        when any was made with another fingerprint, or holds rows the plan does not hold in
+        that shard (``shard_rows`` changed, a file grew, was replaced or left the listing):
+        trusting it would write some rows twice and skip others."""
         manifests = self.manifests()
-        other = {m["fingerprint"] for m in manifests.values()} - {fingerprint}
+        other = {m.fingerprint for m in manifests.values()} - {fingerprint}
         if other:
             raise FingerprintMismatch(
                 f"{self.root} already holds shards made with fingerprint {sorted(other)[0]} (this job: {fingerprint}): "
                 "the model, sampling parameters, template, prefix, seed, n or input changed. Refusing to mix "
                 "outputs: write to another output.url, or delete the old output.")
+        for sid, m in sorted(manifests.items()):
+            planned = plan.get(sid)
+            if planned is None:
+                why = f"{m.rows.describe() if m.rows else 'its rows'} are in no shard of this plan"
+            elif m.rows is None:  # written before manifests carried a row range: its row count is all there is
+                why = None if m.samples == planned.num_rows * samples_per_row else \
+                    f"it holds {m.samples} samples, the plan's shard {planned.num_rows * samples_per_row}"
+            else:
+                why = m.rows.difference(planned)
+            if why:
+                raise RowRangeMismatch(
+                    f"{self.root} holds shard {sid} whose rows this run would not write the same way: {why}. "
+                    "Refusing to mix outputs (some rows would be written twice, others never): run with the "
+                    "input and shard_rows that made it, write to another output.url, or delete the old output.")
         return manifests
 
-    def success(self) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(self.key("_SUCCESS.json")))
-        except FileNotFoundError:
-            return None
+    def summary(self) -> JobSummary | None:
+        """The summary the last finished run wrote (``_SUCCESS.json`` or ``_FAILED.json``), if any."""
+        for name in ("_SUCCESS.json", "_FAILED.json"):
+            try:
+                return JobSummary.from_dict(json.loads(self.fs.cat_file(self.key(name))))
+            except FileNotFoundError:
+                continue
+        return None
+
+    def success(self) -> JobSummary | None:
+        summary = self.summary()
+        return summary if summary is not None and summary.ok else None
 
     # --- finishing (driver) ----------------------------------------------------------
 
-    def remove_orphans(self, manifests: dict[str, dict]) -> int:
-        keep = {m["data_key"] for m in manifests.values()}
+    def remove_orphans(self, manifests: dict[str, Manifest]) -> int:
+        keep = {m.data_key for m in manifests.values()}
         try:
             files = self.fs.ls(self.key("data"), detail=False)
         except FileNotFoundError:
@@ -158,16 +185,24 @@ class Output:
             self.fs.rm(f)
         return len(orphans)
 
-    def clear_failures(self, shard_ids) -> None:
-        for sid in shard_ids:
-            try:
-                self.fs.rm(self.key("_failed", f"{sid}.json"))
-            except FileNotFoundError:
-                pass
+    def clear_failures(self, keep) -> None:
+        """Remove the failure records of every shard but ``keep`` (those that failed in this run)."""
+        for sid in set(self.failures()) - set(keep):
+            self._rm(self.key("_failed", f"{sid}.json"))
 
-    def write_success(self, summary: dict, card: str) -> None:
-        self.store.put(self.key("README.md"), card.encode())
-        self.store.put(self.key("_SUCCESS.json"), json.dumps(summary, indent=2).encode())
+    def write_summary(self, summary: JobSummary, card: str | None) -> None:
+        """``_SUCCESS.json`` when the job succeeded, else ``_FAILED.json`` (the other one removed)."""
+        if card is not None:
+            self.store.put(self.key("README.md"), card.encode())
+        name, other = ("_SUCCESS.json", "_FAILED.json") if summary.ok else ("_FAILED.json", "_SUCCESS.json")
+        self._rm(self.key(other))
+        self.store.put(self.key(name), summary.to_json())
+
+    def _rm(self, key: str) -> None:
+        try:
+            self.fs.rm(key)
+        except FileNotFoundError:
+            pass
 
 
 def _lock_body(owner: str) -> bytes:

@@ -1,11 +1,12 @@
 """The replica: a Ray actor holding one engine (one model copy on one device).
 
-It builds its engine once, then for each shard the driver hands it: reads the rows with
+It builds its engine once (``start``, called by the driver as soon as Ray has placed the
+actor, so that a placement that never happens and a model that cannot load are told
+apart, and the model's own error reaches the driver), then for each shard the driver hands it: reads the rows with
 pyarrow over fsspec (a filesystem made inside the actor), renders the prompts, generates,
 writes the rows to an attempt-unique key and commits the shard's manifest.
 
-The engine is the job's backend behind one request API (``tokenizer``, ``run(requests)``,
-``counters``): the diffusion ``Engine``, or ``VLLMEngine`` (``backend: vllm``, imported only
+The engine is the job's backend behind one request API (``tokenizer``, ``run(requests)``): the diffusion ``Engine``, or ``VLLMEngine`` (``backend: vllm``, imported only
 then). Everything else, from reading the shard to committing it, is the same code.
 """
 
@@ -21,8 +22,9 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from illada_batch.errors import InputError, StorageUnavailable
+from illada_batch.errors import CheckpointError, InputError, StorageUnavailable
 from illada_batch.job.commit import Output
+from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.rows import output_table, render_rows
 from illada_batch.job.shards import Shard, read_shard
 from illada_batch.job.spec import JobSpec
@@ -42,16 +44,22 @@ def weights_sha256(directory: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_model(spec: JobSpec, cache_root: Path | None = None) -> str:
+def model_cache_root() -> Path:
+    """Where models given by URL are copied, once per node: ``$ILLADA_MODEL_CACHE``, or
+    ``~/.cache/illada_batch/models``."""
+    return Path(os.environ.get("ILLADA_MODEL_CACHE", Path.home() / ".cache/illada_batch/models"))
+
+
+def fetch_model(spec: JobSpec) -> str:
     """A local directory for ``model.path``: shipped names and local paths as they are; URLs
-    copied once per node into a cache (atomically, by rename) and checked against sha256."""
+    copied once per node into :func:`model_cache_root` (atomically, by rename) and checked
+    against ``model.sha256`` (a mismatch is a ``CheckpointError``: no retry fixes it)."""
     path = spec.model.path
     if "://" not in path or path.startswith("file://"):
         local = spec.resolve(path.removeprefix("file://"))
         target = local if Path(local).is_dir() else path  # a shipped model name
     else:
-        cache_root = cache_root or Path(os.environ.get("ILLADA_MODEL_CACHE", Path.home() / ".cache/illada_batch/models"))
-        target_dir = cache_root / hashlib.sha256(path.encode()).hexdigest()[:16]
+        target_dir = model_cache_root() / hashlib.sha256(path.encode()).hexdigest()[:16]
         if not target_dir.exists():
             fs, remote = filesystem(path, spec.model.storage_options)
             tmp = target_dir.with_name(f"{target_dir.name}.tmp-{os.getpid()}")
@@ -68,13 +76,13 @@ def fetch_model(spec: JobSpec, cache_root: Path | None = None) -> str:
 
         got = weights_sha256(resolve_model_path(target))
         if got != spec.model.sha256:
-            raise RuntimeError(f"model {path}: weights sha256 {got} != model.sha256 {spec.model.sha256} in the job spec")
+            raise CheckpointError(f"model {path}: weights sha256 {got} != model.sha256 {spec.model.sha256} in the job spec")
     return target
 
 
 def build_engine(spec: JobSpec):
-    """The job's backend: an object with ``tokenizer``, ``run(requests) -> results`` and
-    ``counters`` (and optionally ``close()``)."""
+    """The job's backend: an object with ``tokenizer`` and ``run(requests) -> results`` (and
+    optionally ``close()``)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -137,12 +145,9 @@ class RowGenerator:
             gen_seconds = time.time() - t_gen
         return output_table(self.spec, table, rows, results, self.model_name), gen_seconds
 
-    def counters(self) -> dict:
-        return self.engine.counters.as_dict()
-
     def close(self) -> None:
         """Release the engine (vLLM's must be shut down before Ray is)."""
-        close = getattr(self.engine, "close", None)
+        close = getattr(self.engine, "close", None) if self.engine is not None else None
         if close is not None:
             close()
 
@@ -151,13 +156,25 @@ class ShardReplica(RowGenerator):
     """Plain class (testable without Ray); ``Replica`` below is its actor form."""
 
     def __init__(self, spec_json: str, output_url: str, fingerprint: str) -> None:
-        super().__init__(JobSpec.model_validate_json(spec_json))
-        self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
-        self.out = Output(*filesystem(output_url, self.spec.output.storage_options))
-        self.fingerprint = fingerprint
+        # cheap on purpose: Ray reports the actor ready once placed; ``start`` loads the model
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.output_url, self.fingerprint = output_url, fingerprint
+        self.engine = None
+        self._start_lock = threading.Lock()
 
-    def process(self, shard_dict: dict) -> dict:
+    def start(self) -> dict:
+        """Build the engine (load or copy the model); its error, if any, is the model's own
+        (``CheckpointError``, ``ConfigError``...), raised to the driver. Idempotent."""
+        with self._start_lock:
+            if self.engine is None:
+                RowGenerator.__init__(self, self.spec)
+                self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
+                self.out = Output(*filesystem(self.output_url, self.spec.output.storage_options))
+        return {"node": os.uname().nodename, "pid": os.getpid()}
+
+    def process(self, shard_dict: dict) -> Manifest:
         t0 = time.time()
+        self.start()
         shard = Shard.from_dict(shard_dict)
         try:
             table = read_shard(self.fs, shard, self.spec.input.columns())
@@ -168,10 +185,9 @@ class ShardReplica(RowGenerator):
         out, gen_seconds = self.generate_rows(table, shard.duplicates)
         errors = sum(e is not None for e in out.column("error").to_pylist())
         tokens = sum(out.column("num_tokens").to_pylist())
-        stats = {"samples": out.num_rows, "errors": errors, "tokens": tokens, "gen_seconds": gen_seconds,
-                 "seconds": time.time() - t0, "started": t0, "node": os.uname().nodename, "pid": os.getpid()}
-        manifest = self.out.write_shard(shard.shard_id, out, self.fingerprint, stats)
-        return manifest
+        stats = ShardStats(out.num_rows, errors, tokens, gen_seconds, time.time() - t0, t0, os.uname().nodename,
+                           os.getpid())
+        return self.out.write_shard(shard.shard_id, shard.row_range(), out, self.fingerprint, stats)
 
 
 # Two calls at once: the driver keeps two shards in flight per replica, so the next shard's

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import InputError, StorageUnavailable
 from illada_batch.job.formats import is_text, kind, read_text, read_text_rows
+from illada_batch.job.records import RowRange
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
 
@@ -33,8 +34,13 @@ class Shard:
     path: str  # full path inside the filesystem (no protocol)
     row_start: int
     num_rows: int
+    file_size: int = 0  # the file as planned: a manifest made from another version of it is not trusted
+    file_version: str | None = None  # S3 ETag, or local mtime
     # rows of this shard whose id an earlier row of the input has: (offset in the shard, where it was first seen)
     duplicates: tuple[tuple[int, str], ...] = ()
+
+    def row_range(self) -> RowRange:
+        return RowRange(self.path, self.file_size, self.file_version, self.row_start, self.num_rows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +75,7 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
     shards, bad = [], []
     for path in files:
         try:
+            size, version = file_version(fs, path)
             if is_text(path):
                 table = read_text(fs, path)
                 rows, schema = table.num_rows, table.schema
@@ -95,8 +102,15 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
             continue
         tag = hashlib.sha1(_relative(path, root).encode()).hexdigest()[:8]
         for start in range(0, rows, shard_rows):
-            shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start)))
+            shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start), size, version))
     return shards, bad
+
+
+def file_version(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str | None]:
+    """(size, version) of a file: the version is its ETag where the store has one (S3), else its mtime."""
+    info = fs.info(path)
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return int(info.get("size") or 0), None if version is None else str(version).strip('"')
 
 
 def _relative(path: str, root: str) -> str:

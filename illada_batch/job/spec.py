@@ -120,8 +120,8 @@ class OutputSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    num_gpus: float = 0  # per replica: 1 on GPU clusters (one model copy per GPU)
-    num_cpus: float = 1  # per replica; also the torch thread count on CPU
+    num_gpus: float = Field(0, ge=0)  # per replica: 1 on GPU clusters (one model copy per GPU)
+    num_cpus: float = Field(1, ge=0)  # per replica; also the torch thread count on CPU
 
 
 class JobSpec(_Strict):
@@ -145,6 +145,12 @@ class JobSpec(_Strict):
     # that is briefly down gets time to come back instead of the retries being spent at once
     retry_backoff_s: float = Field(2.0, ge=0)
     error_budget: float = Field(0.0, ge=0, le=1)  # fraction of rows allowed to end with an error for exit code 0
+    # a replica Ray has not placed within this long is reported (what it asks for, what the cluster has) and
+    # given up, its shards left to those that started; none left: the job stops. Long enough for an autoscaler
+    # to add a node; short wastes nothing on a fixed cluster (a request no node can hold is refused at once)
+    placement_timeout_s: float = Field(600.0, gt=0)
+    # with no shard committed for this long the driver says so (replicas working, starting, shards in flight)
+    stall_warning_s: float = Field(600.0, gt=0)
 
     base_dir: str = Field(".", exclude=True)  # where the spec file lives (relative paths resolve against it)
 

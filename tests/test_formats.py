@@ -127,7 +127,7 @@ def replica(tmp_path_factory):
         (shard,), bad = plan_shards(str(path), {}, 64, COLUMNS, "id")
         assert not bad
         manifest = rep.process(shard.to_dict())
-        rows = pq.read_table(root / "out" / manifest["data_key"]).to_pylist()
+        rows = pq.read_table(root / "out" / manifest.data_key).to_pylist()
         return {(r["id"], r["sample_index"]): r for r in rows}
 
     return process
@@ -159,7 +159,7 @@ def test_a_job_over_text_files_on_s3_commits_every_sample_once(fmt, s3, ray_clus
         f.write(text)
     spec = spec_from_dict(job_dict(f"s3://bucket/job-{fmt}/", f"s3://bucket/out-{fmt}", s3, shard_rows=5))
     report = run_job(spec, show_progress=False, log=lambda *_: None)
-    assert report.ok and report.committed == 3 and report.samples == 12
+    assert report.exit_code() == 0 and report.this_run.shards == 3 and report.samples == 12
     table = read_output(fs, f"bucket/out-{fmt}")
     assert_exactly_once(table, ids, n=1)
     assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}

@@ -101,14 +101,14 @@ def bench_pipeline_efficiency(rows: int = 512) -> dict:
     finally:
         proc.terminate()
     engine_tps = engine_tokens / engine_s
-    job_tps = report.tokens / report.wall_seconds
+    job_tps = report.this_run.tokens / report.this_run.wall_seconds
     return {"rows": rows, "engine_tokens_per_s": engine_tps, "job_tokens_per_s": job_tps,
-            "job_wall_s": report.wall_seconds, "engine_s": engine_s, "efficiency": job_tps / engine_tps,
+            "job_wall_s": report.this_run.wall_seconds, "engine_s": engine_s, "efficiency": job_tps / engine_tps,
             # where the rest goes: the replica's engine against the engine alone (tokens over the time
             # inside engine.run), and the share of the job's wall time the replica spent generating
-            "engine_in_replica": (report.tokens / report.gen_seconds) / engine_tps,
-            "generating_share": report.gen_seconds / report.wall_seconds,
-            "same_token_count": report.tokens == engine_tokens}
+            "engine_in_replica": (report.this_run.tokens / report.this_run.gen_seconds) / engine_tps,
+            "generating_share": report.this_run.gen_seconds / report.this_run.wall_seconds,
+            "same_token_count": report.this_run.tokens == engine_tokens}
 
 
 def bench_driver_overhead(shards: int = 2000, replicas: int = 2) -> dict:
@@ -133,6 +133,6 @@ def bench_driver_overhead(shards: int = 2000, replicas: int = 2) -> dict:
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"shards": report.committed, "driver_cpu_s": cpu, "wall_s": wall,
-            "driver_ms_per_shard": 1000 * cpu / max(report.committed, 1),
-            "wall_ms_per_shard": 1000 * wall / max(report.committed, 1)}
+    return {"shards": report.this_run.shards, "driver_cpu_s": cpu, "wall_s": wall,
+            "driver_ms_per_shard": 1000 * cpu / max(report.this_run.shards, 1),
+            "wall_ms_per_shard": 1000 * wall / max(report.this_run.shards, 1)}

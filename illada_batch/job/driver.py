@@ -180,6 +180,7 @@ class _Job:
             return None
         self.run_stats.shards += 1
         self.run_stats.tokens += m.stats.tokens
+        self.run_stats.gen_seconds += m.stats.gen_seconds
         self.busy.setdefault((m.stats.node, m.stats.pid), []).append((m.stats.started, m.committed_at))
         return m
 

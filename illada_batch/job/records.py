@@ -87,6 +87,7 @@ class RunStats:
     skipped: int = 0  # committed by an earlier run
     tokens: int = 0
     wall_seconds: float = 0.0
+    gen_seconds: float = 0.0  # in the engines, summed over shards
     replica_seconds: float = 0.0  # each replica's busy time (overlapping shards counted once), summed
     orphans_removed: int = 0
 

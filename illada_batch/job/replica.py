@@ -2,12 +2,13 @@
 
 It builds its engine once (``start``, called by the driver as soon as Ray has placed the
 actor, so that a placement that never happens and a model that cannot load are told
-apart, and the model's own error reaches the driver), then for each shard the driver hands it: reads the rows with
-pyarrow over fsspec (a filesystem made inside the actor), renders the prompts, generates,
-writes the rows to an attempt-unique key and commits the shard's manifest.
+apart, and the model's own error reaches the driver), then for each shard the driver
+hands it: reads the rows with pyarrow over fsspec (a filesystem made inside the actor),
+renders the prompts, generates, writes the rows to an attempt-unique key and commits the
+shard's manifest.
 
-The engine is the job's backend behind one request API (``tokenizer``, ``run(requests)``): the diffusion ``Engine``, or ``VLLMEngine`` (``backend: vllm``, imported only
-then). Everything else, from reading the shard to committing it, is the same code.
+The engine is the job's backend behind one request API (``tokenizer``, ``run(requests)``):
+the diffusion ``Engine``, or ``VLLMEngine`` (``backend: vllm``, imported only then). Everything else, from reading the shard to committing it, is the same code.
 """
 
 from __future__ import annotations

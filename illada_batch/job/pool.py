@@ -54,7 +54,8 @@ class _Slot:
 class ReplicaPool:
     def __init__(self, make, count: int, request: dict, placement_timeout_s: float, max_start_failures: int,
                  log) -> None:
-        self.make, self.request, self.timeout, self.log = make, request, placement_timeout_s, log
+        self.make, self.timeout, self.log = make, placement_timeout_s, log
+        self.request = {k: v for k, v in request.items() if v}  # what one replica asks Ray for
         self.max_start_failures = max_start_failures
         self.slots: list[_Slot | None] = [self._new() for _ in range(count)]
         self.gone: list[str] = []  # why each given-up replica was given up
@@ -95,10 +96,10 @@ class ReplicaPool:
                 return
             slot.ready, slot.started = None, slot.handle.start.remote()
         elif time.time() - slot.created > self.timeout:
-            why = (f"replica {i + 1} was not placed within {self.timeout:g} s: it asks for {self.request}; "
-                   f"{cluster_resources_text()}")
-            self.log(why + ("; its shards go to the replicas that started" if self.up() else ""))
+            why = (f"replica {i + 1} was not placed within {self.timeout:g} s: it asks for "
+                   f"{resources_text(self.request)}; {cluster_resources_text()}")
             self._give_up(i, why)
+            self.log(why + ("; the shards go to the other replicas" if any(self.slots) else ""))
 
     def _poll_start(self, i: int, slot: _Slot) -> None:
         try:
@@ -150,16 +151,23 @@ class ReplicaPool:
             ray.kill(s.handle)
 
 
+def resources_text(res: dict) -> str:
+    """``{'CPU': 2.0, 'GPU': 1}`` as ``2 CPU, 1 GPU`` (CPU, GPU and accelerators only)."""
+    kept = [f"{float(v):g} {k}" for k, v in sorted(res.items())
+            if v and (k in ("CPU", "GPU") or k.startswith("accelerator"))]
+    return ", ".join(kept) or "nothing"
+
+
 def cluster_resources_text() -> str:
-    def short(res: dict) -> dict:
-        return {k: v for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator")}
-    return f"the cluster has {short(ray.cluster_resources())} in total, {short(ray.available_resources())} free"
+    return (f"the cluster has {resources_text(ray.cluster_resources())} in total, "
+            f"{resources_text(ray.available_resources())} free")
 
 
 def check_fits(request: dict) -> None:
     """Refuse at once a replica that no node of a cluster that cannot grow could ever hold."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if not any(all(node.get(k, 0) >= v for k, v in request.items() if v) for node in nodes):
-        raise ClusterError(f"a replica asks for {request}, which no node of this cluster has; "
+    request = {k: v for k, v in request.items() if v}
+    if not any(all(node.get(k, 0) >= v for k, v in request.items()) for node in nodes):
+        raise ClusterError(f"a replica asks for {resources_text(request)}, which no node of this cluster has; "
                            f"{cluster_resources_text()} (set resources.num_cpus / num_gpus, or run on a cluster "
                            f"that has them with --address)")

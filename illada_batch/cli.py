@@ -85,22 +85,34 @@ def cmd_eval(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from illada_batch.job import preflight
     from illada_batch.job.shards import plan_shards
     from illada_batch.job.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
-    shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column)
+    shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column,
+                              i.text_column())
+    problems, notes = preflight.model_problems(spec)
+    problems += preflight.output_problems(spec.resolved().output_url(args.date), spec.output.storage_options)
+    if args.address:
+        more, cluster_notes = preflight.cluster_problems(spec, args.address)
+        problems, notes = problems + more, notes + cluster_notes
     rows = sum(s.num_rows for s in shards)
-    print(f"job {spec.name}: OK (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
+    verdict = "OK" if not problems and not bad else f"NOT OK ({len(problems) + len(bad)} problem(s) below)"
+    print(f"job {spec.name}: {verdict} (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
     print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
     print(f"  output    {spec.output_url(args.date)}")
+    for note in notes:
+        print(f"  note      {note}")
+    for problem in problems:
+        print(f"  PROBLEM   {problem}")
     for _, err in bad:
         print(f"  BAD FILE  {err}")
-    return 1 if bad else 0
+    return 1 if problems or bad else 0
 
 
 def _load_spec(args):
@@ -131,11 +143,16 @@ def _show_rows(url: str, spec, n: int) -> None:
     from illada_batch.job.storage import filesystem
 
     fs, path = filesystem(url, spec.output.storage_options)
-    table = ds.dataset(f"{path}/data", filesystem=fs, format="parquet").head(n)
+    try:
+        table = ds.dataset(f"{path}/data", filesystem=fs, format="parquet").head(n)
+    except (FileNotFoundError, ValueError):  # no data/ folder, or nothing in it
+        print(f"\noutput: {url}/data holds no rows to show")
+        return
     print(f"\noutput: {url}/data  (first {n} rows)")
     for row in table.to_pylist():
         prompt = " ".join((row["prompt"] or "").split())
-        print(f"  [{row['id']}#{row['sample_index']}] {prompt[:60]!s:<60} -> {row['generation'] or row['error']!r}")
+        shown = f"error: {row['error']}" if row["error"] is not None else repr(row["generation"] or "")
+        print(f"  [{row['id']}#{row['sample_index']}] {prompt[:60]!s:<60} -> {shown}")
 
 
 def cmd_demo(args) -> int:
@@ -224,10 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("validate", help="check a job spec and its input schema; print what would run")
+    p = sub.add_parser("validate", help="check a job spec, its input, model and output; print what would run")
     p.add_argument("spec")
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--date", default=None)
+    p.add_argument("--address", default=None, help="also ask this Ray cluster whether it can hold a replica")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Job Submission)")

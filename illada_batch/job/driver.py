@@ -26,9 +26,10 @@ from collections import Counter, deque
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from illada_batch.errors import FingerprintMismatch, JobStopped, LockHeld, OutputError
+from illada_batch.errors import FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
+from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
 from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
@@ -58,8 +59,17 @@ class _Job:
 
     def run(self, address: str | None, show_progress: bool) -> JobSummary:
         spec, out = self.spec, self.out
+        problems, notes = model_problems(spec)
+        for note in notes:
+            self.log(note)
+        if problems:
+            raise SpecError("; ".join(problems))
+        problems = output_problems(self.out_url, spec.output.storage_options)
+        if problems:
+            raise OutputError("; ".join(problems))
         i = spec.input
-        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column)
+        shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
+                                        i.text_column())
         plan = {s.shard_id: s.row_range() for s in shards}
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.trusted_manifests(self.fingerprint, plan, spec.n)

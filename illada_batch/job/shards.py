@@ -67,10 +67,12 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
 
 
 def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
-                id_column: str | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
+                id_column: str | None = None, prompt_column: str | None = None,
+                ) -> tuple[list[Shard], list[tuple[str, str]]]:
     """Shards of every readable input file, from Parquet footers only (text files are parsed);
     and (file, error) for the rest.
-    ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats)."""
+    ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats);
+    ``prompt_column`` text (a column of numbers would fail every row of its file)."""
     fs, root, files = list_files(url, storage_options)
     shards, bad = [], []
     for path in files:
@@ -100,6 +102,10 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
             bad.append((path, f"{path}: column {id_column!r} (the row id) is {schema.field(id_column).type}; "
                               f"expected strings or integers"))
             continue
+        if prompt_column is not None and not _text_like(schema.field(prompt_column).type):
+            bad.append((path, f"{path}: column {prompt_column!r} (the prompt) is {schema.field(prompt_column).type}; "
+                              f"expected strings"))
+            continue
         tag = hashlib.sha1(_relative(path, root).encode()).hexdigest()[:8]
         for start in range(0, rows, shard_rows):
             shards.append(Shard(f"{tag}-{start:09d}", path, start, min(shard_rows, rows - start), size, version))
@@ -115,6 +121,12 @@ def file_version(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str | N
 
 def _relative(path: str, root: str) -> str:
     return path[len(root):].lstrip("/") if path.startswith(root) else path
+
+
+def _text_like(t: pa.DataType) -> bool:
+    """Strings, bytes (decoded per row) or all nulls (each row an error of its own)."""
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
+        pa.types.is_large_binary(t) or pa.types.is_null(t)
 
 
 def _scalar_id(t: pa.DataType) -> bool:

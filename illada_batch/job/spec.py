@@ -55,6 +55,10 @@ class InputSpec(_Strict):
     # becomes an error row (generated once); turn off for inputs whose ids are known unique and too big to scan
     check_duplicate_ids: bool = True
 
+    def text_column(self) -> str | None:
+        """The column that must hold text (``prompt_column``; a messages column is checked per row)."""
+        return None if self.messages_column else self.prompt_column
+
     def columns(self) -> list[str]:
         """The input columns a job reads, in order, without repeats."""
         return list(dict.fromkeys([self.id_column, self.messages_column or self.prompt_column, *self.variables,
@@ -185,9 +189,25 @@ class JobSpec(_Strict):
     def _template_ok(cls, v: str) -> str:
         try:
             v.format_map(_AnyKeys())
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, AttributeError, KeyError, TypeError) as exc:
             raise ValueError(f"not a valid format string: {exc}") from None
         return v
+
+    @model_validator(mode="after")
+    def _template_fields(self) -> "JobSpec":
+        # a field the row cannot fill would fail every row: refuse it here, naming the choices
+        if self.input.messages_column:
+            return self  # chat messages are rendered by the chat template, not by `template`
+        import string
+
+        known = {"prompt", *self.input.variables}
+        used = {re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(self.template)
+                if name is not None}
+        unknown = sorted(f for f in used - known if f)
+        if unknown:
+            raise ValueError(f"template: {{{unknown[0]}}} is neither {{prompt}} nor one of input.variables "
+                             f"({', '.join(self.input.variables) or 'none'}): add the column to input.variables")
+        return self
 
     # --- derived ---------------------------------------------------------------------
 
@@ -290,7 +310,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, runs_here: b
         key, sep, value = item.partition("=")
         if not sep:
             raise SpecError(f"--set {item!r}: expected key.path=value")
-        _set_path(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)}); "
+                            f"quote it: --set {key.strip()}='\"...\"'") from None
+        _set_path(raw, key.strip(), parsed)
     return spec_from_dict(raw, source=str(path), base_dir=str(path.parent.resolve()), runs_here=runs_here)
 
 

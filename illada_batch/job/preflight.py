@@ -1,0 +1,91 @@
+"""Checks made before any cluster work, by ``validate`` and by ``run``: is the model there,
+can the output be written, can the cluster hold a replica. Each returns the problems it
+found, one line each naming the field; an empty list means fine. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from illada_batch.errors import OutputError
+from illada_batch.job.spec import JobSpec
+from illada_batch.job.storage import filesystem, is_transient, storage_errors
+
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def model_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(problems, notes): a local ``model.path`` must be a shipped name or a directory holding
+    a config.json; a remote one must hold config.json where this machine's credentials can
+    look (a check it cannot make is a note, not a problem)."""
+    path = spec.model.path
+    if "://" in path and not path.startswith("file://"):
+        try:
+            fs, remote = filesystem(path, spec.model.storage_options)
+            if not fs.exists(f"{remote.rstrip('/')}/config.json"):
+                return [f"model.path: {path} holds no config.json (is it a model directory?)"], []
+        except Exception as exc:  # noqa: BLE001 - network or credentials of any fsspec backend
+            if is_transient(exc):
+                return [f"model.path: {path} is unreachable ({type(exc).__name__}: {exc})"], []
+            return [], [f"model.path: {path} not checked from here ({type(exc).__name__}: {exc})"]
+        return [], []
+    local = Path(spec.resolve(path.removeprefix("file://"))).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            return [f"model.path: {local} holds no config.json (is it a model directory?)"], []
+        return [], []
+    if (SHIPPED_MODELS / path).is_dir():
+        return [], []
+    names = ", ".join(sorted(p.name for p in SHIPPED_MODELS.iterdir() if p.is_dir())) if SHIPPED_MODELS.is_dir() else ""
+    return [f"model.path: {local} is no directory, and {path!r} is not a shipped model ({names or 'none'})"], []
+
+
+def output_problems(url: str, storage_options: dict) -> list[str]:
+    """Whether ``url`` could be written: locally, its nearest existing folder is a writable
+    folder; on a store, its bucket (or top folder) can be listed."""
+    if "://" not in url or url.startswith("file://"):
+        target = Path(url.removeprefix("file://")).absolute()
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        if not existing.is_dir():
+            return [f"output.url: {url} cannot be created: {existing} is a file"]
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return [f"output.url: {url} cannot be created: {existing} is not writable"]
+        return []
+    fs, path = filesystem(url, storage_options)
+    top = path.split("/", 1)[0]
+    try:
+        with storage_errors(f"output.url {url}", OutputError, "cannot reach it"):
+            try:
+                fs.ls(top)  # raises on wrong credentials, where exists() would say False
+            except FileNotFoundError:
+                return [f"output.url {url}: no such bucket {top!r}"]
+    except OutputError as exc:
+        return [str(exc)]
+    return []
+
+
+def cluster_problems(spec: JobSpec, address: str) -> tuple[list[str], list[str]]:
+    """(problems, notes) from asking the Ray cluster at ``address``: a replica no node can
+    hold is a problem (an autoscaler might still add one: the note says what is there)."""
+    import ray
+
+    from illada_batch.job.pool import cluster_resources_text, resources_text
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    request = {k: v for k, v in {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}.items() if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    def holds(node: dict) -> int:  # replicas this node can hold, counting only what a replica asks for
+        return min(int(node.get(k, 0) // v) for k, v in request.items()) if request else spec.replicas
+
+    fits = sum(holds(node) for node in nodes)
+    notes = [f"cluster {address}: {cluster_resources_text()}, {len(nodes)} node(s)"]
+    if fits == 0:
+        return [f"resources: a replica asks for {resources_text(request)}, which no node of the cluster at "
+                f"{address} has (unless an autoscaler adds one)"], notes
+    if fits < spec.replicas:
+        notes.append(f"replicas: the cluster holds {fits} of the {spec.replicas} replicas now; the others wait "
+                     f"up to placement_timeout_s ({spec.placement_timeout_s:g} s) for room, then are given up")
+    return [], notes

@@ -57,6 +57,14 @@ def cmd_generate(args) -> int:
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = torch.tensor([tok.encode(text)], device=model.device)
     params = _params(args)
+    if args.response_template is not None:  # slots are a request field: the engine's path (cache off)
+        from illada_batch.engine.diffusion import Engine
+
+        res = Engine(model, cache="off", max_batch_size=1).generate([text], params, seed=args.seed,
+                                                                    response_template=args.response_template)[0]
+        print(res.text)
+        print(f"[slots: {json.dumps(res.slots)}; {res.steps} steps]", file=sys.stderr)
+        return 0
     t0 = time.perf_counter()
     out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
     seconds = time.perf_counter() - t0
@@ -70,15 +78,22 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from illada_batch.decoding.template import ResponseTemplate
     from illada_batch.engine.diffusion import Engine
     from illada_batch.tasks.evaluate import evaluate, suite_rows
 
     engine = Engine.from_pretrained(args.model, cache=args.cache, device=args.device, max_batch_size=args.batch_size)
     prefixes, rows = suite_rows(engine.tokenizer, args.seed, args.rows_per_task, args.prefixes_per_task,
                                 args.min_prefix_tokens)
-    res = evaluate(engine, prefixes, rows, _params(args))
-    print(f"exact match on {len(rows)} rows (prefixes of {args.min_prefix_tokens}+ tokens, cache={args.cache}, "
+    res = evaluate(engine, prefixes, rows, _params(args), args.response_template)
+    what = "exact match" if args.response_template is None else f"slot accuracy (slot 1 of {args.response_template!r})"
+    print(f"{what} on {len(rows)} rows (prefixes of {args.min_prefix_tokens}+ tokens, cache={args.cache}, "
           f"steps={args.steps}, gen_length={args.gen_length}) in {res['seconds']:.1f}s")
+    if args.response_template is not None:  # the engine checks each response's fixed tokens as it reads it
+        fixed = ResponseTemplate.parse(args.response_template).tokenize(engine.tokenizer.encode).texts
+        kept = sum(r.text is not None and r.text.startswith(fixed[0]) and r.text.endswith(fixed[-1])
+                   for r in res["results"])
+        print(f"  fixed text byte-identical in {kept} of {len(rows)} outputs")
     for task, acc in res["accuracy"].items():
         print(f"  {task:<12} {acc:6.1%}")
     return 0
@@ -211,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-llada")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--response-template", default=None,
+                   help="the response's fixed text with {slot:N} slots of N tokens; only the slots are generated")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     _sampling_args(p)
@@ -225,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefixes-per-task", type=int, default=2)
     p.add_argument("--min-prefix-tokens", type=int, default=400)
     p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument("--response-template", default=None,
+                   help="lay each response out as this fixed text with {slot:N} slots (e.g. '{slot:8} END') and "
+                        "score the first slot's text (slot accuracy)")
     _sampling_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -5,6 +5,11 @@ Design note. A ``DecodeBatch`` holds the rows in flight as left-padded tensors
 position 0, or right after the cached prefix), so padding never changes a row's result.
 Each row carries its own block index, step counter and random generator, so rows that
 joined the batch at different times (continuous batching) decode side by side.
+A row's response starts all masked, or laid out by a response template (fixed text and
+masked slots, ``decoding/template.py``): the template is data in the batch (the first
+response tokens and ``slot``, each position's slot), not a second loop. A step unmasks
+masked positions only, so fixed text never changes; a block's transfer count counts its
+masked positions only, and a block with none is skipped.
 ``denoise_step`` is one forward pass (one NFE) plus the per-row unmasking; ``generate``
 loops it over one batch; the engine loops it while refilling finished rows. The cache is
 a parameter (``forward``: how a step's logits for the current block are computed), never a
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor
 
 from illada_batch.decoding.params import SamplingParams
-from illada_batch.decoding.sampler import confidence, gumbel_argmax, select_transfer, transfer_schedule
+from illada_batch.decoding.sampler import confidence, gumbel_argmax, select_transfer, transfer_count
 from illada_batch.model.llada import LayerKV, LLaDA, isolated_prefix_mask
 
 
@@ -39,6 +44,9 @@ class DecodeBatch:
     # Block cache: each row's K/V pages in its token order (its first real token first),
     # right-padded with page 0 (never read: masked); None without a block cache.
     page_table: Tensor | None = None  # [B, max pages]
+    # Each response position's slot: 0 everywhere for a row without a template (its whole
+    # response is one slot); a template's slot index, -1 on its fixed text and EOS tail.
+    slot: Tensor | None = None  # [B, gen_length]
 
     @property
     def size(self) -> int:
@@ -48,7 +56,10 @@ class DecodeBatch:
     def from_prompts(cls, prompts: list[list[int]], params: SamplingParams, mask_id: int, pad_id: int,
                      generators: list[torch.Generator], device: torch.device, position_offset: int = 0,
                      prefix_lengths: list[int] | None = None, tags: list | None = None,
-                     page_tables: list[list[int]] | None = None) -> "DecodeBatch":
+                     page_tables: list[list[int]] | None = None,
+                     responses: list[tuple[list[int], list[int]] | None] | None = None) -> "DecodeBatch":
+        """``responses``: per row None (all masked) or a template's (first response ids,
+        slot per position), from ``TokenTemplate.layout``."""
         B, G = len(prompts), params.gen_length
         L = max(len(p) for p in prompts) + G
         x = torch.full((B, L), pad_id, dtype=torch.long)
@@ -57,6 +68,10 @@ class DecodeBatch:
             x[i, L - G - len(p):L - G] = torch.tensor(p, dtype=torch.long)
             valid[i, L - G - len(p):] = True
         x[:, L - G:] = mask_id
+        slot = torch.zeros((B, G), dtype=torch.long)
+        for i, r in enumerate(responses or []):
+            if r is not None:
+                x[i, L - G:], slot[i] = torch.tensor(r[0], dtype=torch.long), torch.tensor(r[1], dtype=torch.long)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + position_offset
         pad = L - G - torch.tensor([len(p) for p in prompts])
         prefix_end = pad + torch.tensor(prefix_lengths) if prefix_lengths else torch.zeros(B, dtype=torch.long)
@@ -69,9 +84,10 @@ class DecodeBatch:
             for i, t in enumerate(page_tables):
                 table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
             table = table.to(device)
-        return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), zeros(),
+        block = first_masked_block(x[:, L - G:] == mask_id, params).to(device)  # [B] a template may skip blocks
+        return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), block,
                    zeros(), zeros(), torch.zeros(B, dtype=torch.bool, device=device),
-                   list(generators), list(tags) if tags is not None else list(range(B)), table)
+                   list(generators), list(tags) if tags is not None else list(range(B)), table, slot.to(device))
 
     def select(self, keep: Tensor) -> "DecodeBatch":
         """The rows where ``keep`` [B] is True, with left padding trimmed to the longest."""
@@ -82,7 +98,8 @@ class DecodeBatch:
         return DecodeBatch(self.x[idx, trim], valid[:, trim], self.positions[idx, trim], self.prefix_end[idx] - first,
                            self.block[idx], self.step[idx], self.nfe[idx], self.done[idx],
                            [self.generators[i] for i in idx.tolist()], [self.tags[i] for i in idx.tolist()],
-                           None if self.page_table is None else self.page_table[idx])
+                           None if self.page_table is None else self.page_table[idx],
+                           None if self.slot is None else self.slot[idx])
 
     def extend(self, other: "DecodeBatch", pad_id: int) -> "DecodeBatch":
         """Both batches' rows, left-padded to a common length."""
@@ -101,7 +118,8 @@ class DecodeBatch:
             cat([lpad(self.positions, 0), lpad(other.positions, 0)]),
             cat([self.prefix_end + L - self.x.shape[1], other.prefix_end + L - other.x.shape[1]]),
             cat([self.block, other.block]), cat([self.step, other.step]), cat([self.nfe, other.nfe]),
-            cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags, table)
+            cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags, table,
+            None if self.slot is None else cat([self.slot, other.slot]))
 
     def attention_mask(self, isolate_prefix: bool) -> Tensor:
         """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself."""
@@ -167,33 +185,61 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
         stop = (tokens == cfg.eos_token_id) | ((tokens == eot) if eot is not None else False)
         conf = torch.where(stop, torch.zeros_like(conf), conf)
     conf = torch.where(is_mask, conf, -torch.inf)
-    schedule = torch.tensor(transfer_schedule(BL, params.steps_per_block), device=x.device)
-    count = schedule[batch.step[rows].clamp(max=params.steps_per_block - 1)]
+    count = transfer_count(is_mask.sum(-1), params.steps_per_block - batch.step[rows])  # [b]
     # A block ends after its scheduled steps whatever the scores (NaN logits, say): its last
     # step fills every position still masked (threshold: at most block_length steps).
     last = batch.step[rows] >= (params.steps_per_block if params.threshold is None else BL) - 1  # [b]
     transfer = select_transfer(conf, count, params.threshold) | (is_mask & last[:, None])  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
-    _advance(batch, rows, cols, params, mask_id, cfg.eos_token_id)
+    _advance(batch, rows, params, mask_id, cfg.eos_token_id)
 
 
-def _advance(batch: DecodeBatch, rows: Tensor, cols: Tensor, params: SamplingParams, mask_id: int, eos_id: int) -> None:
+def _advance(batch: DecodeBatch, rows: Tensor, params: SamplingParams, mask_id: int, eos_id: int) -> None:
+    """Count the step; with early stop, end each slot at its EOS; move each row to its first
+    block still masked (a block with nothing masked completes at once): done past the last."""
+    G = params.gen_length
     batch.nfe[rows] += 1
     batch.step[rows] += 1
-    block_done = ~(batch.x[rows[:, None], cols] == mask_id).any(-1)  # [b]
-    batch.block[rows] += block_done.long()
-    batch.step[rows] = torch.where(block_done, 0, batch.step[rows])
-    batch.done[rows] = batch.block[rows] >= params.num_blocks
+    resp = batch.x[rows, -G:]  # [b, G]
     if params.early_stop:
-        resp = batch.x[rows, -params.gen_length:]  # [b, G]
-        is_eos, is_mask = resp == eos_id, resp == mask_id
-        first_eos = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), params.gen_length)  # [b]
-        before = torch.arange(params.gen_length, device=resp.device)[None] < first_eos[:, None]
-        settled = is_eos.any(-1) & ~(is_mask & before).any(-1)  # text up to the first EOS is final
-        if settled.any():
-            after = torch.arange(params.gen_length, device=resp.device)[None] > first_eos[:, None]
-            batch.x[rows, -params.gen_length:] = torch.where(settled[:, None] & after, eos_id, resp)
-            batch.done[rows] |= settled
+        slot = batch.slot[rows] if batch.slot is not None else torch.zeros_like(resp)  # [b, G]
+        resp = end_slots_at_eos(resp, slot, mask_id, eos_id)
+        batch.x[rows, -G:] = resp
+    block = first_masked_block(resp == mask_id, params)  # [b]
+    batch.step[rows] = torch.where(block == batch.block[rows], batch.step[rows], 0)
+    batch.block[rows] = block
+    batch.done[rows] = block >= params.num_blocks
+
+
+def first_masked_block(is_mask: Tensor, params: SamplingParams) -> Tensor:
+    """[B] index of each row's first block with a masked position; ``num_blocks`` if none.
+    is_mask [B, gen_length]."""
+    has = is_mask.view(is_mask.shape[0], params.num_blocks, params.block_length).any(-1)  # [B, blocks]
+    return torch.where(has.any(-1), has.float().argmax(-1), params.num_blocks)
+
+
+def end_slots_at_eos(resp: Tensor, slot: Tensor, mask_id: int, eos_id: int) -> Tensor:
+    """Early stop, per slot: once a slot's text up to its first EOS is final (nothing masked
+    before that EOS), the rest of the slot becomes EOS, so its remaining positions cost no
+    steps. A row without a template is one slot: its response ends at its first EOS.
+    resp, slot [B, G] (slot -1: fixed text, never changed) -> resp [B, G]."""
+    in_slot = slot >= 0
+    is_eos = (resp == eos_id) & in_slot
+    eos_seen = _slot_cumsum(is_eos, slot)  # [B, G] EOS at or before each position, in its slot
+    masked_first = _slot_cumsum((resp == mask_id) & (eos_seen == 0), slot)  # masks before the slot's first EOS
+    after = in_slot & (eos_seen - is_eos.long() >= 1) & (masked_first == 0)  # [B, G]
+    return torch.where(after, eos_id, resp)
+
+
+def _slot_cumsum(v: Tensor, slot: Tensor) -> Tensor:
+    """Cumulative sum of ``v`` [B, G] restarted at each run of equal ``slot`` values."""
+    v = v.long()
+    total = v.cumsum(-1)  # [B, G]
+    start = torch.ones_like(slot, dtype=torch.bool)
+    start[:, 1:] = slot[:, 1:] != slot[:, :-1]  # [B, G] first position of each run
+    where = torch.arange(slot.shape[1], device=slot.device).expand_as(slot)
+    run_start = torch.where(start, where, 0).cummax(-1).values  # [B, G]
+    return total - (total - v).gather(-1, run_start)
 
 
 def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:

@@ -16,10 +16,14 @@ from torch import Tensor
 from illada_batch.decoding.params import Remasking
 
 
-def transfer_schedule(masked: int, steps: int) -> list[int]:
-    """Tokens to unmask at each of ``steps`` steps for ``masked`` masked positions."""
-    base, extra = divmod(masked, steps)
-    return [base + (k < extra) for k in range(steps)]
+def transfer_count(masked: Tensor, steps_left: Tensor) -> Tensor:
+    """This step's tokens to unmask [B]: ceil(masked / steps left). While every step unmasks
+    its count, this is LLaDA's reference schedule for the block's masked count M at its
+    start (``M // s`` a step, one more for the first ``M % s`` steps), computed for each row
+    from its own masks; a template's fixed text is not masked, so not counted.
+    masked [B] positions still masked in the block; steps_left [B] its steps left (>= 1)."""
+    left = steps_left.clamp(min=1)
+    return -(-masked // left)
 
 
 def gumbel_argmax(logits: Tensor, temperature: float, generators: list[torch.Generator]) -> Tensor:

@@ -121,10 +121,12 @@ def _batch(model: LLaDA, params: SamplingParams, new: list[tuple[int, Request]],
            page_tables: list[list[int]] | None = None) -> DecodeBatch:
     cfg = model.config
     seeds = [sample_seed(r.seed, r.request_id, r.sample_index) for _, r in new]
+    responses = [None if r.template is None else r.template.layout(params.gen_length, cfg.mask_token_id,
+                                                                    cfg.eos_token_id) for _, r in new]
     return DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
                                     row_generators(seeds, model.device), model.device, position_offset=position_offset,
                                     prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)],
-                                    page_tables=page_tables)
+                                    page_tables=page_tables, responses=responses)
 
 
 def choose_plan(model: LLaDA, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,

@@ -25,10 +25,12 @@ import torch
 
 from illada_batch.decoding.loop import DecodeBatch, denoise_step
 from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.engine.cache_plan import CachePlan, choose_plan
 from illada_batch.engine.kv_cache import KVCache, pages_for_budget
 from illada_batch.engine.pages import PagePool
 from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
+from illada_batch.errors import ParamsError
 from illada_batch.model.checkpoint import load_model
 from illada_batch.model.llada import LLaDA
 
@@ -67,14 +69,26 @@ class Engine:
     # --- the text API -----------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str], params: SamplingParams | None = None, prefix: str | None = None,
-                 n: int = 1, seed: int = 0, request_ids: Sequence[str] | None = None) -> list[Result]:
-        """One result per (prompt, sample), in that order."""
+                 n: int = 1, seed: int = 0, request_ids: Sequence[str] | None = None,
+                 response_template: str | None = None) -> list[Result]:
+        """One result per (prompt, sample), in that order. ``response_template``: the response's
+        fixed text with ``{slot:N}`` slots (``decoding/template.py``); results then carry
+        ``slots``. ParamsError when it has no slot or does not fit ``gen_length``."""
         params = params or SamplingParams()
         tok = self._tok()
         prefix_ids = tuple(tok.encode(prefix)) if prefix else ()
         ids = request_ids or [str(i) for i in range(len(prompts))]
         encoded = tok.encode_batch(list(prompts))
-        reqs = [Request(rid, tuple(p), prefix_ids, params, j, seed) for rid, p in zip(ids, encoded) for j in range(n)]
+        template = None
+        if response_template is not None:
+            try:
+                template = ResponseTemplate.parse(response_template).tokenize(tok.encode)
+            except ParamsError as exc:
+                raise ParamsError(f"response_template: {exc}") from None
+            if template.length > params.gen_length:
+                raise ParamsError(f"response_template: {template.length} tokens > gen_length {params.gen_length}")
+        reqs = [Request(rid, tuple(p), prefix_ids, params, j, seed, template)
+                for rid, p in zip(ids, encoded) for j in range(n)]
         return self.run(reqs)
 
     def _tok(self):
@@ -156,14 +170,20 @@ class Engine:
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():
             i, req, seed = batch.tags[row]
-            resp = responses[row]
-            stopped = eos in resp
-            ids = resp[:resp.index(eos)] if stopped else resp
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+            resp, slots = responses[row], None
+            if req.template is not None:  # fixed text as given, each slot up to its first EOS
+                text, slots, ids, stopped = req.template.read(resp, eos, self._decode)
+            else:
+                stopped = eos in resp
+                ids = resp[:resp.index(eos)] if stopped else resp
+                text = self._decode(ids)
             results[i] = Result(req.request_id, req.sample_index, text, ids, nfe[row], "eos" if stopped else "length",
-                                None, seed)
+                                None, seed, slots)
             self.counters.samples += 1
             self.counters.tokens += len(ids)
+
+    def _decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":

@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from illada_batch.decoding.params import SamplingParams
+from illada_batch.decoding.template import TokenTemplate
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     sample_index: int = 0
     seed: int = 0
+    template: TokenTemplate | None = None  # a response template (fixed text and slots); None: all masked
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Result:
     finish_reason: str  # "eos" | "length" | "error"
     error: str | None = None
     seed: int = 0
+    slots: list[str] | None = None  # with a response template: each slot's text (``text`` is the whole response)
 
 
 @dataclass
@@ -65,4 +68,7 @@ def request_problem(r: Request, max_len: int) -> str | None:
                 f"{r.params.gen_length} = {total} tokens > the model's {max_len}")
     if not r.prompt_ids and not r.prefix_ids:
         return "empty prompt"
+    if r.template is not None and r.template.length > r.params.gen_length:
+        return (f"response template: {r.template.length} tokens ({sum(map(len, r.template.fixed))} fixed + "
+                f"{sum(r.template.slots)} in slots) > gen_length {r.params.gen_length}")
     return None

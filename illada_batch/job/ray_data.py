@@ -7,7 +7,7 @@ engine, the way ``ray.data.llm`` does for vLLM.
     out.write_parquet("s3://bucket/generations/")
 
 The options are the job spec's own fields and types (``job/spec.py``: ``model``,
-``input`` without ``url``, ``prefix``, ``template``, ``chat``, ``sampling``, ``engine``,
+``input`` without ``url``, ``prefix``, ``template``, ``response_template``, ``chat``, ``sampling``, ``engine``,
 ``n``, ``seed``, ``backend``; ``replicas`` is Ray Data's ``concurrency`` and ``resources``
 each replica's CPUs and GPUs), validated the same way, with the same messages. Each replica is
 a ``RowGenerator`` (``job/replica.py``), built once per actor (the model loaded once), so a
@@ -31,8 +31,8 @@ from illada_batch.job.replica import RowGenerator
 from illada_batch.job.spec import JobSpec, spec_from_dict
 
 # the job spec's fields that mean something here; output, sharding and retry fields do not
-FIELDS = ("backend", "model", "input", "prefix", "template", "chat", "sampling", "engine", "n", "seed",
-          "replicas", "resources")
+FIELDS = ("backend", "model", "input", "prefix", "template", "response_template", "chat", "sampling", "engine", "n",
+          "seed", "replicas", "resources")
 SOURCE = "generate_dataset()"
 
 

@@ -137,8 +137,10 @@ class RowGenerator:
         for i, row in enumerate(rows):
             if row.error is None:
                 prompt_ids = tuple(self.tok.encode(row.prompt))
+                template = row.response.tokenize(self.tok.encode) if row.response is not None else None
                 for j in range(self.spec.n):
-                    requests.append(Request(str(row.row_id), prompt_ids, self.prefix_ids, self.params, j, self.spec.seed))
+                    requests.append(Request(str(row.row_id), prompt_ids, self.prefix_ids, self.params, j, self.spec.seed,
+                                            template))
                     keys.append((i, j))
         with self._engine_lock:  # one shard generates while the other reads or writes
             t_gen = time.time()

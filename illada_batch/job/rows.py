@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.job.spec import JobSpec
 
 OUTPUT_SCHEMA = pa.schema([
@@ -25,6 +26,7 @@ class RenderedRow:
     row_id: object
     prompt: str | None  # the row's text after the template (without the shared prefix)
     error: str | None
+    response: ResponseTemplate | None = None  # the row's response template, its columns filled in
 
 
 def _text(value, field: str) -> tuple[str | None, str | None]:
@@ -53,9 +55,10 @@ def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
     variables = {v: table.column(v).to_pylist() for v in inp.variables}
     seen: dict = {}
     earlier = dict(duplicates)
+    response = ResponseTemplate.parse(spec.response_template) if spec.response_template else None
     out = []
     for i, (row_id, value) in enumerate(zip(ids, values)):
-        error, prompt = None, None
+        error, prompt, text = None, None, None
         if row_id is None:
             error = f"{inp.id_column} is null"
         elif i in earlier:
@@ -78,7 +81,10 @@ def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
                     error = f"template: {exc}"
                 if error is None and chat_wrap:
                     prompt = chat_wrap([{"role": "user", "content": prompt}])
-        out.append(RenderedRow(row_id, prompt, error))
+        filled = None
+        if error is None and response is not None:
+            filled = response.render({"prompt": text, **{k: v[i] for k, v in variables.items()}})
+        out.append(RenderedRow(row_id, prompt, error, filled))
     return out
 
 
@@ -87,7 +93,7 @@ def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], result
     n = spec.n
     cols: dict[str, list] = {name: [] for name in ["id", *OUTPUT_SCHEMA.names]}
     passthrough = {c: table.column(c).to_pylist() for c in spec.input.passthrough}
-    take = []
+    take, slots = [], []
     for i, row in enumerate(rows):
         for j in range(n):
             r = results.get((i, j))
@@ -98,6 +104,7 @@ def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], result
             error = row.error or (r.error if r is not None else None)
             ok = error is None and r is not None
             cols["generation"].append(r.text if ok else None)
+            slots.append(r.slots if ok else None)
             cols["num_tokens"].append(len(r.token_ids) if ok else 0)
             cols["steps"].append(r.steps if r is not None else 0)
             cols["finish_reason"].append(r.finish_reason if ok else "error")
@@ -108,6 +115,9 @@ def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], result
     id_type = table.schema.field(spec.input.id_column).type
     arrays = [pa.array(cols["id"], type=id_type)] + [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
     names = ["id", *OUTPUT_SCHEMA.names]
+    if spec.response_template is not None:  # each slot's text, so nobody parses `generation` back
+        arrays.append(pa.array(slots, type=pa.list_(pa.string())))
+        names.append("slots")
     for c, values in passthrough.items():
         arrays.append(pa.array([values[i] for i in take], type=table.schema.field(c).type))
         names.append(c)

@@ -27,6 +27,7 @@ from pydantic import (
 
 from illada_batch.decoding import params as params_mod
 from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.errors import VLLM_INSTALL, ParamsError, SpecError
 
 
@@ -136,6 +137,10 @@ class JobSpec(_Strict):
     prefix: PrefixSpec = Field(default_factory=PrefixSpec)
     template: str = "{prompt}"  # the row prompt: str.format over the prompt and `input.variables` columns
     chat: bool = False  # wrap prefix + row prompt in the model's chat template
+    # the response's skeleton: fixed text with {slot:N} slots of N tokens, e.g. '{"name": "{slot:8}"}', and
+    # {prompt} / `input.variables` columns; only slots are generated (fixed text costs gen_length positions,
+    # no steps) and the output gains a `slots` column; None: the whole response is generated
+    response_template: str | None = None
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     n: int = Field(1, ge=1)  # samples per row
@@ -182,6 +187,27 @@ class JobSpec(_Strict):
             raise ValueError(f"sampling.cfg_scale: classifier-free guidance masks the whole prompt (a shared "
                              f"prefix too), which engine.cache '{self.engine.cache.value}' keeps unmasked: set "
                              f"engine.cache: off, or cfg_scale: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _response_template_ok(self) -> "JobSpec":
+        if self.response_template is None:
+            return self
+        if self.backend == "vllm":
+            raise ValueError("response_template: slots filled in place are a diffusion option; the vllm backend "
+                             "generates left to right")
+        try:
+            parsed = ResponseTemplate.parse(self.response_template)
+        except ParamsError as exc:
+            raise ValueError(f"response_template: {exc}") from None
+        if sum(parsed.slot_sizes) > self.sampling.gen_length:
+            raise ValueError(f"response_template: its slots hold {sum(parsed.slot_sizes)} tokens > "
+                             f"sampling.gen_length {self.sampling.gen_length}")
+        known = (["prompt"] if not self.input.messages_column else []) + list(self.input.variables)
+        unknown = [c for c in parsed.columns if c not in known]
+        if unknown:
+            raise ValueError(f"response_template: {{{unknown[0]}}} is not a row column here (known: "
+                             f"{', '.join(known) or 'none'}; add it to input.variables)")
         return self
 
     @field_validator("template")
@@ -260,6 +286,8 @@ class JobSpec(_Strict):
             "prefix_sha256": hashlib.sha256(self.prefix_text().encode()).hexdigest(), "seed": self.seed, "n": self.n,
             "input": self.input.model_dump(exclude={"storage_options"}),
         }
+        if self.response_template is not None:  # absent otherwise: older outputs keep their fingerprint
+            parts["response_template"] = self.response_template
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

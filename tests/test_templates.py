@@ -1,0 +1,210 @@
+"""Response templates: fixed text with masked slots.
+
+The template's parsing and layout (pure); the decoding loop with a template in the batch
+(random tiny models: fixed text never changes at any step, transfer counts come from each
+row's masked positions, a block with nothing masked costs no step, early stop per slot); the
+engine on the shipped model in every cache mode (the reverse task's answer in a slot between
+fixed text); the job's spec checks, rows and ``slots`` column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from illada_batch.decoding.loop import DecodeBatch, denoise_step, end_slots_at_eos, row_generators
+from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.decoding.template import Column, ResponseTemplate
+from illada_batch.errors import ParamsError, SpecError
+from illada_batch.job.spec import spec_from_dict
+
+MASK, EOS = 95, 1  # the TINY config's ids
+
+
+# --- the template ---------------------------------------------------------------------
+
+
+def test_parse_keeps_every_other_brace_as_text():
+    t = ResponseTemplate.parse('{"name": "{slot:8}", "age": {slot:3}, "topic": "{topic}"}')
+    assert t.pieces == ('{"name": "', 8, '", "age": ', 3, ', "topic": "', Column("topic"), '"}')
+    assert t.slot_sizes == [8, 3] and t.columns == ["topic"]
+    filled = t.render({"topic": "bread"})
+    tok = filled.tokenize(lambda s: [ord(c) for c in s])
+    assert tok.texts == ('{"name": "', '", "age": ', ', "topic": "bread"}')
+    assert tok.length == sum(map(len, tok.texts)) + 11
+    with pytest.raises(ParamsError, match="no {slot:N}"):
+        ResponseTemplate.parse("fixed text only {topic}")
+    with pytest.raises(ParamsError, match="at least 1 token"):
+        ResponseTemplate.parse("a {slot:0}")
+
+
+def test_layout_and_read_write_the_fixed_text_as_given():
+    tok = ResponseTemplate.parse("<{slot:3}|{slot:2}>").tokenize(lambda s: [ord(c) for c in s])
+    ids, slot = tok.layout(10, MASK, EOS)
+    assert ids == [ord("<"), MASK, MASK, MASK, ord("|"), MASK, MASK, ord(">"), EOS, EOS]
+    assert slot == [-1, 0, 0, 0, -1, 1, 1, -1, -1, -1]
+    response = [ord("<"), 60, EOS, 61, ord("|"), 62, 63, ord(">"), EOS, EOS]  # slot 0 ends at its EOS
+    text, slots, written, stopped = tok.read(response, EOS, lambda t: "".join(chr(c) for c in t))
+    assert (text, slots, stopped) == ("<<|>?>", ["<", ">?"], True)
+    assert written == [ord("<"), 60, ord("|"), 62, 63, ord(">")]
+    with pytest.raises(RuntimeError, match="changed a response template's fixed text at positions \\[4\\]"):
+        tok.read(response[:4] + [70] + response[5:], EOS, chr)
+
+
+def test_early_stop_ends_each_slot_at_its_eos_and_never_touches_fixed_text():
+    M, E = MASK, EOS
+    slot = torch.tensor([[-1, 0, 0, 0, -1, 1, 1, 1, -1], [0] * 9])
+    resp = torch.tensor([[5, 7, E, 8, E, M, E, M, 9],  # slot 0 settled: 8 -> EOS; slot 1 has a mask before its EOS
+                         [7, 8, E, M, 9, M, M, M, M]])  # no template: one slot, ends at its first EOS
+    out = end_slots_at_eos(resp, slot, M, E)
+    assert out.tolist() == [[5, 7, E, E, E, M, E, M, 9], [7, 8, E, E, E, E, E, E, E]]
+
+
+# --- the decoding loop ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(make_tiny_llada):
+    return make_tiny_llada()
+
+
+def run_rows(model, params, responses, prompts=None, seeds=None):
+    """Decode a batch to the end; returns (batch, each step's response [B, G])."""
+    prompts = prompts or [[5, 6, 7, 8, 9][: 3 + i % 3] for i in range(len(responses))]
+    gens = row_generators(seeds or list(range(len(responses))), model.device)
+    batch = DecodeBatch.from_prompts(prompts, params, MASK, 0, gens, model.device, responses=responses)
+    history = [batch.x[:, -params.gen_length:].clone()]
+    while not bool(batch.done.all()):
+        denoise_step(model, batch, params)
+        history.append(batch.x[:, -params.gen_length:].clone())
+    return batch, history
+
+
+def layout(text_ids: list, slots: list[int], G: int):
+    """A token template: fixed runs (lists of ids) around slots."""
+    from illada_batch.decoding.template import TokenTemplate
+
+    return TokenTemplate(tuple("x" * len(f) for f in text_ids), tuple(tuple(f) for f in text_ids), tuple(slots)).layout(
+        G, MASK, EOS)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_fixed_text_never_changes_and_only_slots_are_filled(model, threshold):
+    params = SamplingParams(steps=8, gen_length=16, block_length=8, early_stop=False, threshold=threshold)
+    templated = layout([[10, 11], [12], [13, 14, 15]], [3, 5], 16)  # 8 fixed + 8 slot positions
+    batch, history = run_rows(model, params, [templated, None, templated])
+    fixed = torch.tensor(templated[1]) < 0  # [G]: fixed text and the EOS tail
+    want = torch.tensor(templated[0])
+    for resp in history:  # at every step
+        assert torch.equal(resp[0][fixed], want[fixed]) and torch.equal(resp[2][fixed], want[fixed])
+    final = history[-1]
+    assert not (final == MASK).any(), "every slot position is filled"
+    assert not torch.equal(final[0][~fixed], final[2][~fixed]), "rows with different prompts fill differently"
+
+
+def test_transfer_counts_come_from_the_rows_masked_positions(model):
+    """A block with m masked positions in s steps unmasks the reference schedule of m (m // s,
+    one more for the first m % s steps), a fully masked row beside it the schedule of the
+    block length; a block with nothing masked costs no step."""
+    params = SamplingParams(steps=12, gen_length=24, block_length=8, early_stop=False)  # 3 blocks, 4 steps each
+    # block 0: 3 fixed + 5 masked; block 1: all fixed; block 2: 3 fixed + 2 masked + 3 of EOS tail
+    templated = layout([[20, 21, 22], list(range(30, 41)), []], [5, 2], 24)
+    batch, history = run_rows(model, params, [templated, None])
+    unmasked = [int(((a == MASK) & (b != MASK))[0].sum()) for a, b in zip(history, history[1:])]
+    plain = [int(((a == MASK) & (b != MASK))[1].sum()) for a, b in zip(history, history[1:])]
+    assert unmasked[:6] == [2, 1, 1, 1, 1, 1], unmasked  # 5 in 4 steps; then 2 in 4 steps: one a step
+    assert batch.nfe.tolist() == [6, 12], "block 1 (nothing masked) is skipped; block 2 needs 2 steps"
+    assert plain == [2] * 12
+
+
+# --- the engine on the shipped model ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suite():
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.tasks.evaluate import suite_rows
+
+    engine = Engine.from_pretrained("tiny-llada", cache="off", max_batch_size=8)
+    prefixes, rows = suite_rows(engine.tokenizer, 10_000, 8, 1, 400, task_names=("reverse",))
+    return engine.model, prefixes, rows
+
+
+@pytest.mark.parametrize("cache", [m.value for m in CacheMode])
+def test_the_reverse_tasks_answer_in_a_slot_in_every_cache_mode(suite, cache):
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.tasks import suite as tasks
+
+    model, prefixes, rows = suite
+    engine = Engine(model, cache=cache, max_batch_size=8)
+    prefix = prefixes[rows[0].prefix_id]
+    params = SamplingParams(steps=8, gen_length=16, block_length=8, temperature=0.5)
+    results = engine.generate([r.prompt for r in rows], params, prefix=prefix, n=2, seed=3,
+                              request_ids=[r.id for r in rows], response_template="{slot:8} END")
+    assert len(results) == 2 * len(rows)
+    for res in results:
+        assert res.error is None and len(res.slots) == 1
+        assert res.text == res.slots[0] + " END", "the fixed text, byte for byte, after the slot"
+        assert "[MASK]" not in res.text and res.steps <= 8
+    right = sum(tasks.check("reverse", prefix, r.prompt, res.slots[0]) for r, res in zip(
+        [r for r in rows for _ in range(2)], results))
+    assert right >= 14, f"{right} of 16 answers right in the slot"  # 16 of 16 in every mode when written
+    again = engine.generate([rows[3].prompt], params, prefix=prefix, n=2, seed=3, request_ids=[rows[3].id],
+                            response_template="{slot:8} END")
+    assert [r.slots for r in again] == [r.slots for r in results[6:8]], "a sample's seed, not its batch, decides"
+
+
+def test_engine_refuses_a_template_without_a_slot_or_too_long(suite):
+    from illada_batch.engine.diffusion import Engine
+
+    engine = Engine(suite[0], cache="off")
+    params = SamplingParams(steps=8, gen_length=8, block_length=8)
+    with pytest.raises(ParamsError, match="response_template: no {slot:N}"):
+        engine.generate(["Input: lamb\nOutput:"], params, response_template="fixed")
+    with pytest.raises(ParamsError, match=r"response_template: \d+ tokens > gen_length 8"):
+        engine.generate(["Input: lamb\nOutput:"], params, response_template="{slot:8} END X")
+
+
+# --- the job --------------------------------------------------------------------------
+
+
+def job(tmp_path, **extra) -> dict:
+    return {"name": "slots", "input": {"url": str(tmp_path / "in.parquet"), "variables": ["topic"]},
+            "sampling": {"steps": 8, "gen_length": 16, "block_length": 8}, "output": {"url": str(tmp_path / "out")},
+            "prefix": {"text": "Task: Write the same words in reverse order.\n\nInput: lamb king bread\n"
+                               "Output: bread king lamb\n\n"}, **extra}
+
+
+@pytest.mark.parametrize("template, words", [
+    ("fixed text only", "response_template: no {slot:N}"),
+    ("{slot:10} and {slot:7}", "response_template: its slots hold 17 tokens > sampling.gen_length 16"),
+    ("{slot:4} {colour}", "response_template: {colour} is not a row column here (known: prompt, topic"),
+])
+def test_the_spec_refuses_a_bad_template_naming_the_field(tmp_path, template, words):
+    with pytest.raises(SpecError, match=words.replace("{", "\\{").replace("(", "\\(")):
+        spec_from_dict(job(tmp_path, response_template=template))
+
+
+def test_a_job_writes_the_rendered_response_and_each_slots_text(tmp_path):
+    from illada_batch.job.replica import ShardReplica
+    from illada_batch.job.shards import plan_shards
+
+    prompts = ["Input: stone sword apple\nOutput:", "Input: fire gold\nOutput:", "Input: tree\nOutput:"]
+    topics = ["a", "b", "c " * 20]  # the last one's rendered template is longer than gen_length: an error row
+    pq.write_table(pa.table({"id": ["r0", "r1", "r2"], "prompt": prompts, "topic": topics}), tmp_path / "in.parquet")
+    spec = spec_from_dict(job(tmp_path, response_template="{slot:6} ({topic})", n=2)).resolved()
+    assert spec.fingerprint() != spec_from_dict(job(tmp_path, n=2)).resolved().fingerprint()
+    replica = ShardReplica(spec.model_dump_json(), str(tmp_path / "out"), spec.fingerprint())
+    (shard,), _ = plan_shards(spec.input.url, {}, 64, spec.input.columns())
+    manifest = replica.process(shard.to_dict())
+    rows = {(r["id"], r["sample_index"]): r for r in pq.read_table(tmp_path / "out" / manifest.data_key).to_pylist()}
+    assert len(rows) == 6
+    for j in (0, 1):
+        assert rows[("r0", j)]["slots"] == [" apple sword stone"]
+        assert rows[("r0", j)]["generation"] == " apple sword stone (a)"
+        assert rows[("r1", j)]["generation"] == rows[("r1", j)]["slots"][0] + " (b)"
+        bad = rows[("r2", j)]
+        assert bad["generation"] is None and bad["slots"] is None
+        assert bad["error"].startswith("response template: ") and "> gen_length 16" in bad["error"]

@@ -208,3 +208,30 @@ def test_a_job_writes_the_rendered_response_and_each_slots_text(tmp_path):
         bad = rows[("r2", j)]
         assert bad["generation"] is None and bad["slots"] is None
         assert bad["error"].startswith("response template: ") and "> gen_length 16" in bad["error"]
+
+
+@pytest.mark.slow
+def test_a_job_with_slots_on_local_ray_and_the_s3_server(s3, ray_cluster):
+    from pipeline_support import assert_exactly_once, job_dict, read_output
+
+    from illada_batch.job.driver import run_job
+
+    fs = s3.fs()
+    words = "lamb king bread water stone fire tree gold light house".split()
+    ids = [f"s{i:02d}" for i in range(10)]
+    prompts = [f"Input: {words[i]} {words[(i + 3) % 10]} {words[(i + 7) % 10]}\nOutput:" for i in range(10)]
+    with fs.open("bucket/slots-in/p.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": ids, "prompt": prompts}), f)
+    spec = spec_from_dict(job_dict("s3://bucket/slots-in/", "s3://bucket/slots-out", s3, n=2, shard_rows=4,
+                                   response_template="{slot:6} END", sampling={"steps": 8, "gen_length": 16,
+                                                                              "block_length": 8}))
+    logs: list[str] = []
+    report = run_job(spec, show_progress=False, log=logs.append)
+    table = read_output(fs, "bucket/slots-out")
+    assert report.ok, table.column("error").to_pylist()[:2]  # " END" is 3 tokens: 6 + 3 > 8 would be error rows
+    assert_exactly_once(table, ids, n=2)
+    rows = table.to_pylist()
+    assert all(r["generation"] == r["slots"][0] + " END" for r in rows)
+    want = {p: " " + " ".join(reversed(p.split("\n")[0].removeprefix("Input: ").split())) for p in prompts}
+    right = sum(r["slots"][0] == want[r["prompt"]] for r in rows)
+    assert right >= 12, f"{right} of 20 slots hold the reversed words"  # 14 when written (a one-example prefix)

@@ -125,6 +125,8 @@ class VLLMEngine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
+        if r.template is not None:  # the job spec refuses it first; this guards the request API
+            return "a response template needs the diffusion engine (vLLM generates left to right)"
         return request_problem(r, self.max_model_len)
 
     def _result(self, r: Request, seed: int, out) -> Result:

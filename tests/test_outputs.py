@@ -84,3 +84,26 @@ def test_replica_seconds_count_overlapping_shards_once():
 
     busy = {("a", 1): [(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)], ("a", 2): [(0.0, 3.0)]}
     assert _busy_seconds(busy) == 12.0 + 5.0 + 3.0
+
+
+def test_manifests_of_the_first_format_are_still_read_and_checked(tmp_path):
+    """Before row ranges, a manifest merged its stats into the top level and called the
+    sample count `rows`: such an output still resumes, trusted by its sample count."""
+    import json
+
+    from illada_batch.errors import RowRangeMismatch
+    from illada_batch.job.commit import Output
+    from illada_batch.job.records import RowRange
+    from illada_batch.job.storage import filesystem
+
+    (tmp_path / "_manifest").mkdir()
+    old = {"shard_id": "abc-000000000", "data_key": "data/part-abc-000000000-1.parquet", "rows": 16,
+           "sha256": "0" * 64, "fingerprint": "fp", "committed_at": 1.0, "samples": 16, "errors": 1, "tokens": 40,
+           "gen_seconds": 0.5, "seconds": 1.0, "started": 0.5, "node": "n", "pid": 7}
+    (tmp_path / "_manifest" / "abc-000000000.json").write_text(json.dumps(old))
+    out = Output(*filesystem(str(tmp_path), {}))
+    plan = {"abc-000000000": RowRange("in/a.parquet", 100, "1", 0, 8)}
+    (m,) = out.trusted_manifests("fp", plan, samples_per_row=2).values()
+    assert (m.samples, m.stats.errors, m.stats.tokens, m.stats.pid, m.rows) == (16, 1, 40, 7, None)
+    with pytest.raises(RowRangeMismatch, match="it holds 16 samples, the plan's shard 8"):
+        out.trusted_manifests("fp", plan, samples_per_row=1)

@@ -168,10 +168,6 @@ class Output:
                 continue
         return None
 
-    def success(self) -> JobSummary | None:
-        summary = self.summary()
-        return summary if summary is not None and summary.ok else None
-
     # --- finishing (driver) ----------------------------------------------------------
 
     def remove_orphans(self, manifests: dict[str, Manifest]) -> int:

@@ -29,6 +29,8 @@ class Progress:
 
 def summary_table(s: JobSummary) -> str:
     """The job summary for a terminal: the closing table of ``run`` and ``status``."""
+    if s.empty:
+        return f"job summary\n  output  {s.output}\n  status  {s.verdict()}"
     shards = f"{s.shards_committed:,} committed" + (f" / {s.shards:,}" if s.shards is not None else "")
     if s.this_run is not None:
         shards += f" ({s.this_run.shards} this run, {s.this_run.skipped} earlier)"

@@ -14,50 +14,13 @@ from dataclasses import replace
 
 import torch
 
+from illada_batch.bench.measure import run_requests, strip, table, with_agreement
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
 from illada_batch.tasks.evaluate import accuracy, suite_requests, suite_rows
 
 GEN = 32
-
-
-def _peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (peak RSS) on Linux
-        except OSError:
-            pass
-
-
-def _peak_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[dict, list]:
-    """One engine over ``reqs``: (speed, steps, prefix hits, peak memory; the results)."""
-    engine = Engine(model, cache=cache, max_batch_size=batch)
-    _peak_reset()
-    t0 = time.perf_counter()
-    results = engine.run(reqs)
-    seconds = time.perf_counter() - t0
-    c = engine.counters
-    nfe = sum(res.steps for res in results)
-    tokens = sum(len(res.token_ids) + (res.finish_reason == "eos") for res in results)  # text + its EOS
-    return {"cache": cache, "decoding": "threshold" if reqs[0].params.threshold else "fixed", "rows": len(reqs),
-            "seconds": seconds, "rows_per_s": len(reqs) / seconds, "tokens_per_s": tokens / seconds,
-            "steps_per_token": nfe / max(tokens, 1), "prefix_hit_rate": 1 - c.prefix_pages_missed / c.prefix_pages_read if c.prefix_pages_read else None,
-            "peak_mb": _peak_bytes() / 2**20, "accuracy": None, "forward_passes": c.forward_passes,
-            "_tokens": [res.token_ids for res in results]}, results
 
 
 def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: int) -> dict:
@@ -67,31 +30,19 @@ def run_mode(model, cache: str, params: SamplingParams, prefixes, rows, batch: i
     return out
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
-    """(rows with identical tokens, positions with identical tokens) as fractions."""
-    same_rows = sum(x == y for x, y in zip(a, b)) / len(a)
-    pos = sum(sum(p == q for p, q in zip(x + [-1] * (GEN - len(x)), y + [-1] * (GEN - len(y)))) for x, y in zip(a, b))
-    return same_rows, pos / (GEN * len(a))
-
-
-def bench_modes(model, rows_per_task: int, batch: int = 16) -> list[dict]:
+def bench_modes(model, rows_per_task: int, caches: list[str], gens=(GEN, 64), batch: int = 16) -> list[dict]:
+    """Every cache mode x (fixed steps, threshold 0.9) x gen_length, block 32, early stop, on
+    task-suite rows: accuracy, and agreement with ``off`` at the same decoding and length."""
     prefixes, rows = suite_rows(model.tokenizer, seed=20_000, rows_per_task=rows_per_task, prefixes_per_task=1,
                                 min_prefix_tokens=400)
-    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=True)
-    thresh = replace(fixed, threshold=0.9)
     out = []
-    for params in (fixed, thresh):
-        for cache in ("off", "prefix"):
-            out.append(run_mode(model, cache, params, prefixes, rows, batch))
-    return with_agreement(out)
-
-
-def with_agreement(modes: list[dict]) -> list[dict]:
-    """Each mode's token agreement with the first (cache off, fixed steps)."""
-    base = modes[0]["_tokens"]
-    for r in modes:
-        r["agree_rows"], r["agree_tokens"] = agreement(base, r.pop("_tokens"))
-    return modes
+    for gen in gens:
+        fixed = SamplingParams(steps=gen, gen_length=gen, block_length=GEN, early_stop=True)
+        for params in (fixed, replace(fixed, threshold=0.9)):
+            runs = [run_mode(model, cache, params, prefixes, rows, batch) for cache in caches]
+            base = next((r for r in runs if r["cache"] == "off"), None)
+            out += with_agreement(runs, base) if base is not None else runs
+    return out
 
 
 def bench_batching(model, n_rows: int = 32, min_prefix_tokens: int = 400) -> dict:
@@ -137,30 +88,6 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-def _table(modes: list[dict]) -> str:
-    head = f"{'cache':<7}{'decoding':<10}{'rows/s':>8}{'tok/s':>9}{'steps/tok':>10}{'hit rate':>9}" \
-           f"{'peak MB':>9}{'accuracy':>9}{'agree rows':>11}{'agree tok':>10}"
-    lines = [head, "-" * len(head)]
-    for r in modes:
-        hit = "-" if r["prefix_hit_rate"] is None else f"{r['prefix_hit_rate']:.2f}"
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
-        lines.append(f"{r['cache']:<7}{r['decoding']:<10}{r['rows_per_s']:>8.2f}{r['tokens_per_s']:>9.1f}"
-                     f"{r['steps_per_token']:>10.2f}{hit:>9}{r['peak_mb']:>9.0f}{acc:>9}"
-                     f"{r['agree_rows']:>11.1%}{r['agree_tokens']:>10.1%}")
-    return "\n".join(lines)
-
-
-def _random_model(shape: str):
-    from illada_batch.model.config import PRESETS
-    from illada_batch.model.llada import LLaDA
-
-    cfg = PRESETS[shape]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(dev):
-        model = LLaDA(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
-    return model
-
-
 def main(args) -> int:
     from illada_batch.model.checkpoint import load_model
 
@@ -171,20 +98,31 @@ def main(args) -> int:
             raise SystemExit(f"--model-shape {args.model_shape} needs a GPU (its weights alone exceed this machine's memory)")
         if not args.random_weights:
             raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
-        return _bench_shape(args)
+        from illada_batch.bench.shape import bench_shape
+
+        return bench_shape(args)
     model = load_model(args.model)
-    only = set(args.only.split(",")) if args.only else {"modes", "batching", "memory", "pipeline", "driver"}
+    only = set(args.only.split(",")) if args.only else {"modes", "long", "batching", "memory", "pipeline", "driver"}
+    caches = args.cache.split(",")
     report = {"model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
     if "modes" in only:
-        modes = bench_modes(model, rows_per_task=max(1, args.rows // 5))
-        report["modes"] = modes
-        off, pre, off_t, pre_t = modes
-        print(_table(modes))
-        print(f"\nprefix / off, fixed steps:        {pre['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s, "
-              f"accuracy {pre['accuracy'] - off['accuracy']:+.1%}")
-        print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer steps "
-              f"per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
+        modes = bench_modes(model, rows_per_task=max(1, args.rows // 5), caches=caches)
+        report["modes"] = strip(modes)
+        print(table(modes))
+        at = {(r["cache"], r["decoding"], r["gen"]): r for r in modes}
+        off, off_t = at.get(("off", "fixed", GEN)), at.get(("off", "threshold", GEN))
+        for cache in caches[1:] if off else []:
+            r = at[(cache, "fixed", GEN)]
+            print(f"{cache} / off, fixed steps, gen {GEN}: {r['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s, "
+                  f"accuracy {r['accuracy'] - off['accuracy']:+.1%}")
+        if off and off_t:
+            print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer "
+                  f"steps per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
+    if "long" in only:
+        from illada_batch.bench.long_gen import bench_long
+
+        report["long"] = strip(bench_long(model, caches, rows=min(args.rows, 16)))
     if "batching" in only:
         report["batching"] = {}
         for label, min_prefix in (("long", 400), ("short", 0)):
@@ -216,28 +154,4 @@ def main(args) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {args.out}")
-    return 0
-
-
-def _bench_shape(args) -> int:
-    """LLaDA-8B's shape with random weights: the modes table (no accuracy: the weights are
-    random) on whatever device is here, 512-token prefix and 32-token prompts of random ids."""
-    model = _random_model(args.model_shape)
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
-    prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(args.rows)]
-    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN)
-    modes = []
-    for params in (fixed, replace(fixed, threshold=0.9)):
-        for cache in ("off", "prefix"):
-            reqs = [Request(str(i), p, prefix, params) for i, p in enumerate(prompts)]
-            modes.append(run_requests(model, cache, reqs, batch=16)[0])
-    with_agreement(modes)
-    print(f"{args.model_shape}, random weights, {model.device}, {args.rows} rows, 512-token shared prefix")
-    print(_table(modes))
-    off, pre = modes[0], modes[1]
-    print(f"\nprefix / off, fixed steps: {pre['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s")
-    with open(args.out, "w") as f:
-        json.dump({"shape": args.model_shape, "device": str(model.device), "rows": args.rows, "modes": modes}, f, indent=2)
     return 0

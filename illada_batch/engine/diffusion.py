@@ -4,7 +4,12 @@ into the paged KV cache, finished rows replaced by waiting ones.
 Design note. Requests are grouped by (prefix, sampling parameters). For each group a
 cache plan is chosen once (``cache_plan.choose_plan``): the shared prefix read from pages
 (``SharedPrefix``; pages that miss are encoded once, attending only to the prefix), or the
-cache off (``NoCache``, also for a prefix that does not fit the KV budget: never an error).
+cache off (``NoCache``, also for a prefix that does not fit the KV budget: never an error),
+or each row's K/V in its own pages (``BlockCache``, the ``blocks`` and ``prefix+blocks``
+modes: a row takes pages when it joins and waits while they do not fit; its forward is a
+refresh over its whole sequence at a block's first step, the block's tokens only otherwise;
+both kinds are served every iteration as two forwards, see ``block_cache``'s note for the
+measurement that chose it).
 Then each engine step is three calls, as in nano-vllm's ``LLMEngine.step``: ``_schedule``
 (waiting rows take free slots), ``denoise_step`` (one forward for the batch through the
 plan's ``forward``, the one decoding loop's cache parameter), ``_postprocess`` (done rows

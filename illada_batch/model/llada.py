@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from illada_batch.model.attention import cascade_attention
 from illada_batch.model.config import LLaDAConfig
 
 # One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
@@ -85,15 +86,16 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_hook is not None:
             k, v = kv_hook(k, v)  # [B, Hkv, T, hd]
-        if prefix is not None:
-            pk, pv = prefix  # [P, Hkv, hd] shared by every row
-            pk = pk.to(k.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)  # [B, Hkv, P, hd]
-            pv = pv.to(v.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1)
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # [B, Hkv, P+T, hd]
-        if cfg.n_kv_heads != cfg.n_heads:
-            rep = cfg.n_heads // cfg.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, *, hd]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        if mask is not None and mask.dtype != q.dtype:  # under autocast
+            mask = mask.to(q.dtype)
+        rep = cfg.n_heads // cfg.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
+        if prefix is None:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        else:  # a prefix shared by every row: attended once, merged by log-sum-exp
+            pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
+            att = cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
@@ -159,7 +161,7 @@ class LLaDA(nn.Module):
         if positions is None:
             positions = torch.arange(P, P + L, device=input_ids.device).expand(B, L)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = self._attn_mask(attention_mask, B, L, P)
+        mask = self._attn_mask(attention_mask, B, L, self.dtype)
         t = self.model.transformer
         x = t.wte(input_ids)  # [B, L, d]
         for i, block in enumerate(t.blocks):
@@ -178,8 +180,9 @@ class LLaDA(nn.Module):
         return F.linear(t.ln_f(hidden), head)
 
     @staticmethod
-    def _attn_mask(attention_mask: Tensor | None, B: int, L: int, P: int) -> Tensor | None:
-        """-> bool [B, 1, L, P+T] (True = attend) or None when everything may attend."""
+    def _attn_mask(attention_mask: Tensor | None, B: int, L: int, dtype: torch.dtype) -> Tensor | None:
+        """-> additive [B, 1, L, T] (0 = attend, -inf = not) or None when everything may attend.
+        A shared prefix is not in it: every query sees all of the prefix."""
         if attention_mask is None:
             return None
         m = attention_mask.bool()
@@ -187,11 +190,6 @@ class LLaDA(nn.Module):
             if bool(m.all()):
                 return None
             m = m[:, None, :].expand(B, L, L)  # [B, L(q), L(k)]
-        T = m.shape[-1]
-        if P:
-            m = torch.cat([m.new_ones(B, L, P), m], dim=-1)  # the prefix is visible to every query
-        if T == L:  # a query that may attend to nothing (a padding position) would give NaN: let it see itself
-            self_key = torch.zeros(L, P + L, dtype=torch.bool, device=m.device)
-            self_key[:, P:] = torch.eye(L, dtype=torch.bool, device=m.device)
-            m = m | self_key[None]
-        return m[:, None]
+        if m.shape[-1] == L:  # a query that may attend to nothing (a padding position) would give NaN: let it see itself
+            m = m | torch.eye(L, dtype=torch.bool, device=m.device)[None]
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, -torch.inf)[:, None]

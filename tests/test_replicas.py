@@ -60,13 +60,16 @@ def bounded(fn, seconds: float = 90):
 def test_a_replica_that_cannot_be_placed_is_reported_and_its_shards_go_elsewhere(ray_cluster, tmp_path):
     """3 replicas of 1 CPU on 2 CPUs: before the fix the third held two shards and the job
     waited forever at 61 of 63."""
-    spec, ids = job(tmp_path, rows=40, replicas=3, placement_timeout_s=4)
+    spec, ids = job(tmp_path, rows=80, replicas=3, placement_timeout_s=3)
     logs: list[str] = []
     summary = bounded(lambda: run_job(spec, show_progress=False, log=logs.append))
     assert summary.exit_code() == 0, logs
-    placed = [m for m in logs if "was not placed within 4 s" in m]
-    assert len(placed) == 1 and "it asks for 1 CPU;" in placed[0], logs
-    assert "the cluster has 2 CPU in total, nothing free" in placed[0] and "the shards go to the other replicas" in placed[0]
+    # one never had room (a replica whose worker is still starting on a busy machine is told
+    # apart by the CPUs in use)
+    placed = [m for m in logs if "was not placed within 3 s" in m]
+    assert len(placed) == 1, logs
+    assert "it asks for 1 CPU; the cluster has 2 CPU in total" in placed[0], placed
+    assert placed[0].endswith("; the shards go to the other replicas"), placed
     assert_exactly_once(read_output(fsspec.filesystem("file"), str(tmp_path / "out")), ids, n=1)
 
 
@@ -89,6 +92,8 @@ def test_no_replica_placed_on_a_cluster_that_may_grow_stops_the_job_and_says_why
     assert msg.startswith("no replica is running: replica 1 was not placed within 3 s"), msg
     assert "it asks for 1 CPU, 1 GPU; the cluster has 2 CPU in total" in msg
     assert any(m.startswith("no shard committed in the last") and "being placed or started" in m for m in logs), logs
+    record = json.loads((tmp_path / "out" / "_FAILED.json").read_text())
+    assert record["status"] == f"FAILED: stopped: {msg}"
 
 
 def test_a_model_that_fails_its_checksum_stops_the_job_once_with_its_message(ray_cluster, tmp_path):

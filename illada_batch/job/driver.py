@@ -26,7 +26,7 @@ from collections import Counter, deque
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from illada_batch.errors import FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
+from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
@@ -107,7 +107,7 @@ class _Job:
             try:
                 if todo:
                     self._dispatch(todo, address, show_progress)
-            except JobStopped as exc:
+            except (JobStopped, ClusterError) as exc:  # recorded in _FAILED.json, then the one-line error
                 self._finish(len(shards) + len(bad_files), stopped=str(exc))
                 raise
             return self._finish(len(shards) + len(bad_files))

@@ -77,25 +77,39 @@ class ReplicaPool:
     def poll(self) -> None:
         """Advance every replica not yet working; raises ``JobStopped`` on an unfixable start
         error and ``ClusterError`` when no replica is left."""
+        overdue = []
         for i, slot in enumerate(self.slots):
             if slot is None or slot.up:
                 continue
             if slot.ready is not None:
-                self._poll_placement(i, slot)
+                if self._poll_placement(i, slot):
+                    overdue.append(i)
             elif slot.started is not None and ray.wait([slot.started], timeout=0)[0]:
                 self._poll_start(i, slot)
+        if overdue:
+            self._give_up_unplaced(overdue)
         if not any(s is not None for s in self.slots):
             raise ClusterError("no replica is running: " + "; ".join(self.gone[-3:]))
 
-    def _poll_placement(self, i: int, slot: _Slot) -> None:
+    def _poll_placement(self, i: int, slot: _Slot) -> bool:
+        """True when the replica is overdue: not ready after the timeout, and no worker yet."""
         if ray.wait([slot.ready], timeout=0)[0]:
             try:
                 ray.get(slot.ready)
             except RayActorError as exc:
                 self._start_failed(i, slot, death_reason(exc))
-                return
+                return False
             slot.ready, slot.started = None, slot.handle.start.remote()
-        elif time.time() - slot.created > self.timeout:
+            return False
+        return time.time() - slot.created > self.timeout and not _has_a_worker(slot.handle)
+
+    def _give_up_unplaced(self, overdue: list[int]) -> None:
+        """Give up the overdue replicas, except as many as the resources in use say may be
+        placed with their worker process still starting (a busy node): the last created go."""
+        holding = sum(1 for i, s in enumerate(self.slots) if s is not None and i not in overdue
+                      and (s.ready is None or _has_a_worker(s.handle)))
+        starting = max(0, _replicas_in_use(self.request) - holding)
+        for i in overdue[starting:]:
             why = (f"replica {i + 1} was not placed within {self.timeout:g} s: it asks for "
                    f"{resources_text(self.request)}; {cluster_resources_text()}")
             self._give_up(i, why)
@@ -149,6 +163,28 @@ class ReplicaPool:
                 pass
         for s in live:
             ray.kill(s.handle)
+
+
+def _has_a_worker(handle) -> bool:
+    """Whether Ray has granted the actor its resources and leased it a worker process (which
+    may still be starting on a busy node): then it is placed, only not ready yet. Read from
+    the GCS's actor table (Ray's private state API; if that ever fails, not-ready counts as
+    not placed)."""
+    try:
+        from ray._private import state
+
+        return bool(state.actors(handle._actor_id.hex()).get("Pid"))
+    except Exception:  # noqa: BLE001 - an internal API: fall back to readiness alone
+        return False
+
+
+def _replicas_in_use(request: dict) -> int:
+    """How many replicas the cluster's resources in use could be (an upper bound: other work
+    counts too)."""
+    if not request:
+        return 0
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return min(int((total.get(k, 0) - free.get(k, 0)) // v) for k, v in request.items())
 
 
 def resources_text(res: dict) -> str:

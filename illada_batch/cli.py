@@ -108,7 +108,7 @@ def cmd_validate(args) -> int:
     i = spec.input
     shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column,
                               i.text_column())
-    problems, notes = preflight.model_problems(spec)
+    problems, notes = preflight.model_problems(spec, replicas_here=not args.address)
     problems += preflight.output_problems(spec.resolved().output_url(args.date), spec.output.storage_options)
     if args.address:
         more, cluster_notes = preflight.cluster_problems(spec, args.address)

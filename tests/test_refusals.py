@@ -147,3 +147,7 @@ def test_validate_asks_the_cluster_for_the_resources(tmp_path, ray_cluster, caps
     assert "note      cluster" in out and "2 CPU in total" in out
     code, out = validate(spec_file(tmp_path, replicas=3), "--address", ray_cluster, capsys=capsys)
     assert code == 0 and "the cluster holds 2 of the 3 replicas now" in out, out
+    # on a cluster, a local model path is the replicas' nodes' business: missing here is a note
+    code, out = validate(spec_file(tmp_path, model={"path": "/models/llada"}), "--address", ray_cluster,
+                         capsys=capsys)
+    assert code == 0 and "note      model.path: /models/llada is no directory" in out and "on this machine" in out

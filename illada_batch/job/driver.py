@@ -59,7 +59,7 @@ class _Job:
 
     def run(self, address: str | None, show_progress: bool) -> JobSummary:
         spec, out = self.spec, self.out
-        problems, notes = model_problems(spec)
+        problems, notes = model_problems(spec, replicas_here=not (address or os.environ.get("RAY_ADDRESS")))
         for note in notes:
             self.log(note)
         if problems:

@@ -15,10 +15,19 @@ from illada_batch.job.storage import filesystem, is_transient, storage_errors
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def model_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
+def model_problems(spec: JobSpec, replicas_here: bool = True) -> tuple[list[str], list[str]]:
     """(problems, notes): a local ``model.path`` must be a shipped name or a directory holding
     a config.json; a remote one must hold config.json where this machine's credentials can
-    look (a check it cannot make is a note, not a problem)."""
+    look (a check it cannot make is a note, not a problem). ``replicas_here=False`` (a
+    cluster given by address): a local path is the replicas' nodes' business, so what is
+    missing here is only a note."""
+    problems, notes = _model_problems(spec)
+    if not replicas_here and "://" not in spec.model.path:
+        return [], notes + [f"{p} on this machine (the replicas' nodes may have it)" for p in problems]
+    return problems, notes
+
+
+def _model_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
     path = spec.model.path
     if "://" in path and not path.startswith("file://"):
         try:

@@ -81,6 +81,12 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a new cluster; a bare init joins any cluster `ray start` left
+        # on this machine (another test's, or a developer's) and then refuses num_cpus
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        except Exception:
+            ray.shutdown()  # a start that timed out must not leave a half-started Ray to the next module
+            raise
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

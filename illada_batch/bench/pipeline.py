@@ -93,7 +93,7 @@ def bench_pipeline_efficiency(rows: int = 512) -> dict:
         before, engine_tokens = engine_alone()
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         report = run_job(spec, show_progress=False, log=lambda *_: None)
         ray.shutdown()
         after, _ = engine_alone()
@@ -126,7 +126,7 @@ def bench_driver_overhead(shards: int = 2000, replicas: int = 2) -> dict:
             "sampling": {"steps": 1, "gen_length": 1, "block_length": 1, "early_stop": False},
             "engine": {"cache": "off", "max_batch_size": 1}, "output": {"url": str(tmp / "out")},
             "replicas": replicas, "shard_rows": 1, "resources": {"num_cpus": 1}})
-        ray.init(num_cpus=replicas, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=replicas, include_dashboard=False, log_to_driver=False)
         cpu0, t0 = time.process_time(), time.perf_counter()
         report = run_job(spec, show_progress=False, log=lambda *_: None)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0

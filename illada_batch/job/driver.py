@@ -232,7 +232,8 @@ def _connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:  # the embedded default: a local Ray on this machine's cores
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            # address="local": a new Ray even where `ray start` left a cluster that a bare init would join
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return bool(address)
 
 

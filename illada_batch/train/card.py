@@ -93,7 +93,7 @@ trained here on CPU for illada-batch's demo, tests and benchmarks. Shape: d_mode
 {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, MLP {cfg['mlp_hidden_size']}, RoPE theta {cfg['rope_theta']}.
 
 It was trained with LLaDA's objective on the checkable few-shot task suite
-(`illada_batch/tasks.py`: reverse, sort, rotate, double, substitute) and 10% King James
+(`illada_batch/tasks/suite.py`: reverse, sort, rotate, double, substitute) and 10% King James
 Bible text. It reads the task from its prefix; beyond the tasks it writes scripture-like
 fragments, not coherent prose.
 

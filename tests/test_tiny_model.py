@@ -59,3 +59,19 @@ def test_generate_cli_prints_text():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "no generated text"
     assert "tokens/s" in out.stderr
+
+
+def test_the_model_trained_like_llada_ships_beside_it():
+    """tiny-llada-bidir: the same shape and tokenizer, trained with full bidirectional
+    attention only (no isolated prefix ever), to measure the cache modes' fidelity."""
+    bidir = MODELS_DIR / "tiny-llada-bidir"
+    log = json.loads((bidir / "train_log.json").read_text())
+    assert log["args"]["isolated_fraction"] == 0 and log["previous_stages"] == []
+    assert (bidir / "tokenizer.json").read_bytes() == (SHIPPED / "tokenizer.json").read_bytes()
+    assert json.loads((bidir / "config.json").read_text()) == json.loads((SHIPPED / "config.json").read_text())
+    weights = sum((d / "model.safetensors").stat().st_size for d in (SHIPPED, bidir))
+    assert weights < 20 * 2**20
+    model = load_model("tiny-llada-bidir", device="cpu")
+    ids = torch.tensor([model.tokenizer.encode("Input: lamb king\nOutput:")])
+    logits = model(ids)
+    assert torch.isfinite(logits).all() and not torch.equal(logits, load_model("tiny-llada", device="cpu")(ids))

@@ -2,13 +2,13 @@
 threshold 0.9), where the block cache modes are meant to pay off. Rows of one task share a
 400+-token few-shot prefix; EOS is suppressed so that every row really runs to its full
 length (the tiny models answer in a few tokens). Each cache mode runs the same rows at batch
-16, the block modes also at batch 1 (fewer rows): tokens/s, rows/s, forwards and query
+16 (8 at gen 512), the block modes also at batch 1 (fewer rows): tokens/s, rows/s, forwards and query
 tokens per generated token, peak memory, agreement with ``off``. Every ratio printed
 compares two runs of this command."""
 
 from __future__ import annotations
 
-from illada_batch.bench.measure import run_requests, table, with_agreement
+from illada_batch.bench.measure import agreement, run_requests, table
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.tasks.evaluate import suite_requests, suite_rows
 
@@ -19,18 +19,21 @@ def long_params(gen: int) -> SamplingParams:
 
 
 def bench_long(model, caches: list[str], gen_lengths=(256, 512), rows: int = 16, batch: int = 16,
-               batch1_rows: int = 4) -> list[dict]:
+               few: int = 4) -> list[dict]:
+    """``rows`` rows at batch ``batch`` per mode (half of them past gen_length 256); ``off``
+    (the slowest by far) and the block modes at batch 1 run the first ``few`` rows, and the
+    agreement with ``off`` is over those rows."""
     prefixes, suite = suite_rows(model.tokenizer, seed=50_000, rows_per_task=rows, prefixes_per_task=1,
                                  min_prefix_tokens=400, task_names=("reverse",))
     out = []
     for gen in gen_lengths:
-        reqs = suite_requests(model.tokenizer, prefixes, suite, long_params(gen))
-        runs = [run_requests(model, cache, reqs, batch)[0] for cache in caches]
-        runs += [run_requests(model, cache, reqs[:batch1_rows], 1)[0] for cache in caches
-                 if CacheMode(cache).block_cache]
+        reqs = suite_requests(model.tokenizer, prefixes, suite, long_params(gen))[:rows if gen <= 256 else rows // 2]
+        runs = [run_requests(model, cache, reqs[:few] if cache == "off" else reqs, batch)[0] for cache in caches]
+        runs += [run_requests(model, cache, reqs[:few], 1)[0] for cache in caches if CacheMode(cache).block_cache]
         base = next((r for r in runs if r["cache"] == "off"), None)
         if base is not None:
-            with_agreement([r for r in runs if r["batch"] == batch], base)
+            for r in runs:
+                r["agree_rows"], r["agree_tokens"] = agreement(base["_tokens"], r["_tokens"][:few], gen)
         out += runs
         print(table(runs), flush=True)
         print(ratios(runs, batch), flush=True)

@@ -1,6 +1,9 @@
 """``illada-batch bench --model-shape llada-8b --random-weights``: the modes table at a real
-model's shape with random weights (no accuracy), 512-token prefix and 32-token prompts of
-random ids, on whatever device is here."""
+model's shape with random weights (no accuracy), 512-token shared prefix and 32-token
+prompts of random ids, gen_length 32 (fixed steps and threshold 0.9), batch 1, 16 and 64,
+on whatever device is here (bf16 and SDPA on CUDA): tokens/s, peak memory, and model FLOP
+utilisation (the forwards' matrix FLOPs over ``--peak-tflops``, default the GPU's bf16
+dense peak when known). Prepared for a GPU; not yet run on one."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.requests import Request
 
 GEN = 32
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense, per GPU
 
 
 def random_model(shape: str):
@@ -27,22 +31,43 @@ def random_model(shape: str):
     return model
 
 
+def flops_per_query_token(cfg) -> float:
+    """Matrix FLOPs of one query position through the blocks (attention scores excluded)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    per_layer = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + 3 * d * cfg.mlp_hidden_size
+    return 2.0 * cfg.n_layers * per_layer
+
+
+def peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def bench_shape(args) -> int:
     model = random_model(args.model_shape)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
     prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(args.rows)]
-    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN)
+    fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=False)
+    peak = getattr(args, "peak_tflops", None) or peak_tflops()
     modes = []
     for params in (fixed, replace(fixed, threshold=0.9)):
         reqs = [Request(str(i), p, prefix, params) for i, p in enumerate(prompts)]
-        runs = [run_requests(model, cache, reqs, batch=16)[0] for cache in args.cache.split(",")]
-        base = next((r for r in runs if r["cache"] == "off"), None)
-        modes += with_agreement(runs, base) if base is not None else runs
-    print(f"{args.model_shape}, random weights, {model.device}, {args.rows} rows, 512-token shared prefix")
+        for batch in (1, 16, 64):
+            runs = [run_requests(model, cache, reqs[:max(batch, 4)], batch)[0] for cache in args.cache.split(",")]
+            for r in runs:
+                tflops = r["query_per_token"] * r["tokens_per_s"] * flops_per_query_token(model.config) / 1e12
+                r["model_tflops"], r["mfu"] = tflops, (tflops / peak if peak else None)
+            base = next((r for r in runs if r["cache"] == "off"), None)
+            modes += with_agreement(runs, base) if base is not None else runs
+    print(f"{args.model_shape}, random weights, {model.device}, 512-token shared prefix")
     print(table(modes))
+    for r in modes:
+        mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(f"{r['cache']:<14}{r['decoding']:<10} batch {r['batch']:>3}: {r['model_tflops']:.2f} TFLOP/s, MFU {mfu}")
     with open(args.out, "w") as f:
-        json.dump({"shape": args.model_shape, "device": str(model.device), "rows": args.rows, "modes": strip(modes)},
-                  f, indent=2)
+        json.dump({"shape": args.model_shape, "device": str(model.device), "modes": strip(modes)}, f, indent=2)
     return 0

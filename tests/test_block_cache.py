@@ -243,3 +243,16 @@ def test_every_cache_mode_has_a_name_the_cli_and_spec_accept():
 
     assert [EngineSpec(cache=m.value).cache for m in CacheMode] == list(CacheMode)
     assert _cache_modes() == ["off", "prefix", "blocks", "prefix+blocks"]
+
+
+def test_a_shared_prefix_that_leaves_no_room_for_a_row_is_encoded_for_the_group(model):
+    rng = random.Random(5)
+    prefix = toks(rng, 210, model)  # 14 pages of the 16: no room left for a 3-page row
+    params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
+    reqs = [Request(f"f{i}", toks(rng, rng.randrange(2, 12), model), prefix, params) for i in range(4)]
+    roomy = Engine(model, cache="prefix+blocks")
+    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    assert_same(tight.run(reqs), roomy.run(reqs))
+    assert (tight.counters.prefix_fallbacks, roomy.counters.prefix_fallbacks) == (1, 0)
+    tight.pool.check_invariants()
+    assert tight.pool.num_free_pages == tight.pool.num_pages

@@ -102,7 +102,7 @@ def test_the_example_jobs_are_what_they_say():
     nightly = load_spec(NIGHTLY)
     assert (nightly.replicas, nightly.resources.num_gpus, nightly.resources.num_cpus, nightly.chat) == (8, 1, 8, True)
     assert (nightly.sampling.steps, nightly.sampling.gen_length, nightly.sampling.block_length,
-            nightly.sampling.threshold, nightly.engine.cache) == (128, 256, 32, 0.9, "prefix")
+            nightly.sampling.threshold, nightly.engine.cache) == (128, 256, 32, 0.9, "blocks")
     math = load_spec(ROOT / "jobs" / "synthetic-math.yaml")
     assert (math.n, math.sampling.temperature, math.input.variables) == (4, 0.7, ["difficulty"])
     assert math.template.format(prompt="fractions", difficulty="easy") == "Topic: fractions\nDifficulty: easy"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from illada_batch.engine import pages as pages_mod
-from illada_batch.engine.pages import PageHash, PageId, PagePool, PrefixPages, hash_page
+from illada_batch.engine.pages import PageHash, PageId, PagePool, PrefixPages, RowPages, hash_page
 
 KEY = "llada-8b-instruct"
 A40 = list(range(100, 140))  # 2 full pages + 8-token partial page at page_size 16
@@ -253,7 +253,7 @@ class PoolMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.pool = PagePool(8, page_size=PAGE)
-        self.live: list[tuple[PrefixPages, str]] = []
+        self.live: list[tuple[PrefixPages | RowPages, str | None]] = []  # key None: a row's pages
         self.history: list[tuple[list[int], str]] = []
         self.content: dict[int, PageHash] = {}  # what each page's K/V was written for
         self.seen: set[PageHash] = set()
@@ -314,6 +314,23 @@ class PoolMachine(RuleBasedStateMachine):
     def pressure(self, n, base):
         self._allocate([base] * n, "m1")
 
+    @rule(n=st.integers(1, 20))
+    def row(self, n):
+        """A block-cache row's private pages: taken from the free ones (evicting what they
+        cached), its own K/V written over them."""
+        refs_before = [self.pool.ref_count(PageId(p)) for p in range(self.pool.num_pages)]
+        free_before, needed = self.pool.num_free_pages, -(-n // PAGE)
+        res = self.pool.allocate_row(n)
+        if res is None:
+            assert needed > free_before and self.pool.num_free_pages == free_before
+            return
+        assert len(res.pages) == needed == len(set(res.pages)) and res.num_tokens == n
+        assert all(refs_before[p] == 0 for p in res.pages)
+        assert self.pool.num_free_pages == free_before - needed
+        for p in res.pages:
+            self.content.pop(p, None)
+        self.live.append((res, None))
+
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def free(self, data):
@@ -340,8 +357,6 @@ test_pool_state_machine = PoolMachine.TestCase
 
 
 def test_row_pages_are_private_taken_lru_first_and_freed_to_the_front():
-    from illada_batch.engine.pages import RowPages
-
     pool = PagePool(num_pages=6, page_size=4)
     prefix = pool.allocate(list(range(8)), "m")  # pages 0, 1: hashed
     pool.free(prefix)  # free again, still cached: free list 2 3 4 5 1 0

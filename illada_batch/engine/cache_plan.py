@@ -38,6 +38,9 @@ Waiting = deque[tuple[int, Request]]  # (the request's index in the run, the req
 
 
 class _Plan:
+    prefix_pages: PrefixPages | None = None  # the shared prefix's pages every row reads, if any
+    waits = 0  # times a row waited for pages
+
     def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
         """Waiting rows that join the batch now (up to ``room``)."""
         return [queue.popleft() for _ in range(min(room, len(queue)))]
@@ -65,14 +68,14 @@ class SharedPrefix(_Plan):
     """Rows carry ``[prompt]`` and attend to the prefix's K/V, shared by every row."""
 
     def __init__(self, prefix_ids: tuple[int, ...], kv: list[LayerKV], pages: PrefixPages, pool: PagePool) -> None:
-        self.prefix_ids, self.pages, self.pool = prefix_ids, pages, pool
+        self.prefix_ids, self.prefix_pages, self.pool = prefix_ids, pages, pool
         self.forward = FullForward(prefix_kv=kv)
 
     def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: LLaDA) -> DecodeBatch:
         return _batch(model, params, new, [list(r.prompt_ids) for _, r in new], position_offset=len(self.prefix_ids))
 
     def close(self) -> None:
-        self.pool.free(self.pages)
+        self.pool.free(self.prefix_pages)
 
 
 class BlockCache(_Plan):
@@ -86,7 +89,6 @@ class BlockCache(_Plan):
         self.offset = len(prefix_ids) - len(self.carried)  # positions before a row's first token
         self.forward = BlockCacheForward(kv, shared_kv)
         self.row_pages: dict[int, RowPages] = {}
-        self.waits = 0  # times a row waited for pages
 
     def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
         taken = []

@@ -131,7 +131,7 @@ class Engine:
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
                            self.counters)
-        if getattr(plan, "pages", None) or getattr(plan, "prefix_pages", None):  # the shared prefix is read from pages
+        if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         # Rows of similar length share a batch (less padding); a row's tokens do not depend on
         # its neighbours, so the order changes only the speed.
@@ -145,7 +145,7 @@ class Engine:
         self._sync()
         self.counters.seconds["decode"] += time.perf_counter() - t0
         self.counters.query_tokens += plan.forward.query_tokens
-        self.counters.row_waits += getattr(plan, "waits", 0)
+        self.counters.row_waits += plan.waits
         plan.close()
 
     def _schedule(self, plan: CachePlan, params: SamplingParams, queue: deque, batch: DecodeBatch | None) -> DecodeBatch:

@@ -102,7 +102,7 @@ def manifest_pids(out: Path) -> list[int]:
     pids = []
     for f in (out / "_manifest").glob("*.json"):
         try:
-            pids.append(json.loads(f.read_text())["pid"])
+            pids.append(json.loads(f.read_text())["stats"]["pid"])
         except (OSError, ValueError):  # being written
             pass
     return pids

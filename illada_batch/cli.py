@@ -205,9 +205,21 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
         return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
+    caches = args.cache.split(",")
+    if args.model_shape:
+        import torch
+
+        if args.model_shape != "tiny" and not torch.cuda.is_available():
+            raise SystemExit(f"--model-shape {args.model_shape} needs a GPU (its weights alone exceed this machine's "
+                             f"memory)")
+        if not args.random_weights:
+            raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
+        from illada_batch.bench.shape import bench_shape
+
+        return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
 
-    return bench_main(args)
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches)
 
 
 def main(argv=None) -> int:

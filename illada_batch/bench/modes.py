@@ -88,76 +88,94 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-def main(args) -> int:
+SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set; "wide" on request
+
+
+def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
+         caches: list[str] | None = None) -> int:
+    """The benchmark's sections (``only``, default ``SECTIONS``) for the cache modes ``caches``
+    (default every mode); prints each table and writes the JSON report to ``out_path``."""
+    from illada_batch.decoding.params import CacheMode
     from illada_batch.model.checkpoint import load_model
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
-    if args.model_shape:
-        if args.model_shape != "tiny" and not torch.cuda.is_available():
-            raise SystemExit(f"--model-shape {args.model_shape} needs a GPU (its weights alone exceed this machine's memory)")
-        if not args.random_weights:
-            raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
-        from illada_batch.bench.shape import bench_shape
-
-        return bench_shape(args)
-    model = load_model(args.model)
-    only = set(args.only.split(",")) if args.only else {"modes", "long", "batching", "memory", "pipeline", "driver"}
-    caches = args.cache.split(",")
-    report = {"model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
+    only, caches = set(only or SECTIONS), caches or [m.value for m in CacheMode]
+    model = load_model(model_name)
+    report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
-    if "modes" in only:
-        modes = bench_modes(model, rows_per_task=max(1, args.rows // 5), caches=caches)
-        report["modes"] = strip(modes)
-        print(table(modes))
-        at = {(r["cache"], r["decoding"], r["gen"]): r for r in modes}
-        off, off_t = at.get(("off", "fixed", GEN)), at.get(("off", "threshold", GEN))
-        for cache in caches[1:] if off else []:
-            r = at[(cache, "fixed", GEN)]
-            print(f"{cache} / off, fixed steps, gen {GEN}: {r['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s, "
-                  f"accuracy {r['accuracy'] - off['accuracy']:+.1%}")
-        if off and off_t:
-            print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer "
-                  f"steps per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
-    if "long" in only:
-        from illada_batch.bench.long_gen import bench_long
-
-        report["long"] = strip(bench_long(model, caches, rows=min(args.rows, 16)))
-    if "wide" in only:  # not in the default set: a 3.8 GB checkpoint is written and loaded
-        from illada_batch.bench.wide import bench_wide
-        from illada_batch.bench.wide import report as wide_report
-
-        report["wide"] = bench_wide(caches)
-        print(wide_report(report["wide"]), flush=True)
-    if "batching" in only:
-        report["batching"] = {}
-        for label, min_prefix in (("long", 400), ("short", 0)):
-            b = report["batching"][label] = bench_batching(model, min_prefix_tokens=min_prefix)
-            print(f"engine batch 16 (cache off) / generate one row at a time, {label} rows "
-                  f"({b['prompt_tokens']:.0f} prompt tokens): {b['speedup_rows_per_s']:.2f}x rows/s "
-                  f"({b['rows']} rows, identical texts {b['identical_texts']:.0%})")
-    if "memory" in only:
-        m = bench_memory(model)
-        report["memory"] = m
-        print(f"peak memory, 256 rows / 16 rows sharing a prefix: {m['ratio_256_over_16']:.3f} "
-              f"({m['peak_mb_256_rows']:.0f} MB / {m['peak_mb_16_rows']:.0f} MB)")
-    if "pipeline" in only:
-        from illada_batch.bench.pipeline import bench_pipeline_efficiency
-
-        p = bench_pipeline_efficiency(rows=args.rows * 8)
-        report["pipeline"] = p
-        print(f"pipeline efficiency (job on local Ray + S3 / engine in one process, {p['rows']} rows): "
-              f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s); "
-              f"engine in the replica / alone {p['engine_in_replica']:.2f}, generating {p['generating_share']:.0%} "
-              f"of the job's wall time")
-    if "driver" in only:
-        from illada_batch.bench.pipeline import bench_driver_overhead
-
-        d = bench_driver_overhead()
-        report["driver"] = d
-        print(f"driver overhead: {d['driver_ms_per_shard']:.1f} ms CPU per shard over {d['shards']} one-row shards "
-              f"(wall {d['wall_ms_per_shard']:.1f} ms per shard)")
-    with open(args.out, "w") as f:
+    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("batching", _batching),
+                          ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
+        if name in only:
+            report[name] = section(model, rows, caches)
+    with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out_path}")
     return 0
+
+
+def _modes(model, rows: int, caches: list[str]):
+    modes = bench_modes(model, rows_per_task=max(1, rows // 5), caches=caches)
+    print(table(modes))
+    at = {(r["cache"], r["decoding"], r["gen"]): r for r in modes}
+    off, off_t = at.get(("off", "fixed", GEN)), at.get(("off", "threshold", GEN))
+    for cache in caches[1:] if off else []:
+        r = at[(cache, "fixed", GEN)]
+        print(f"{cache} / off, fixed steps, gen {GEN}: {r['tokens_per_s'] / off['tokens_per_s']:.2f}x tokens/s, "
+              f"accuracy {r['accuracy'] - off['accuracy']:+.1%}")
+    if off and off_t:
+        print(f"threshold / fixed steps (off):    {off['steps_per_token'] / off_t['steps_per_token']:.2f}x fewer "
+              f"steps per token, accuracy {off_t['accuracy'] - off['accuracy']:+.1%}")
+    return strip(modes)
+
+
+def _long(model, rows: int, caches: list[str]):
+    from illada_batch.bench.long_gen import bench_long
+
+    return strip(bench_long(model, caches, rows=min(rows, 16)))
+
+
+def _wide(model, rows: int, caches: list[str]):  # not in the default set: a 3.8 GB checkpoint is written and loaded
+    from illada_batch.bench.wide import bench_wide
+    from illada_batch.bench.wide import report as wide_report
+
+    out = bench_wide(caches)
+    print(wide_report(out), flush=True)
+    return out
+
+
+def _batching(model, rows: int, caches: list[str]):
+    out = {}
+    for label, min_prefix in (("long", 400), ("short", 0)):
+        b = out[label] = bench_batching(model, min_prefix_tokens=min_prefix)
+        print(f"engine batch 16 (cache off) / generate one row at a time, {label} rows "
+              f"({b['prompt_tokens']:.0f} prompt tokens): {b['speedup_rows_per_s']:.2f}x rows/s "
+              f"({b['rows']} rows, identical texts {b['identical_texts']:.0%})")
+    return out
+
+
+def _memory(model, rows: int, caches: list[str]):
+    m = bench_memory(model)
+    print(f"peak memory, 256 rows / 16 rows sharing a prefix: {m['ratio_256_over_16']:.3f} "
+          f"({m['peak_mb_256_rows']:.0f} MB / {m['peak_mb_16_rows']:.0f} MB)")
+    return m
+
+
+def _pipeline(model, rows: int, caches: list[str]):
+    from illada_batch.bench.pipeline import bench_pipeline_efficiency
+
+    p = bench_pipeline_efficiency(rows=rows * 8)
+    print(f"pipeline efficiency (job on local Ray + S3 / engine in one process, {p['rows']} rows): "
+          f"{p['efficiency']:.2f} ({p['job_tokens_per_s']:.1f} / {p['engine_tokens_per_s']:.1f} tok/s); "
+          f"engine in the replica / alone {p['engine_in_replica']:.2f}, generating {p['generating_share']:.0%} "
+          f"of the job's wall time")
+    return p
+
+
+def _driver(model, rows: int, caches: list[str]):
+    from illada_batch.bench.pipeline import bench_driver_overhead
+
+    d = bench_driver_overhead()
+    print(f"driver overhead: {d['driver_ms_per_shard']:.1f} ms CPU per shard over {d['shards']} one-row shards "
+          f"(wall {d['wall_ms_per_shard']:.1f} ms per shard)")
+    return d

@@ -45,29 +45,34 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def bench_shape(args) -> int:
-    model = random_model(args.model_shape)
+def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | None = None,
+                out_path: str = "bench.json") -> int:
+    """The modes table at ``shape`` with random weights (a GPU for llada-8b); writes ``out_path``."""
+    from illada_batch.decoding.params import CacheMode
+
+    caches = caches or [m.value for m in CacheMode]
+    model = random_model(shape)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
-    prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(args.rows)]
+    prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(rows)]
     fixed = SamplingParams(steps=GEN, gen_length=GEN, block_length=GEN, early_stop=False)
-    peak = getattr(args, "peak_tflops", None) or peak_tflops()
+    peak = peak_tflops()
     modes = []
     for params in (fixed, replace(fixed, threshold=0.9)):
         reqs = [Request(str(i), p, prefix, params) for i, p in enumerate(prompts)]
         for batch in (1, 16, 64):
-            runs = [run_requests(model, cache, reqs[:max(batch, 4)], batch)[0] for cache in args.cache.split(",")]
+            runs = [run_requests(model, cache, reqs[:max(batch, 4)], batch)[0] for cache in caches]
             for r in runs:
                 tflops = r["query_per_token"] * r["tokens_per_s"] * flops_per_query_token(model.config) / 1e12
                 r["model_tflops"], r["mfu"] = tflops, (tflops / peak if peak else None)
             base = next((r for r in runs if r["cache"] == "off"), None)
             modes += with_agreement(runs, base) if base is not None else runs
-    print(f"{args.model_shape}, random weights, {model.device}, 512-token shared prefix")
+    print(f"{shape}, random weights, {model.device}, 512-token shared prefix")
     print(table(modes))
     for r in modes:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{r['cache']:<14}{r['decoding']:<10} batch {r['batch']:>3}: {r['model_tflops']:.2f} TFLOP/s, MFU {mfu}")
-    with open(args.out, "w") as f:
-        json.dump({"shape": args.model_shape, "device": str(model.device), "modes": strip(modes)}, f, indent=2)
+    with open(out_path, "w") as f:
+        json.dump({"shape": shape, "device": str(model.device), "modes": strip(modes)}, f, indent=2)
     return 0

@@ -264,3 +264,41 @@ def test_the_summary_and_the_dataset_card_record_the_cache_mode(tmp_path):
     summary = JobSummary(output="out", job="refuse", cache="blocks", shards=1, shards_committed=1)
     assert JobSummary.from_dict(summary.to_dict()).cache == "blocks"
     assert "| engine.cache | blocks |" in card(spec, summary)
+
+
+# --- the command line: a bad argument is one line and exit 2 -----------------------------
+
+BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
+    "generate --prompt ''": (["generate", "--prompt", ""], "--prompt is empty"),
+    "generate --device cuda": (["generate", "--prompt", "x", "--device", "cuda"], "--device cuda: this machine has "
+                                                                                   "no CUDA device"),
+    "generate --device nope": (["generate", "--prompt", "x", "--device", "nope"], "--device nope: not a device"),
+    "generate --response-template with {prompt}": (["generate", "--prompt", "x", "--response-template",
+                                                    "{prompt} {slot:4}"], "response_template: {prompt} is a row column"),
+    "eval --rows-per-task 0": (["eval", "--rows-per-task", "0"], "argument --rows-per-task: must be at least 1, got 0"),
+    "eval --prefixes-per-task 0": (["eval", "--prefixes-per-task", "0"], "argument --prefixes-per-task: must be at "
+                                                                        "least 1"),
+    "eval --batch-size 0": (["eval", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    "bench --cache nonsense": (["bench", "--cache", "prefix,nonsense"], "--cache 'nonsense': not one of off, prefix"),
+    "bench --only nonsense": (["bench", "--only", "nonsense"], "--only 'nonsense': not one of modes, long"),
+    "bench --model-shape nope": (["bench", "--model-shape", "nope", "--random-weights"],
+                                 "--model-shape 'nope': not one of llada-8b, tiny"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_a_bad_command_line_is_one_line_and_exit_2(case):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    argv, words = BAD_ARGUMENTS[case]
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", "illada_batch.cli", *argv], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "ILLADA_THREADS": "1"})
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr

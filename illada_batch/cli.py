@@ -46,13 +46,51 @@ def _cache_modes() -> list[str]:
     return [m.value for m in CacheMode]
 
 
+def _device(name: str | None):
+    """``--device`` checked: a device torch knows, present on this machine (None: the default)."""
+    import torch
+
+    from illada_batch.errors import UserError
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name}: not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device (use --device cpu, or leave it out)")
+    return device
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors on one line (exit 2), like every other refusal of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from illada_batch.decoding.loop import generate
+    from illada_batch.errors import UserError
     from illada_batch.model.checkpoint import load_model
 
-    model = load_model(args.model, device=args.device)
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give the text to generate from")
+    model = load_model(args.model, device=_device(args.device))
     tok = model.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = torch.tensor([tok.encode(text)], device=model.device)
@@ -82,7 +120,8 @@ def cmd_eval(args) -> int:
     from illada_batch.engine.diffusion import Engine
     from illada_batch.tasks.evaluate import evaluate, suite_rows
 
-    engine = Engine.from_pretrained(args.model, cache=args.cache, device=args.device, max_batch_size=args.batch_size)
+    engine = Engine.from_pretrained(args.model, cache=args.cache, device=_device(args.device),
+                                    max_batch_size=args.batch_size)
     prefixes, rows = suite_rows(engine.tokenizer, args.seed, args.rows_per_task, args.prefixes_per_task,
                                 args.min_prefix_tokens)
     res = evaluate(engine, prefixes, rows, _params(args), args.response_template)
@@ -205,7 +244,17 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
         return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
+    from illada_batch.bench.modes import SECTIONS
+    from illada_batch.errors import UserError
+    from illada_batch.model.config import PRESETS
+
     caches = args.cache.split(",")
+    for name, given, known in (("--cache", caches, _cache_modes()),
+                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, "wide"]),
+                               ("--model-shape", [args.model_shape] if args.model_shape else [], list(PRESETS))):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise UserError(f"{name} {unknown[0]!r}: not one of {', '.join(known)}")
     if args.model_shape:
         import torch
 
@@ -231,7 +280,7 @@ def main(argv=None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per ``cmd_*`` function above (an argument table)."""
-    ap = argparse.ArgumentParser(prog="illada-batch", description=__doc__)
+    ap = _Parser(prog="illada-batch", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("generate", help="generate text for one prompt")
@@ -249,9 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-llada")
     p.add_argument("--cache", default="off", choices=_cache_modes())
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rows-per-task", type=int, default=100)
-    p.add_argument("--prefixes-per-task", type=int, default=2)
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--rows-per-task", type=_positive, default=100)
+    p.add_argument("--prefixes-per-task", type=_positive, default=2)
     p.add_argument("--min-prefix-tokens", type=int, default=400)
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--response-template", default=None,
@@ -306,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="engine benchmark: cache and decoding modes on the tiny model")
     p.add_argument("--model", default="tiny-llada")
-    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--rows", type=_positive, default=64)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
     p.add_argument("--random-weights", action="store_true")

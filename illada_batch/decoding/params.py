@@ -41,6 +41,11 @@ class CacheMode(str, enum.Enum):
         return self in (CacheMode.PREFIX, CacheMode.PREFIX_BLOCKS)
 
 
+# The KV pages' budget when none is given (``Engine(kv_budget=None)``): a fraction of free
+# memory on a GPU, bytes on a CPU (whose free memory is the whole machine's).
+DEFAULT_KV_BUDGET = {"cuda": 0.1, "cpu": 256 * 2**20}
+
+
 def _setting(default, help: str, **bounds):
     """A field with its help text and bounds (gt, ge, le), read by the spec and the CLI."""
     return field(default=default, metadata={"help": help, **bounds})

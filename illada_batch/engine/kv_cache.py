@@ -20,7 +20,7 @@ from illada_batch.model.llada import LayerKV
 
 
 def bytes_per_page(cfg: LLaDAConfig, page_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layers * page_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    return cfg.kv_page_bytes(page_size, torch.finfo(dtype).bits)
 
 
 def free_memory_bytes(device: torch.device) -> int:

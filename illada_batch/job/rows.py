@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.job.spec import JobSpec
 
@@ -45,20 +46,22 @@ def _text(value, field: str) -> tuple[str | None, str | None]:
 
 
 def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
-                duplicates: tuple[tuple[int, str], ...] = ()) -> list[RenderedRow]:
+                duplicates: tuple[tuple[int, str], ...] = (), specials: tuple[str, ...] = ()) -> list[RenderedRow]:
     """Apply the template to each row; ``chat_wrap(user_text) -> str`` wraps chat turns.
-    ``duplicates``: (row offset, where its id was first seen) for ids an earlier shard has."""
+    ``duplicates``: (row offset, where its id was first seen) for ids an earlier shard has.
+    ``specials``: the tokenizer's special token texts, which no row value may hold."""
     inp = spec.input
     ids = table.column(inp.id_column).to_pylist()
     source = inp.messages_column or inp.prompt_column
     values = table.column(source).to_pylist()
-    variables = {v: table.column(v).to_pylist() for v in inp.variables}
+    response = ResponseTemplate.parse(spec.response_template) if spec.response_template else None
+    used = spec.template_columns() | set(response.columns if response is not None else ())
+    variables = {v: table.column(v).to_pylist() for v in inp.variables if v in used}
     seen: dict = {}
     earlier = dict(duplicates)
-    response = ResponseTemplate.parse(spec.response_template) if spec.response_template else None
     out = []
     for i, (row_id, value) in enumerate(zip(ids, values)):
-        error, prompt, text = None, None, None
+        error, prompt, filled = None, None, None
         if row_id is None:
             error = f"{inp.id_column} is null"
         elif i in earlier:
@@ -67,25 +70,70 @@ def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
             error = f"duplicate id {row_id!r} (first seen at row {seen[row_id]} of this shard)"
         else:
             seen[row_id] = i
-        if error is None and inp.messages_column:
-            if not isinstance(value, list) or not value or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
-                error = f"{source} must be a non-empty list of {{role, content}} messages"
-            else:
-                prompt = chat_wrap(value) if chat_wrap else "\n".join(m["content"] for m in value)
-        elif error is None:
-            text, error = _text(value, source)
-            if error is None:
-                try:
-                    prompt = spec.template.format(prompt=text, **{k: v[i] for k, v in variables.items()})
-                except (KeyError, IndexError, ValueError) as exc:
-                    error = f"template: {exc}"
-                if error is None and chat_wrap:
-                    prompt = chat_wrap([{"role": "user", "content": prompt}])
-        filled = None
-        if error is None and response is not None:
-            filled = response.render({"prompt": text, **{k: v[i] for k, v in variables.items()}})
-        out.append(RenderedRow(row_id, prompt, error, filled))
+        if error is None:
+            row = {k: v[i] for k, v in variables.items()}
+            try:
+                prompt, filled, error = _render_row(spec, source, value, row, response, chat_wrap, specials)
+            except Exception as exc:  # noqa: BLE001 - nothing one row holds may fail its shard
+                error = f"cannot render the row: {type(exc).__name__}: {exc}"
+        out.append(RenderedRow(row_id, prompt if error is None else None, error, filled if error is None else None))
     return out
+
+
+def _render_row(spec: JobSpec, source: str, value, variables: dict, response: ResponseTemplate | None, chat_wrap,
+                specials: tuple[str, ...]) -> tuple[str | None, ResponseTemplate | None, str | None]:
+    """(prompt, filled response template, error) of one row whose id is fine."""
+    for column, v in variables.items():
+        variables[column], error = _variable(v, column, specials)
+        if error is not None:
+            return None, None, error
+    if spec.input.messages_column:
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+            return None, None, f"{source} must be a non-empty list of {{role, content}} messages"
+        for k, m in enumerate(value):
+            problem = special_problem(f"{source} message {k}", m["content"], specials)
+            if problem:
+                return None, None, problem
+        prompt = chat_wrap(value) if chat_wrap else "\n".join(m["content"] for m in value)
+        text = None
+    else:
+        text, error = _text(value, source)
+        if error is None:
+            error = special_problem(source, text, specials)
+        if error is not None:
+            return None, None, error
+        try:
+            prompt = spec.template.format(prompt=text, **variables)
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            return None, None, f"template: {type(exc).__name__}: {exc}"
+        error = special_problem("template (rendered)", prompt, specials)
+        if error is not None:
+            return None, None, error
+        if chat_wrap:
+            prompt = chat_wrap([{"role": "user", "content": prompt}])
+    filled = None
+    if response is not None:
+        filled = response.render({"prompt": text, **variables})
+        error = special_problem("response_template (rendered)", "".join(p for p in filled.pieces if isinstance(p, str)),
+                                specials)
+        if error is not None:
+            return None, None, error
+    return prompt, filled, None
+
+
+def _variable(value, column: str, specials: tuple[str, ...]):
+    """(value, error) of a template variable: null is an error (never the text "None"),
+    bytes are UTF-8 text, text holding special token text is an error."""
+    if value is None:
+        return None, f"{column} is null"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, f"{column} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    if isinstance(value, str):
+        return value, special_problem(column, value, specials)
+    return value, None
 
 
 def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], results: dict, model_name: str) -> pa.Table:

@@ -100,6 +100,10 @@ class LLaDAConfig:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(raw, source=str(path))
 
+    def kv_page_bytes(self, page_size: int, dtype_bits: int) -> int:
+        """Bytes of one KV page: K and V of every layer's KV heads for ``page_size`` tokens."""
+        return 2 * self.n_layers * page_size * self.n_kv_heads * self.head_dim * dtype_bits // 8
+
     def to_dict(self) -> dict:
         out = {
             "architectures": ["LLaDAModelLM"],

@@ -107,7 +107,7 @@ def cmd_generate(args) -> int:
     out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
     seconds = time.perf_counter() - t0
     resp = out[0, ids.shape[1]:].tolist()
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     resp = resp[:resp.index(eos)] if eos in resp else resp
     print(tok.decode(resp, skip_special_tokens=True))
     print(f"[{params.steps} steps, {len(resp)} tokens in {seconds:.2f}s: {params.steps / seconds:.1f} steps/s, "
@@ -153,12 +153,16 @@ def cmd_validate(args) -> int:
         more, cluster_notes = preflight.cluster_problems(spec, args.address)
         problems, notes = problems + more, notes + cluster_notes
     rows = sum(s.num_rows for s in shards)
+    family, problem = _family(spec, preflight.SHIPPED_MODELS)
+    problems += [problem] if problem else []
     verdict = "OK" if not problems and not bad else f"NOT OK ({len(problems) + len(bad)} problem(s) below)"
     print(f"job {spec.name}: {verdict} (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
     print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
+    if family:
+        print(f"  family    {family}")
     print(f"  output    {spec.output_url(args.date)}")
     for note in notes:
         print(f"  note      {note}")
@@ -167,6 +171,30 @@ def cmd_validate(args) -> int:
     for _, err in bad:
         print(f"  BAD FILE  {err}")
     return 1 if problems or bad else 0
+
+
+def _family(spec, shipped) -> tuple[str | None, str | None]:
+    """(the family card's line, or a problem with the model's config.json) for a local
+    diffusion model; (None, None) where there is nothing here to read."""
+    from pathlib import Path
+
+    from illada_batch.errors import UserError
+    from illada_batch.model.registry import card_of
+
+    path = spec.model.path
+    if spec.backend != "diffusion" or ("://" in path and not path.startswith("file://")):
+        return None, None
+    local = Path(spec.resolve(path.removeprefix("file://"))).expanduser()
+    local = local if local.is_dir() else shipped / path
+    if not (local / "config.json").is_file():
+        return None, None  # model_problems says so
+    try:
+        card = card_of(local)
+    except UserError as exc:
+        return None, f"model.path: {exc}"
+    kv = card.kv_bytes_per_token(2 if spec.model.dtype != "float32" else 4)
+    return (f"{card.family}, {card.parameters:,} parameters ({card.active_parameters:,} active), {card.attention.value}, "
+            f"KV {kv:,} bytes/token ({'float32' if spec.model.dtype == 'float32' else 'bfloat16'})"), None
 
 
 def _load_spec(args):
@@ -246,7 +274,7 @@ def cmd_bench(args) -> int:
         return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
     from illada_batch.bench.modes import SECTIONS
     from illada_batch.errors import UserError
-    from illada_batch.model.config import PRESETS
+    from illada_batch.model.configs.llada import PRESETS
 
     caches = args.cache.split(",")
     for name, given, known in (("--cache", caches, _cache_modes()),

@@ -66,7 +66,7 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
     """What the model's tokenizer and config.json, where this machine has them, say would fail
     every row or every replica (``job/model_fit.py``)."""
     from illada_batch.errors import ConfigError
-    from illada_batch.model.config import LLaDAConfig
+    from illada_batch.model import registry
     from illada_batch.model.tokenizer import Tokenizer
 
     directory = local_model_dir(spec)
@@ -77,12 +77,13 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
     if spec.backend != "diffusion":
         return problems
     try:
-        cfg = LLaDAConfig.from_file(directory / "config.json")
+        family, config = registry.parse(directory / "config.json")
+        card = family.card(config)
     except ConfigError:
         return problems  # the replica's own load says what is wrong with it
     bits = 32 if spec.model.dtype == "float32" or (spec.model.dtype == "auto" and not spec.resources.num_gpus) else 16
-    return (problems + context_problems(spec, tok, cfg.max_sequence_length)
-            + kv_budget_problems(spec, cfg.kv_page_bytes(PAGE_TOKENS, bits), cfg.max_sequence_length))
+    return (problems + context_problems(spec, tok, card.max_sequence_length)
+            + kv_budget_problems(spec, PAGE_TOKENS * card.kv_bytes_per_token(bits // 8), card.max_sequence_length))
 
 
 def output_problems(url: str, storage_options: dict) -> list[str]:

@@ -130,7 +130,8 @@ class RowGenerator:
         problems = fixed_text_problems(self.spec, self.tok)  # a model given by URL is first seen here
         if problems:
             raise SpecError("; ".join(problems))
-        self.model_name = self.spec.model.path
+        card = getattr(getattr(self.engine, "model", None), "card", None)  # the diffusion engine's family card
+        self.model_name = self.spec.model.path if card is None else f"{card.family}:{self.spec.model.path}"
 
     def generate_rows(self, table: pa.Table, duplicates: tuple[tuple[int, str], ...] = ()) -> tuple[pa.Table, float]:
         """The output rows for ``table``'s rows, and the seconds the engine took."""

@@ -106,6 +106,10 @@ class _SamplingBase(_Strict):
         return self
 
 
+# Sampling settings added after outputs existed: left out of the fingerprint while unset, so
+# older outputs keep theirs.
+_LATER_SAMPLING = ("alg", "alg_temp")
+
 # `sampling:` in a job spec: every field, default, bound and help text comes from SamplingParams.
 SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_fields())
 
@@ -282,7 +286,8 @@ class JobSpec(_Strict):
         """What makes outputs comparable: model, sampling, template, prefix, seed, n, input."""
         parts = {
             "backend": self.backend, "model": self.model.path, "model_sha256": self.model.sha256,
-            "sampling": self.sampling.model_dump(), "template": self.template, "chat": self.chat,
+            "sampling": self.sampling.model_dump(exclude={k for k in _LATER_SAMPLING if getattr(self.sampling, k) is None}),
+            "template": self.template, "chat": self.chat,
             "prefix_sha256": hashlib.sha256(self.prefix_text().encode()).hexdigest(), "seed": self.seed, "n": self.n,
             "input": self.input.model_dump(exclude={"storage_options"}),
         }

@@ -1,0 +1,127 @@
+"""Dream on a tiny random checkpoint in its real Hugging Face layout (``train/tiny_dream.py``):
+the model against an oracle written from the architecture's definition, the sampler
+against Dream's reference ``diffusion_generate`` at temperature 0 (``tests/dream_oracle.py``),
+and every cache mode of a bidirectional family giving the tokens the cache computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dream_oracle import DreamOracle, oracle_diffusion_generate, shifted
+from oracle import left_pad, make_prompts, oracle_generate
+
+from illada_batch import generate
+from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.engine.diffusion import Engine, Request
+from illada_batch.model.checkpoint import load_model
+from illada_batch.model.registry import card_of
+from illada_batch.train.tiny_dream import write_tiny_dream
+
+torch.set_num_threads(1)
+PROMPT_LENGTHS = [5, 2, 9, 6]  # different lengths: the batch is left padded
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_dream(tmp_path_factory.mktemp("tiny-dream"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def oracle(ckpt):
+    return DreamOracle(ckpt)
+
+
+def prompts(model, seed=0, lengths=PROMPT_LENGTHS):
+    return make_prompts(lengths, seed, 100, model.card.mask_token_id)  # ids 2..99: never special but [MASK] 2
+    # (make_prompts draws from 2..vocab-1; the tiny tokenizer's specials are 0..5)
+
+
+def test_the_card_says_dream(ckpt, model):
+    card = card_of(ckpt)
+    assert (card.family, card.logit_shift, card.mask_token_id, card.eos_token_id) == ("dream", 1, 2, 1)
+    assert card.kv_bytes_per_token(4) == 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head_dim 16
+    assert card.parameters == sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "Dream"
+
+
+def test_logits_match_the_oracle_shifted_by_one(model, oracle):
+    """A left-padded batch: each row's logits equal the oracle's on that row alone, position i
+    from hidden state i-1 (the reference's ``cat([logits[:, :1], logits[:, :-1]])``)."""
+    rows = [[7 + i for i in range(n)] for n in (11, 4, 8)]
+    ids, mask = left_pad(rows, model.card.pad_token_id)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model.run(ids, attention_mask=mask.bool(), positions=positions).logits.double()  # [B, L, V]
+    for b, row in enumerate(rows):
+        want = shifted(oracle(row))  # [n, V]
+        torch.testing.assert_close(got[b, -len(row):], want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy", "origin"])
+@pytest.mark.parametrize("steps,gen_length", [(8, 8), (4, 16), (12, 16)])
+def test_sampler_follows_dreams_reference_at_temperature_0(model, alg, steps, gen_length):
+    """``generate`` on a left-padded batch picks the reference's tokens row by row; with
+    steps == gen_length that includes its quirk (nothing filled at the first step, two at the
+    last). ``origin`` draws from each row's own generator, as the oracle does."""
+    rows = prompts(model)
+    ids, mask = left_pad(rows, model.card.pad_token_id)
+    seeds = [11, 12, 13, 14]
+    out = generate(model, ids, attention_mask=mask, steps=steps, gen_length=gen_length, block_length=gen_length,
+                   alg=alg, seed=seeds)
+    for b, row in enumerate(rows):
+        want, filled = oracle_diffusion_generate(
+            lambda x: model.run(torch.tensor(x)[None]).logits[0], row, gen_length, steps, alg,
+            model.card.mask_token_id, generator=torch.Generator().manual_seed(seeds[b]))
+        assert out[b, -gen_length:].tolist() == want, f"row {b}"
+        if steps == gen_length and alg != "origin":
+            assert filled[0] == 0 and filled[-1] == 2
+
+
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_block_decoding_follows_the_block_schedule_on_shifted_logits(model, threshold):
+    """Block-wise decoding (LLaDA's schedule or the confidence threshold) on Dream: the LLaDA
+    oracle, reading Dream's shifted logits."""
+    class Shifted:
+        config = type("C", (), {"mask_token_id": model.card.mask_token_id})
+
+        def __call__(self, x):
+            return model.run(x).logits
+
+    rows = prompts(model, seed=1)
+    ids, mask = left_pad(rows, model.card.pad_token_id)
+    out = generate(model, ids, attention_mask=mask, steps=8, gen_length=16, block_length=4, threshold=threshold)
+    for b, row in enumerate(rows):
+        want, _ = oracle_generate(Shifted(), row, 8, 16, 4, threshold=threshold)
+        assert out[b, -16:].tolist() == want
+
+
+@pytest.mark.parametrize("cache", [m.value for m in CacheMode])
+@pytest.mark.parametrize("params", [SamplingParams(steps=16, gen_length=16, block_length=4, early_stop=False),
+                                    SamplingParams(steps=16, gen_length=16, block_length=16, alg="entropy"),
+                                    SamplingParams(steps=16, gen_length=16, block_length=4, threshold=0.3)],
+                         ids=["blocks", "alg", "threshold"])
+def test_every_cache_mode_runs_dream(model, cache, params):
+    """Each mode gives what it computes: ``off`` the reference tokens (``generate``); ``prefix``
+    the cache off with the prefix isolated; the block caches, with a refresh at every step
+    (block_length 1 step per block), the cache off."""
+    rows, prefix = prompts(model, seed=2), tuple(range(40, 61))
+    engine = Engine(model, cache=cache, max_batch_size=3)
+    got = engine.run([Request(f"r{i}", tuple(r), prefix, params) for i, r in enumerate(rows)])
+    assert [r.finish_reason for r in got] != ["error"] * len(rows) and all(r.error is None for r in got)
+    if cache in ("off", "prefix"):
+        isolate = cache == "prefix"
+        from illada_batch.decoding.loop import DecodeBatch, FullForward, denoise_step, row_generators
+        for r, row in zip(got, rows):
+            batch = DecodeBatch.from_prompts([list(prefix) + row], params, model.card.mask_token_id,
+                                             model.card.pad_token_id, row_generators([r.seed], model.device),
+                                             model.device, prefix_lengths=[len(prefix)])
+            while not bool(batch.done.all()):
+                denoise_step(model, batch, params, FullForward(isolate_prefix=isolate))
+            ids = batch.x[0, -params.gen_length:].tolist()
+            eos = model.card.eos_token_id
+            assert r.token_ids == (ids[:ids.index(eos)] if eos in ids else ids)

@@ -62,7 +62,7 @@ def _batch_mid_decode(model, mode: str, seed: int):
     prefix = toks(rng, 21, model)
     shared = encode_isolated(model, prefix) if mode == "prefix+blocks" else None
     pool = PagePool(64, PAGE)
-    kv = KVCache(model.config, 64, PAGE, model.device, model.dtype)
+    kv = KVCache(model.card, 64, PAGE, model.device, model.dtype)
     plan = BlockCache(prefix, shared, None, pool, kv)
     queue = deque((i, Request(f"r{i}", toks(rng, rng.randrange(1, 30), model), prefix, params)) for i in range(6))
     batch = plan.new_rows(plan.take(queue, 6, params), params, model)
@@ -191,7 +191,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     reqs = [Request(f"w{i}", toks(rng, rng.randrange(1, 12), model), prefix, params) for i in range(10)]
     roomy = Engine(model, cache=mode, max_batch_size=8).run(reqs)
     # 16 pages: one row of the model's 256 tokens; rows of 3-4 pages: 4-5 fit at once
-    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     sizes = []
     real = model.run
     monkeypatch.setattr(model, "run", lambda ids, *a, **k: sizes.append(ids.shape[0]) or real(ids, *a, **k))
@@ -202,7 +202,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     tight.pool.check_invariants()
     assert tight.pool.num_free_pages == tight.pool.num_pages
     with pytest.raises(ValueError, match="kv_budget"):
-        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.config, PAGE, model.dtype))
+        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.card, PAGE, model.dtype))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -251,7 +251,7 @@ def test_a_shared_prefix_that_leaves_no_room_for_a_row_is_encoded_for_the_group(
     params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
     reqs = [Request(f"f{i}", toks(rng, rng.randrange(2, 12), model), prefix, params) for i in range(4)]
     roomy = Engine(model, cache="prefix+blocks")
-    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     assert_same(tight.run(reqs), roomy.run(reqs))
     assert (tight.counters.prefix_fallbacks, roomy.counters.prefix_fallbacks) == (1, 0)
     tight.pool.check_invariants()

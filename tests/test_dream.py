@@ -177,3 +177,26 @@ def test_an_empty_prompt_after_a_shared_prefix_is_a_bad_row(model, cache):
     got = Engine(model, cache=cache).run([Request("a", (), (7, 8, 9), params), Request("b", (10,), (7, 8, 9), params)])
     assert got[0].finish_reason == "error" and "empty prompt" in got[0].error
     assert got[1].error is None
+
+
+@pytest.mark.slow
+def test_a_job_on_the_tiny_dream_checkpoint_runs_end_to_end(ckpt, ray_cluster, tmp_path):
+    """A job whose model.path is a Dream checkpoint, on local Ray, with Dream's own sampler and
+    the block cache: every (row, sample) once, the model column naming it."""
+    import fsspec
+    from pipeline_support import assert_exactly_once, job_dict, read_output, write_prompts
+
+    from illada_batch.job.driver import run_job
+    from illada_batch.job.spec import spec_from_dict
+
+    fs = fsspec.filesystem("file")
+    ids = [f"r{i:02d}" for i in range(10)]
+    write_prompts(fs, str(tmp_path / "in.parquet"), ids, [f"Input: word {i}\nOutput:" for i in range(10)])
+    spec = spec_from_dict(job_dict(str(tmp_path / "in.parquet"), str(tmp_path / "out"), None, n=2,
+                                   model={"path": str(ckpt)}, engine={"cache": "prefix+blocks", "max_batch_size": 4},
+                                   sampling={"steps": 8, "gen_length": 8, "block_length": 8, "alg": "entropy"}))
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    assert report.exit_code() == 0 and report.samples == 2 * len(ids)
+    table = read_output(fs, str(tmp_path / "out"))
+    assert_exactly_once(table, ids, n=2)
+    assert set(table.column("model").to_pylist()) == {str(ckpt)}

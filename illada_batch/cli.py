@@ -23,18 +23,20 @@ def _params(args):
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """One flag per ``SamplingParams`` setting, with its default and help text from there."""
     import enum
+    import typing
 
-    from illada_batch.decoding.params import settings
+    from illada_batch.decoding.params import SamplingParams, settings
 
+    hints = typing.get_type_hints(SamplingParams)
     for f in settings():
         flag, help_text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if isinstance(t, type)]
+        choices = [m.value for t in kinds if issubclass(t, enum.Enum) for m in t]
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "remasking":
-            from illada_batch.decoding.params import Remasking
-
-            p.add_argument(flag, default=default, choices=[m.value for m in Remasking], help=help_text)
+        elif choices:
+            p.add_argument(flag, default=default, choices=choices, help=help_text)
         else:
             kind = {"int": int, "float": float, "float | None": float}[f.type]
             p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")

@@ -183,8 +183,9 @@ OTHER = {
     "engine.max_batch_size": 3, "engine.kv_budget": 0.5, "n": 2, "seed": 1, "output.url": "elsewhere",
     "output.storage_options": {"anon": True}, "replicas": 2, "resources.num_gpus": 1, "resources.num_cpus": 2,
     "shard_rows": 7, "max_retries": 1, "retry_backoff_s": 1.0, "error_budget": 0.1, "placement_timeout_s": 5.0,
-    "stall_warning_s": 5.0, "base_dir": "/elsewhere",
+    "stall_warning_s": 5.0, "base_dir": "/elsewhere", "sampling.alg": "entropy", "sampling.alg_temp": 0.5,
 }
+NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}}  # a field valid only beside another
 
 
 def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_path):
@@ -197,23 +198,24 @@ def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_pa
     (tmp_path / "prefix.txt").write_text("From a file.")
     base = {"name": "fp", "input": {"url": "in.parquet"}, "sampling": {"steps": 32, "gen_length": 32}}
 
-    def fingerprint(path: str, value) -> str:
+    def fingerprint(path: str, value, also: dict = {}) -> str:  # noqa: B006 - read only
         raw = yaml.safe_load(yaml.safe_dump(base))
-        if path != "base_dir":
+        for where, what in ({path: value, **also} if path != "base_dir" else also).items():
             node = raw
-            *parents, last = path.split(".")
+            *parents, last = where.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
-            node[last] = value
+            node[last] = what
         if path == "input.messages_column":
             raw["template"] = "{prompt}"
         return spec_from_dict(raw, base_dir=value if path == "base_dir" else str(tmp_path),
                               runs_here=False).fingerprint()
 
-    same = fingerprint("name", "fp")
     for path, value in OTHER.items():
+        also = NEEDS.get(path, {})
+        same = fingerprint("name", "fp", also)
         neutral = path in TOKEN_NEUTRAL or path.split(".")[0] in TOKEN_NEUTRAL - {"prefix"}
-        assert (fingerprint(path, value) == same) == neutral, f"{path}: {'in' if neutral else 'not in'} the fingerprint"
+        assert (fingerprint(path, value, also) == same) == neutral, f"{path}: {'in' if neutral else 'not in'} the fingerprint"
 
 
 def test_cache_off_unquoted_is_accepted(tmp_path):

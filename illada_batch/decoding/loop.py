@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from illada_batch.decoding.params import SamplingParams
-from illada_batch.decoding.sampler import confidence, gumbel_argmax, select_transfer, transfer_count
+from illada_batch.decoding.rules import rules_for
+from illada_batch.decoding.sampler import gumbel_argmax
 from illada_batch.model.base import DiffusionLM
 from illada_batch.model.layers.attention import LayerKV, isolated_prefix_mask
 
@@ -180,17 +181,17 @@ def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams,
     logits[..., mask_id] = -torch.inf
     tokens = gumbel_argmax(logits, params.temperature, gens)  # [b, BL]
     logits[..., mask_id] = mask_logit
-    conf = confidence(logits, tokens, params.remasking, gens)  # [b, BL] float32
+    rules = rules_for(params)
+    conf = rules.confidence(logits, tokens, params, gens)  # [b, BL] float32
     if params.zero_eos_confidence:
         eot = getattr(model.tokenizer, "eot_id", None)
         stop = (tokens == card.eos_token_id) | ((tokens == eot) if eot is not None else False)
-        conf = torch.where(stop, torch.zeros_like(conf), conf)
+        conf = torch.where(stop, torch.full_like(conf, rules.lowest), conf)
     conf = torch.where(is_mask, conf, -torch.inf)
-    count = transfer_count(is_mask.sum(-1), params.steps_per_block - batch.step[rows])  # [b]
     # A block ends after its scheduled steps whatever the scores (NaN logits, say): its last
     # step fills every position still masked (threshold: at most block_length steps).
     last = batch.step[rows] >= (params.steps_per_block if params.threshold is None else BL) - 1  # [b]
-    transfer = select_transfer(conf, count, params.threshold) | (is_mask & last[:, None])  # [b, BL]
+    transfer = rules.transfer(conf, is_mask, batch.step[rows], params, gens) | (is_mask & last[:, None])  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
     _advance(batch, rows, params, mask_id, card.eos_token_id)
 

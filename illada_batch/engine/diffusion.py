@@ -131,6 +131,11 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
+        if self.model.card.logit_shift and not r.prompt_ids and self.cache.shares_prefix:
+            # the response's first token is predicted by the prefix's last state, which the
+            # shared prefix's pages do not keep
+            return (f"empty prompt: this model predicts each token from the state before it, and cache "
+                    f"'{self.cache.value}' keeps no state of the shared prefix; give the row a prompt")
         return request_problem(r, self.model.card.max_sequence_length, self.model.card.mask_token_id)
 
     @torch.no_grad()

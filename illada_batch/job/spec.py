@@ -106,6 +106,9 @@ class _SamplingBase(_Strict):
         return self
 
 
+# Sampling settings added after outputs existed: left out of the fingerprint while unset, so
+# older outputs keep theirs.
+
 # `sampling:` in a job spec: every field, default, bound and help text comes from SamplingParams.
 SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_fields())
 
@@ -311,7 +314,8 @@ class JobSpec(_Strict):
         """What makes outputs comparable: every field that can change a token or an output
         column (model, dtype, backend, cache mode, sampling, template, prefix text, seed, n,
         input), that is every field but the ``TOKEN_NEUTRAL`` ones, so a new field is in it
-        until someone shows it cannot change a token."""
+        until someone shows it cannot change a token. A field left unset (None) is left out,
+        so a setting added later does not change the fingerprints of outputs made before it."""
         parts = _without(self.model_dump(mode="json"), TOKEN_NEUTRAL)
         parts["prefix"] = hashlib.sha256(self.prefix_text().encode()).hexdigest()  # the text, from a file or not
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -331,9 +335,9 @@ TOKEN_NEUTRAL = frozenset({
 
 
 def _without(d: dict, paths: frozenset[str], at: str = "") -> dict:
-    """``d`` without the dotted ``paths``."""
+    """``d`` without the dotted ``paths`` and without unset (None) values."""
     return {k: _without(v, paths, f"{at}{k}.") if isinstance(v, dict) else v
-            for k, v in d.items() if f"{at}{k}" not in paths}
+            for k, v in d.items() if f"{at}{k}" not in paths and v is not None}
 
 
 class _AnyKeys(dict):

@@ -22,6 +22,7 @@ import torch
 
 from illada_batch.model import registry
 from illada_batch.model.checkpoint import MODELS_DIR, save_checkpoint
+from illada_batch.model.configs.dream import DreamConfig
 from illada_batch.model.configs.llada import LLaDAConfig
 from illada_batch.model.configs.llada_moe import LLaDAMoEConfig
 
@@ -38,6 +39,10 @@ TINY: dict[str, Any] = {
                                 shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                                 moe_layer_freq=(0, 1, 1), moe_router_enable_expert_bias=True, qk_layernorm=True,
                                 partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=512, **_IDS),
+    # Dream-7B's shape in small: GQA (4 query heads on 2 KV heads), q/k/v biases.
+    "dream": DreamConfig(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                         max_position_embeddings=512, **_IDS),
 }
 
 

@@ -4,15 +4,21 @@ the wrong type an error row), on local files, on the S3 server, and as a job on 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pipeline_support import assert_exactly_once, job_dict, read_output
 
+from illada_batch.engine.requests import sample_seed
 from illada_batch.job.driver import run_job
 from illada_batch.job.replica import ShardReplica
 from illada_batch.job.shards import mark_duplicate_ids, plan_shards, read_shard
@@ -106,28 +112,53 @@ def test_a_missing_column_is_named(tmp_path):
                                        f"{tmp_path / name}: missing column(s) prompt (has id, text)")]
 
 
-def test_csv_values_are_text_as_written(tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+def test_csv_values_are_text_as_written(tmp_path, bom):
+    """Every column, with or without Excel's byte-order mark: no number, no null word guessed."""
     path = tmp_path / "p.csv"
-    path.write_text('id,prompt,score\n007,"Input: lamb\nOutput:",1.5\n,"",\n8,plain,x\n')
+    path.write_bytes(bom + b'id,prompt,score\n007,"Input: lamb\nOutput:",1.5\n,"",\n8,plain,x\nNA,null,N/A\n')
     fs = fsspec.filesystem("file")
-    (shard,), _ = plan_shards(str(path), {}, 64, ["id", "prompt", "score"])
+    (shard,), _ = plan_shards(str(path), {}, 64, ["id", "prompt", "score"], "id", "prompt")
     assert read_shard(fs, shard, ["id", "prompt", "score"]).to_pylist() == [
         {"id": "007", "prompt": "Input: lamb\nOutput:", "score": "1.5"},  # a quoted newline stays in the prompt
         {"id": None, "prompt": "", "score": None},  # empty: null; quoted empty: ""
-        {"id": "8", "prompt": "plain", "score": "x"}]
+        {"id": "8", "prompt": "plain", "score": "x"},
+        {"id": "NA", "prompt": "null", "score": "N/A"}]
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory):
+def spec(tmp_path_factory):
     root = tmp_path_factory.mktemp("fmt")
-    spec = spec_from_dict(job_dict(str(root / "in"), str(root / "out"), None, n=2)).resolved()
-    rep = ShardReplica(spec.model_dump_json(), str(root / "out"), spec.fingerprint())
+    return spec_from_dict(job_dict(str(root / "in"), str(root / "out"), None, n=2)).resolved()
 
+
+@pytest.fixture(scope="module")
+def generate(spec):
+    """Plans ``path`` (a file or folder) as the driver does (id and prompt columns checked, ids
+    repeated across files marked), runs every shard through one replica (n=2, the tiny model);
+    returns (output rows, bad files)."""
+    out = spec.output.url
+    rep = ShardReplica(spec.model_dump_json(), out, spec.fingerprint())
+
+    def run(path: Path) -> tuple[list[dict], list]:
+        i = spec.input
+        shards, bad = plan_shards(str(path), {}, 3, i.columns(), i.id_column, i.text_column())
+        if shards:
+            shards, unreadable = mark_duplicate_ids(str(path), {}, shards, i.id_column)
+            bad += unreadable
+        rows = []
+        for s in shards:
+            rows += pq.read_table(f"{out}/{rep.process(s.to_dict()).data_key}").to_pylist()
+        return rows, bad
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def replica(generate):
     def process(path: Path) -> dict:
-        (shard,), bad = plan_shards(str(path), {}, 64, COLUMNS, "id")
+        rows, bad = generate(path)
         assert not bad
-        manifest = rep.process(shard.to_dict())
-        rows = pq.read_table(root / "out" / manifest.data_key).to_pylist()
         return {(r["id"], r["sample_index"]): r for r in rows}
 
     return process
@@ -164,3 +195,69 @@ def test_a_job_over_text_files_on_s3_commits_every_sample_once(fmt, s3, ray_clus
     assert_exactly_once(table, ids, n=1)
     assert set(table.column("finish_reason").to_pylist()) <= {"eos", "length"}
     assert dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist())) == dict(zip(ids, prompts(12)))
+
+
+# --- one identity per id, every bad value one error row (issue 23: items 4, 5, 7, 9, 10) ------
+
+
+IDS = st.one_of(st.integers(-10**6, 10**12), st.from_regex(r"0[0-9]{1,4}", fullmatch=True),
+                st.sampled_from(["NA", "null", "N/A", "nan", "TRUE", "1e3", " 7", "7.0", "-0"]),
+                st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=6))
+FORMATS = ["parquet", "jsonl", "csv", "csv-bom"]
+
+
+def write_ids(src: Path, placed: list[tuple[object, str]], again: list[int]) -> None:
+    """Each (id, format) as a row of that format's file (Parquet: one file of integers, one of
+    text); the ids in ``again`` once more as text, in a file that lists last."""
+    src.mkdir()
+    rows = {f: [i for i, fmt in placed if fmt == f] for f in FORMATS}
+    ints = [i for i in rows["parquet"] if isinstance(i, int)]
+    for name, ids in (("a-int.parquet", ints), ("b-text.parquet", [i for i in rows["parquet"] if i not in ints])):
+        if ids:
+            pq.write_table(pa.table({"id": ids, "prompt": prompts(len(ids))}), src / name)
+    if rows["jsonl"]:
+        (src / "c.jsonl").write_text("".join(json.dumps({"id": i, "prompt": p}, ensure_ascii=False) + "\n"
+                                             for i, p in zip(rows["jsonl"], prompts(len(rows["jsonl"])))))
+    for name, fmt, bom in (("d.csv", "csv", ""), ("e.csv", "csv-bom", "\ufeff")):
+        if rows[fmt]:
+            (src / name).write_text(bom + csv_of(rows[fmt]), encoding="utf-8")
+    if again:
+        (src / "z-again.csv").write_text(csv_of([str(i) for i in again]), encoding="utf-8")
+
+
+def csv_of(ids: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "prompt"])
+    w.writerows(zip(ids, prompts(len(ids))))
+    return buf.getvalue()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_an_id_has_one_identity_in_every_format(generate, spec, data):
+    """Integers, text with leading zeros, null words, unicode, in Parquet, JSON Lines and CSV (with
+    or without a byte-order mark): each row's output id is its id's text, its seed comes from that
+    text, and the same id spelt as an integer in one file and as text in another is one id."""
+    ids = data.draw(st.lists(IDS, min_size=1, max_size=8, unique_by=str))
+    placed = [(i, data.draw(st.sampled_from(FORMATS))) for i in ids]
+    again = data.draw(st.lists(st.sampled_from([i for i in ids if isinstance(i, int)] or [None]), unique=True))
+    again = [i for i in again if i is not None]
+    src = Path(tempfile.mkdtemp(dir=spec.output.url.rsplit("/", 1)[0])) / "in"
+    write_ids(src, placed, again)
+    rows, bad = generate(src)
+    assert not bad
+    generated = [(r["id"], r["sample_index"], r["seed"]) for r in rows if r["error"] is None]
+    assert sorted(generated) == sorted((str(i), j, sample_seed(spec.seed, str(i), j)) for i in ids for j in (0, 1))
+    repeats = [(r["id"], r["error"]) for r in rows if r["error"] is not None]
+    assert sorted(repeats) == sorted((str(i), f"duplicate id '{i}' (first seen at {where(placed, i)})")
+                                     for i in again for _ in (0, 1))
+
+
+def where(placed: list, i) -> str:
+    """``row R of FILE``: where ``write_ids`` put id ``i``."""
+    fmt = dict(placed)[i]
+    same = [x for x, f in placed if f == fmt and (fmt != "parquet" or isinstance(x, int) == isinstance(i, int))]
+    name = {"jsonl": "c.jsonl", "csv": "d.csv", "csv-bom": "e.csv"}.get(fmt) or \
+        ("a-int.parquet" if isinstance(i, int) else "b-text.parquet")
+    return f"row {same.index(i)} of {name}"

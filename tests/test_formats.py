@@ -261,3 +261,53 @@ def where(placed: list, i) -> str:
     name = {"jsonl": "c.jsonl", "csv": "d.csv", "csv-bom": "e.csv"}.get(fmt) or \
         ("a-int.parquet" if isinstance(i, int) else "b-text.parquet")
     return f"row {same.index(i)} of {name}"
+
+
+# each kind of bad value: how it is written on a JSON Lines line, in a CSV field, and the error row's text
+BAD = {
+    "int": ('5', None, "prompt is int, expected a string"),
+    "float": ('1.5', None, "prompt is float, expected a string"),
+    "bool": ('true', None, "prompt is bool, expected a string"),
+    "object": ('{"text": "hi"}', None, "prompt is dict, expected a string"),
+    "list": ('["a", "b"]', None, "prompt is list, expected a string"),
+    "null": ('null', b"", "prompt is null"),
+    "empty": ('""', b'""', "prompt is empty"),
+    "utf8": (b'"Input: \xff\xfe lamb"', b'"Input: \xff\xfe lamb"', "prompt is not valid UTF-8"),
+    "utf8-id": (None, None, "id is not valid UTF-8"),
+}
+
+
+def bad_text_file(src: Path, fmt: str, kinds: list[str], bom: bool) -> Path:
+    """Row k: id ``r<k>``, a good prompt, or (kind) a bad value written as that format writes it."""
+    lines = [b"id,prompt"] if fmt == "csv" else []
+    for k, what in enumerate(kinds):
+        row_id = b"r\xff" if what == "utf8-id" else f"r{k}".encode()
+        good = prompts(k + 1)[k]
+        if fmt == "jsonl":
+            value = BAD[what][0] if what in BAD and BAD[what][0] is not None else json.dumps(good)
+            lines.append(b'{"id": "' + row_id + b'", "prompt": ' + (value.encode() if isinstance(value, str) else value) + b"}")
+        else:
+            value = BAD[what][1] if what in BAD and BAD[what][1] is not None else ('"' + good + '"').encode()
+            lines.append(row_id + b"," + value)
+    path = src / f"rows.{fmt}"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"\n".join(lines) + b"\n")
+    return path
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fmt=st.sampled_from(["jsonl", "csv"]), bom=st.booleans(),
+       kinds=st.lists(st.sampled_from(["good", *BAD]), min_size=1, max_size=7).filter(lambda k: "good" in k))
+def test_each_bad_value_is_one_error_row_and_every_good_row_is_generated(generate, spec, fmt, bom, kinds):
+    """A JSON Lines line whose prompt is a number, an object, a list, null, empty or invalid
+    UTF-8 (or whose id is invalid UTF-8), a CSV field that is empty or invalid UTF-8: planned as
+    the driver plans (prompt column checked), each is one error row per sample naming its
+    column, and every other row is generated."""
+    kinds = [k for k in kinds if fmt == "jsonl" or BAD.get(k, (0, 0))[1] is not None or k in ("good", "utf8-id")]
+    src = Path(tempfile.mkdtemp(dir=spec.output.url.rsplit("/", 1)[0]))
+    rows, bad = generate(bad_text_file(src, fmt, kinds, bom))
+    assert not bad
+    want = [(None if what == "utf8-id" else f"r{k}", j, BAD[what][2] if what in BAD else None)
+            for k, what in enumerate(kinds) for j in (0, 1)]
+    got = [(r["id"], r["sample_index"], r["error"] and r["error"].split(" (")[0]) for r in rows]
+    assert sorted(got, key=str) == sorted(want, key=str)
+    assert all(r["generation"] for r in rows if r["error"] is None)

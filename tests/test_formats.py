@@ -4,7 +4,9 @@ the wrong type an error row), on local files, on the S3 server, and as a job on 
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
 import tempfile
@@ -110,6 +112,42 @@ def test_a_missing_column_is_named(tmp_path):
         shards, bad = plan_shards(str(tmp_path / name), {}, 64, COLUMNS, "id")
         assert not shards and bad == [(str(tmp_path / name),
                                        f"{tmp_path / name}: missing column(s) prompt (has id, text)")]
+
+
+@pytest.mark.parametrize("header", ["id,prompt,prompt", "id,id,prompt", "prompt,id,note,id,prompt"])
+def test_a_header_that_repeats_a_needed_column_fails_its_file_alone(tmp_path, header):
+    src = tmp_path / "in"
+    src.mkdir()
+    names = header.split(",")
+    (src / "a-twice.csv").write_text(header + "\n" + ",".join(f"v{k}" for k in range(len(names))) + "\n")
+    (src / "b-ok.csv").write_text(csv_text(["b0"], prompts(1)))
+    shards, bad = plan_shards(str(src), {}, 64, COLUMNS, "id", "prompt")
+    assert [Path(s.path).name for s in shards] == ["b-ok.csv"]
+    twice = ", ".join(repr(c) for c in COLUMNS if names.count(c) > 1)
+    path = src / "a-twice.csv"
+    assert bad == [(str(path), f"{path}: column(s) {twice} appear more than once in the header (has {', '.join(names)})")]
+
+
+def test_compressed_files_are_read_empty_files_have_no_rows_and_skipped_files_are_named(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(jsonl([{"id": "a0", "prompt": prompts(1)[0]}]).encode()))
+    (src / "b.csv.bz2").write_bytes(bz2.compress(csv_text(["b0", "b1"], prompts(2)).encode()))
+    (src / "c.JSONL").write_text(jsonl([{"id": "c0", "prompt": prompts(1)[0]}]))
+    (src / "d.jsonl").write_bytes(b"")
+    (src / "e.csv").write_bytes(b"")
+    (src / "f.parquet.gz").write_bytes(b"")  # a Parquet file compresses its own pages
+    (src / "notes.txt").write_text("not prompts")
+    notes: list[str] = []
+    shards, bad = plan_shards(str(src), {}, 64, COLUMNS, "id", "prompt", note=notes.append)
+    assert not bad
+    fs = fsspec.filesystem("file")
+    assert {Path(s.path).name: read_shard(fs, s, COLUMNS).column("id").to_pylist() for s in shards} == {
+        "a.jsonl.gz": ["a0"], "b.csv.bz2": ["b0", "b1"], "c.JSONL": ["c0"]}
+    assert notes == [f"input.url {src}: skipped 2 file(s) that are not prompt files by their name (.parquet, .jsonl, "
+                     f".json, .csv, optionally .gz, .bz2 or .xz): f.parquet.gz, notes.txt",
+                     f"{src / 'd.jsonl'}: no rows (an empty file), nothing to generate",
+                     f"{src / 'e.csv'}: no rows (an empty file), nothing to generate"]
 
 
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])

@@ -146,8 +146,8 @@ def test_compressed_files_are_read_empty_files_have_no_rows_and_skipped_files_ar
         "a.jsonl.gz": ["a0"], "b.csv.bz2": ["b0", "b1"], "c.JSONL": ["c0"]}
     assert notes == [f"input.url {src}: skipped 2 file(s) that are not prompt files by their name (.parquet, .jsonl, "
                      f".json, .csv, optionally .gz, .bz2 or .xz): f.parquet.gz, notes.txt",
-                     f"{src / 'd.jsonl'}: no rows (an empty file), nothing to generate",
-                     f"{src / 'e.csv'}: no rows (an empty file), nothing to generate"]
+                     f"{src / 'd.jsonl'}: no rows, nothing to generate",
+                     f"{src / 'e.csv'}: no rows, nothing to generate"]
 
 
 @pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])

@@ -107,8 +107,8 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
                                          f"nothing was started") from None
             bad.append((path, f"{path}: not a readable {kind(path) or 'Parquet'} file ({type(exc).__name__}: {exc})"))
             continue
-        if rows == 0:  # nothing to generate: not a failure, so a re-run does not "retry" it forever
-            note(f"{path}: no rows (an empty file), nothing to generate")
+        if rows == 0:  # an empty file, a header only: nothing to generate, not a failure a re-run "retries"
+            note(f"{path}: no rows, nothing to generate")
             continue
         missing = [c for c in columns if c not in schema.names]
         if missing:

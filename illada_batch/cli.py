@@ -147,9 +147,11 @@ def cmd_validate(args) -> int:
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
+    input_notes: list[str] = []  # skipped files, files without rows
     shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                              i.text_column())
+                              i.text_column(), note=input_notes.append)
     problems, notes = preflight.model_problems(spec, replicas_here=not args.address)
+    notes = input_notes + notes
     problems += preflight.output_problems(spec.resolved().output_url(args.date), spec.output.storage_options)
     if args.address:
         more, cluster_notes = preflight.cluster_problems(spec, args.address)

@@ -69,7 +69,7 @@ class _Job:
             raise OutputError("; ".join(problems))
         i = spec.input
         shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                                        i.text_column())
+                                        i.text_column(), note=self.log)
         plan = {s.shard_id: s.row_range() for s in shards}
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.trusted_manifests(self.fingerprint, plan, spec.n)

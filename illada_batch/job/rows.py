@@ -1,6 +1,7 @@
 """Row rendering and checking: input rows -> engine requests, results -> output rows.
 
-A bad row (null, empty or non-string prompt, undecodable bytes, duplicate id, a template
+A bad row (null, empty or non-string prompt, undecodable bytes, an id that is null, neither
+text nor an integer, or a duplicate (ids compare by their text: ``ids.py``), a template
 variable it lacks, too long for the model) becomes an output row with ``error`` set and no
 generation; it never fails its shard.
 """
@@ -13,9 +14,10 @@ import pyarrow as pa
 
 from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
+from illada_batch.job.ids import RowId, canonical_id
 from illada_batch.job.spec import JobSpec
 
-OUTPUT_SCHEMA = pa.schema([
+OUTPUT_SCHEMA = pa.schema([  # after ``id``: the id's text (``ids.py``), a string whatever the input's type
     ("sample_index", pa.int32()), ("prompt", pa.string()), ("generation", pa.string()),
     ("num_tokens", pa.int32()), ("steps", pa.int32()), ("finish_reason", pa.string()), ("seed", pa.int64()),
     ("error", pa.string()), ("backend", pa.string()), ("model", pa.string()),
@@ -24,7 +26,7 @@ OUTPUT_SCHEMA = pa.schema([
 
 @dataclass
 class RenderedRow:
-    row_id: object
+    row_id: RowId | None  # the id's text (``ids.py``); None when the row has none (its error says why)
     prompt: str | None  # the row's text after the template (without the shared prefix)
     error: str | None
     response: ResponseTemplate | None = None  # the row's response template, its columns filled in
@@ -60,15 +62,14 @@ def render_rows(spec: JobSpec, table: pa.Table, chat_wrap=None,
     seen: dict = {}
     earlier = dict(duplicates)
     out = []
-    for i, (row_id, value) in enumerate(zip(ids, values)):
-        error, prompt, filled = None, None, None
-        if row_id is None:
-            error = f"{inp.id_column} is null"
-        elif i in earlier:
+    for i, (raw_id, value) in enumerate(zip(ids, values)):
+        prompt, filled = None, None
+        row_id, error = canonical_id(raw_id, inp.id_column)
+        if error is None and i in earlier:
             error = f"duplicate id {row_id!r} (first seen at {earlier[i]})"
-        elif row_id in seen:
+        elif error is None and row_id in seen:
             error = f"duplicate id {row_id!r} (first seen at row {seen[row_id]} of this shard)"
-        else:
+        elif error is None:
             seen[row_id] = i
         if error is None:
             row = {k: v[i] for k, v in variables.items()}
@@ -160,8 +161,7 @@ def output_table(spec: JobSpec, table: pa.Table, rows: list[RenderedRow], result
             cols["error"].append(error)
             cols["backend"].append(spec.backend)
             cols["model"].append(model_name)
-    id_type = table.schema.field(spec.input.id_column).type
-    arrays = [pa.array(cols["id"], type=id_type)] + [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
+    arrays = [pa.array(cols["id"], type=pa.string())] + [pa.array(cols[f.name], type=f.type) for f in OUTPUT_SCHEMA]
     names = ["id", *OUTPUT_SCHEMA.names]
     if spec.response_template is not None:  # each slot's text, so nobody parses `generation` back
         arrays.append(pa.array(slots, type=pa.list_(pa.string())))

@@ -21,6 +21,18 @@ class Remasking(str, enum.Enum):
     RANDOM = "random"
 
 
+class TransferRule(str, enum.Enum):
+    """How many masked positions a step of a block unmasks (a family's rule; its card's default)."""
+
+    # LLaDA 1.x: the block's masked positions spread evenly over its steps left (ceil); under a
+    # threshold every prediction at or above it, and at least one.
+    SPREAD = "spread"
+    # LLaDA 2.0: step k unmasks n_k, ``block_length`` spread over the block's steps (the first
+    # ``block_length % steps`` get one more), capped at what is masked; under a threshold every
+    # prediction above it when there are at least n_k of them, else the n_k most confident.
+    BLOCK_SCHEDULE = "block_schedule"
+
+
 class CacheMode(str, enum.Enum):
     """What an engine keeps between steps (see the engine's design note)."""
 
@@ -65,14 +77,24 @@ class SamplingParams:
                                       "fewer steps)")
     suppress_eos: bool = _setting(False, "forbid EOS: every sample runs to gen_length")
     zero_eos_confidence: bool = _setting(False, "EOS predictions get confidence 0, so they are unmasked last")
+    transfer_rule: TransferRule = _setting(TransferRule.SPREAD, "how many positions a step unmasks: spread (LLaDA "
+                                                                "1.x) or block_schedule (LLaDA 2.0); the model "
+                                                                "family's own rule is its default")
+    editing_threshold: float | None = _setting(None, "LLaDA 2.1 token editing: a decoded token of the current block "
+                                                     "is replaced when the new prediction differs with probability "
+                                                     "above this; one token unmasked per step at least (steps is "
+                                                     "ignored); unset = no editing", gt=0, le=1)
+    max_post_steps: int = _setting(16, "LLaDA 2.1: at most this many editing passes after a block is unmasked "
+                                       "(more = more revisions, more forwards)", ge=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.remasking, Remasking):
-            try:
-                object.__setattr__(self, "remasking", Remasking(self.remasking))
-            except ValueError:
-                raise ParamsError(f"remasking: {self.remasking!r} is not one of "
-                                  f"{', '.join(m.value for m in Remasking)}") from None
+        for name, kind in (("remasking", Remasking), ("transfer_rule", TransferRule)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    raise ParamsError(f"{name}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
         problems = self.problems()
         if problems:
             raise ParamsError("; ".join(f"{name}: {msg}" for name, msg in problems))
@@ -84,6 +106,11 @@ class SamplingParams:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    @property
+    def editing(self) -> bool:
+        """LLaDA 2.1's rule: decoded tokens may be replaced; one token a step at least, steps ignored."""
+        return self.editing_threshold is not None
 
     def problems(self) -> list[tuple[str, str]]:
         """Every (field, what is wrong) at once: bounds first, then how the fields fit together."""
@@ -115,7 +142,13 @@ class SamplingParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["remasking"] = self.remasking.value
+        d["transfer_rule"] = self.transfer_rule.value
         return d
+
+
+# Settings added after outputs were first written: a fingerprint leaves them out at their
+# default, so those outputs keep theirs.
+LATER_SETTINGS = ("transfer_rule", "editing_threshold", "max_post_steps")
 
 
 def settings() -> list:

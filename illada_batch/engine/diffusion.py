@@ -171,7 +171,7 @@ class Engine:
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:
         eos = self.model.config.eos_token_id
-        responses = batch.x[:, -params.gen_length:].tolist()
+        responses = batch.responses(params)
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():
             i, req, seed = batch.tags[row]

@@ -278,11 +278,18 @@ class JobSpec(_Strict):
         except FileNotFoundError:
             raise SpecError(f"prefix.file: {url} not found") from None
 
+    def _sampling_identity(self) -> dict:
+        """The sampling settings, those added later left out at their default (older outputs
+        keep their fingerprint)."""
+        dump = self.sampling.model_dump(mode="json")
+        defaults = SamplingSpec().model_dump(mode="json")
+        return {k: v for k, v in dump.items() if k not in params_mod.LATER_SETTINGS or v != defaults[k]}
+
     def fingerprint(self) -> str:
         """What makes outputs comparable: model, sampling, template, prefix, seed, n, input."""
         parts = {
             "backend": self.backend, "model": self.model.path, "model_sha256": self.model.sha256,
-            "sampling": self.sampling.model_dump(), "template": self.template, "chat": self.chat,
+            "sampling": self._sampling_identity(), "template": self.template, "chat": self.chat,
             "prefix_sha256": hashlib.sha256(self.prefix_text().encode()).hexdigest(), "seed": self.seed, "n": self.n,
             "input": self.input.model_dump(exclude={"storage_options"}),
         }

@@ -38,8 +38,14 @@ import torch
 from torch import Tensor
 
 from illada_batch.decoding.params import SamplingParams, TransferRule
-from illada_batch.decoding.sampler import (block_schedule_count, confidence, edits, gumbel_argmax, select_transfer,
-                                           transfer_count)
+from illada_batch.decoding.sampler import (
+    block_schedule_count,
+    confidence,
+    edits,
+    gumbel_argmax,
+    select_transfer,
+    transfer_count,
+)
 from illada_batch.model.llada import LayerKV, LLaDA, isolated_prefix_mask
 
 

@@ -69,7 +69,7 @@ def cmd_generate(args) -> int:
     out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
     seconds = time.perf_counter() - t0
     resp = out[0, ids.shape[1]:].tolist()
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     resp = resp[:resp.index(eos)] if eos in resp else resp
     print(tok.decode(resp, skip_special_tokens=True))
     print(f"[{params.steps} steps, {len(resp)} tokens in {seconds:.2f}s: {params.steps / seconds:.1f} steps/s, "

@@ -46,7 +46,9 @@ from illada_batch.decoding.sampler import (
     select_transfer,
     transfer_count,
 )
-from illada_batch.model.llada import LayerKV, LLaDA, isolated_prefix_mask
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.family import AttentionKind
+from illada_batch.model.layers.attention import LayerKV, isolated_prefix_mask
 
 
 @dataclass
@@ -205,7 +207,7 @@ class FullForward:
         self.prefix_kv, self.isolate_prefix = prefix_kv, isolate_prefix
         self.query_tokens = 0  # query positions run (padding included)
 
-    def block_logits(self, model: LLaDA, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
+    def block_logits(self, model: DiffusionLM, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
@@ -216,7 +218,7 @@ class FullForward:
             prompt = valid.clone()
             col = torch.arange(L, device=x.device)
             prompt &= col[None] < (L - batch.window + batch.lead[rows])[:, None]
-            inputs = torch.cat([x, torch.where(prompt, model.config.mask_token_id, x)])  # [2b, L]
+            inputs = torch.cat([x, torch.where(prompt, model.card.mask_token_id, x)])  # [2b, L]
             attn, positions, index = torch.cat([attn, attn]), torch.cat([positions, positions]), torch.cat([cols, cols])
         self.query_tokens += inputs.numel()
         logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=self.prefix_kv,
@@ -227,11 +229,11 @@ class FullForward:
         return logits
 
 
-def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
+def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
     """One forward pass for the unfinished rows (through ``forward``, the cache; default:
     the whole sequence), then each row unmasks its chosen positions of the current block."""
-    cfg = model.config
-    mask_id, W, BL = cfg.mask_token_id, batch.window, params.block_length
+    card = model.card
+    mask_id, W, BL = card.mask_token_id, batch.window, params.block_length
     rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
     if len(rows) == 0:
         return
@@ -239,7 +241,7 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     cols = (L - W) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
     logits = (forward or FullForward()).block_logits(model, batch, rows, cols, params)  # [b, BL, V]
     if params.suppress_eos:
-        logits[..., cfg.eos_token_id] = -torch.inf
+        logits[..., card.eos_token_id] = -torch.inf
     gens = [batch.generators[i] for i in rows.tolist()]
     current = x.gather(1, cols)  # [b, BL]
     is_mask = current == mask_id
@@ -252,7 +254,7 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     conf = confidence(logits, tokens, params.remasking, gens)  # [b, BL] float32
     if params.zero_eos_confidence:
         eot = getattr(model.tokenizer, "eot_id", None)
-        stop = (tokens == cfg.eos_token_id) | ((tokens == eot) if eot is not None else False)
+        stop = (tokens == card.eos_token_id) | ((tokens == eot) if eot is not None else False)
         conf = torch.where(stop, torch.zeros_like(conf), conf)
     edited = torch.zeros_like(is_mask)
     if params.editing:  # LLaDA 2.1: decoded tokens (not fixed text, not the prompt) may be replaced
@@ -273,7 +275,7 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     last = batch.step[rows] >= last_step - 1  # [b]
     transfer = select_transfer(conf, count, params.threshold, floor) | (is_mask & last[:, None]) | edited  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
-    _advance(batch, rows, params, mask_id, cfg.eos_token_id, is_mask.any(-1), edited.any(-1))
+    _advance(batch, rows, params, mask_id, card.eos_token_id, is_mask.any(-1), edited.any(-1))
 
 
 def _advance(batch: DecodeBatch, rows: Tensor, params: SamplingParams, mask_id: int, eos_id: int,
@@ -311,11 +313,11 @@ def first_masked_block(is_mask: Tensor, params: SamplingParams) -> Tensor:
     return torch.where(has.any(-1), has.float().argmax(-1), has.shape[1])
 
 
-def causal_block(model: LLaDA, params: SamplingParams) -> int | None:
+def causal_block(model: DiffusionLM, params: SamplingParams) -> int | None:
     """The block size of the model's block-causal attention (its card's, or the sampler's
     block_length when the card leaves it to the sampler); None when it is bidirectional."""
-    card = getattr(model, "card", None)  # TODO(registry merge): model.card, AttentionKind.BLOCK_CAUSAL
-    if card is None or card.attention.value != "block-causal":
+    card = model.card
+    if card.attention is not AttentionKind.BLOCK_CAUSAL:
         return None
     return card.attention_block or params.block_length
 
@@ -349,11 +351,11 @@ def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generat
 
 
 @torch.no_grad()
-def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
+def generate(model: DiffusionLM, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
              gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", seed: int | list[int] | None = None, early_stop: bool = False,
              **options) -> Tensor:
-    """LLaDA's reference ``generate()``: its call shape and its defaults (128 steps, no early
+    """DiffusionLM's reference ``generate()``: its call shape and its defaults (128 steps, no early
     stop: every response position is decoded), which differ from ``SamplingParams``' (the
     engine's and the job's). Prompt ids [B, Lp] (left padded, with an ``attention_mask`` when
     rows differ in length) -> ids [B, Lp + gen_length].
@@ -364,7 +366,7 @@ def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = N
     """
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
                             cfg_scale=cfg_scale, remasking=remasking, early_stop=early_stop, **options)
-    cfg = model.config
+    card = model.card
     B = prompt_ids.shape[0]
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
@@ -372,7 +374,7 @@ def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = N
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     else:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
-    batch = DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
+    batch = DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
                                      row_generators(seeds, model.device), model.device,
                                      aligned=causal_block(model, params) is not None)
     while not bool(batch.done.all()):

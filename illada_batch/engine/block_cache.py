@@ -28,7 +28,8 @@ from torch import Tensor
 from illada_batch.decoding.loop import DecodeBatch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
-from illada_batch.model.llada import LayerKV, LLaDA
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers.attention import LayerKV
 
 
 class BlockCacheForward:
@@ -39,7 +40,7 @@ class BlockCacheForward:
         self.kv, self.prefix_kv = kv, prefix_kv
         self.query_tokens = 0  # query positions run (padding included)
 
-    def block_logits(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor,
+    def block_logits(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         if params.cfg_scale > 0:
@@ -55,7 +56,7 @@ class BlockCacheForward:
             out[sel] = logits
         return out
 
-    def _refresh(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+    def _refresh(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
         """The rows' whole sequences: every position's K/V into their pages; block logits."""
         valid = batch.valid[rows]  # [h, L]
         first = int((~valid).sum(-1).min())  # left padding every one of these rows has
@@ -72,7 +73,7 @@ class BlockCacheForward:
         return model.run(x, attention_mask=valid, positions=positions, prefix_kv=self.prefix_kv,
                          logits_index=cols - first, kv_hook=store).logits  # [h, BL, V]
 
-    def _block_only(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+    def _block_only(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
         """The block's tokens against the rows' cached K/V, the block's own K/V fresh."""
         l, BL = cols.shape
         L, ps = batch.x.shape[1], self.kv.page_size

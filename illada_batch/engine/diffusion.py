@@ -36,12 +36,12 @@ from illada_batch.engine.kv_cache import KVCache, pages_for_budget
 from illada_batch.engine.pages import PagePool
 from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
 from illada_batch.errors import ParamsError
+from illada_batch.model.base import DiffusionLM
 from illada_batch.model.checkpoint import load_model
-from illada_batch.model.llada import LLaDA
 
 
 class Engine:
-    def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
+    def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
@@ -56,14 +56,14 @@ class Engine:
         if self.cache is not CacheMode.OFF:
             if kv_budget is None:
                 kv_budget = 0.1 if model.device.type == "cuda" else 256 * 2**20
-            num_pages = pages_for_budget(model.config, kv_budget, page_size, model.dtype, model.device)
-            row_pages = -(-model.config.max_sequence_length // page_size)
+            num_pages = pages_for_budget(model.card, kv_budget, page_size, model.dtype, model.device)
+            row_pages = -(-model.card.max_sequence_length // page_size)
             if self.cache.block_cache and num_pages < row_pages:
                 raise ValueError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
-                                 f"{row_pages} for one row of the model's {model.config.max_sequence_length} tokens")
+                                 f"{row_pages} for one row of the model's {model.card.max_sequence_length} tokens")
             if num_pages >= 1:  # below one page every group falls back to the cache off
                 self.pool = PagePool(num_pages, page_size)
-                self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)
+                self.kv = KVCache(model.card, num_pages, page_size, model.device, model.dtype)
         self.model_key = f"{getattr(model, 'name_or_path', 'model')}:{model.dtype}"
 
     @classmethod
@@ -123,7 +123,7 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
-        return request_problem(r, self.model.config.max_sequence_length)
+        return request_problem(r, self.model.card.max_sequence_length)
 
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
@@ -157,7 +157,7 @@ class Engine:
                 raise RuntimeError("no row fits the KV pages of an empty batch")
             return batch
         fresh = plan.new_rows(new, params, self.model)
-        return fresh if batch is None else batch.extend(fresh, self.model.config.pad_token_id)
+        return fresh if batch is None else batch.extend(fresh, self.model.card.pad_token_id)
 
     def _postprocess(self, plan: CachePlan, batch: DecodeBatch, params: SamplingParams,
                      results: dict[int, Result]) -> DecodeBatch | None:
@@ -170,7 +170,7 @@ class Engine:
         return batch.select(~batch.done) if not bool(batch.done.all()) else None
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:
-        eos = self.model.config.eos_token_id
+        eos = self.model.card.eos_token_id
         responses = batch.responses(params)
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():

@@ -116,3 +116,27 @@ def test_config_json_uses_the_reference_field_names(checkpoint):
     assert raw["model_type"] == "llada2_moe"
     family, cfg = parse(checkpoint / "config.json")
     assert family.name == "llada2" and cfg.first_k_dense_replace == 1 and cfg.n_group == 2
+
+
+@pytest.mark.parametrize("cache", ["prefix", "blocks", "prefix+blocks"])
+def test_bidirectional_cache_modes_are_refused_with_the_reason(model, cache):
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.errors import ParamsError
+
+    with pytest.raises(ParamsError, match="block-causal"):
+        Engine(model, cache=cache)
+
+
+def test_engine_generates_text_with_the_cache_off(model):
+    """The engine's batch (rows of different prompt lengths, continuous batching) gives each
+    row the tokens generate() gives it alone."""
+    from illada_batch.decoding.params import SamplingParams
+    from illada_batch.engine.diffusion import Engine
+
+    params = SamplingParams(steps=8, gen_length=16, block_length=4, threshold=0.3, transfer_rule="block_schedule",
+                            editing_threshold=0.5, max_post_steps=2)
+    prompts = ["a b c", "the quick brown fox jumps", "x"]
+    together = Engine(model, cache="off", max_batch_size=2).generate(prompts, params)
+    alone = [Engine(model, cache="off").generate([p], params)[0] for p in prompts]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert all(r.finish_reason in ("eos", "length") for r in together)

@@ -184,8 +184,9 @@ OTHER = {
     "output.storage_options": {"anon": True}, "replicas": 2, "resources.num_gpus": 1, "resources.num_cpus": 2,
     "shard_rows": 7, "max_retries": 1, "retry_backoff_s": 1.0, "error_budget": 0.1, "placement_timeout_s": 5.0,
     "stall_warning_s": 5.0, "base_dir": "/elsewhere", "sampling.alg": "entropy", "sampling.alg_temp": 0.5,
+    "sampling.transfer_rule": "block_schedule", "sampling.editing_threshold": 0.8, "sampling.max_post_steps": 3,
 }
-NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}}  # a field valid only beside another
+NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}, "sampling.max_post_steps": {"sampling.editing_threshold": 0.8}}  # a field valid only beside another
 
 
 def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_path):

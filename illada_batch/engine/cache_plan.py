@@ -26,7 +26,7 @@ from collections import deque
 
 import torch
 
-from illada_batch.decoding.loop import DecodeBatch, FullForward, row_generators
+from illada_batch.decoding.loop import DecodeBatch, FullForward, causal_block, row_generators
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.engine.block_cache import BlockCacheForward
 from illada_batch.engine.kv_cache import KVCache
@@ -129,7 +129,8 @@ def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Requ
     return DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
                                     row_generators(seeds, model.device), model.device, position_offset=position_offset,
                                     prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)],
-                                    page_tables=page_tables, responses=responses)
+                                    page_tables=page_tables, responses=responses,
+                                    aligned=causal_block(model, params) is not None)
 
 
 def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,

@@ -39,6 +39,7 @@ from illada_batch.engine.requests import Counters, Request, Result, request_prob
 from illada_batch.errors import ParamsError
 from illada_batch.model.base import DiffusionLM
 from illada_batch.model.checkpoint import load_model
+from illada_batch.model.family import AttentionKind
 
 
 class Engine:
@@ -50,6 +51,10 @@ class Engine:
         with the cache off, prefixes isolated (what the cache computes); the block cache
         modes need room for one row of the model's longest sequence."""
         self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
+        if self.cache is not CacheMode.OFF and model.card.attention is AttentionKind.BLOCK_CAUSAL:
+            raise ParamsError(f"cache '{self.cache.value}': this model ({model.card.family}) attends block-causally, "
+                              "and the cache modes assume bidirectional attention (an isolated prefix, K/V refreshed "
+                              "per block); its exact block cache is a later issue: use cache 'off'")
         self.tokenizer = model.tokenizer
         self.counters = Counters()
         self.pool: PagePool | None = None
@@ -184,7 +189,7 @@ class Engine:
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:
         eos = self.model.card.eos_token_id
-        responses = batch.x[:, -params.gen_length:].tolist()
+        responses = batch.responses(params)
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():
             i, req, seed = batch.tags[row]

@@ -310,6 +310,13 @@ class JobSpec(_Strict):
         except FileNotFoundError:
             raise SpecError(f"prefix.file: {url} not found") from None
 
+    def _sampling_identity(self) -> dict:
+        """The sampling settings, those added later left out at their default (older outputs
+        keep their fingerprint)."""
+        dump = self.sampling.model_dump(mode="json")
+        defaults = SamplingSpec().model_dump(mode="json")
+        return {k: v for k, v in dump.items() if k not in params_mod.LATER_SETTINGS or v != defaults[k]}
+
     def fingerprint(self) -> str:
         """What makes outputs comparable: every field that can change a token or an output
         column (model, dtype, backend, cache mode, sampling, template, prefix text, seed, n,
@@ -317,6 +324,7 @@ class JobSpec(_Strict):
         until someone shows it cannot change a token. A field left unset (None) is left out,
         so a setting added later does not change the fingerprints of outputs made before it."""
         parts = _without(self.model_dump(mode="json"), TOKEN_NEUTRAL)
+        parts["sampling"] = _without(self._sampling_identity(), frozenset())
         parts["prefix"] = hashlib.sha256(self.prefix_text().encode()).hexdigest()  # the text, from a file or not
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

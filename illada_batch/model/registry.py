@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from illada_batch.errors import ConfigError
-from illada_batch.model.configs import dream, llada, llada_moe
+from illada_batch.model.configs import dream, llada, llada2, llada_moe
 from illada_batch.model.family import Family, FamilyCard
 
 FAMILIES: tuple[Family, ...] = (
+    llada2.FAMILY,
     llada_moe.FAMILY,
     llada.FAMILY,
     dream.FAMILY,

@@ -354,6 +354,7 @@ def generate(model: DiffusionLM, prompt_ids: Tensor, attention_mask: Tensor | No
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
                             cfg_scale=cfg_scale, remasking=remasking, early_stop=early_stop, **options)
     card = model.card
+    params = card.resolve(params)  # the family's own defaults for settings left unset
     B = prompt_ids.shape[0]
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]

@@ -99,9 +99,9 @@ class SamplingParams:
     alg_temp: float | None = _setting(None, "with alg: positions drawn from softmax(confidence / alg_temp) "
                                             "instead of the most confident (more diverse, less accurate); "
                                             "unset or 0 = the most confident", ge=0)
-    transfer_rule: TransferRule = _setting(TransferRule.SPREAD, "how many positions a step unmasks: spread (LLaDA "
-                                                                "1.x) or block_schedule (LLaDA 2.0); the model "
-                                                                "family's own rule is its default")
+    transfer_rule: TransferRule | None = _setting(None, "how many positions a step unmasks: spread (LLaDA 1.x, "
+                                                        "LLaDA-MoE, Dream) or block_schedule (LLaDA 2.0); unset = "
+                                                        "the model family's own rule")
     editing_threshold: float | None = _setting(None, "LLaDA 2.1 token editing: a decoded token of the current block "
                                                      "is replaced when the new prediction differs with probability "
                                                      "above this; one token unmasked per step at least (steps is "
@@ -161,7 +161,7 @@ class SamplingParams:
         if self.alg is not None and self.threshold is not None:
             out.append(("threshold", f"alg={self.alg.value} sets its own schedule; a threshold replaces it: "
                                      f"set one of them"))
-        if self.alg is not None and (self.editing_threshold is not None or self.transfer_rule is not TransferRule.SPREAD):
+        if self.alg is not None and (self.editing_threshold is not None or self.transfer_rule is TransferRule.BLOCK_SCHEDULE):
             out.append(("alg", f"alg={self.alg.value} is Dream's sampler; transfer_rule and editing_threshold are "
                                f"LLaDA 2.x's: set one family's settings"))
         if self.alg is not None and self.remasking is not Remasking.LOW_CONFIDENCE:
@@ -176,7 +176,7 @@ class SamplingParams:
         d = asdict(self)
         d["remasking"] = self.remasking.value
         d["alg"] = None if self.alg is None else self.alg.value
-        d["transfer_rule"] = self.transfer_rule.value
+        d["transfer_rule"] = None if self.transfer_rule is None else self.transfer_rule.value
         return d
 
 

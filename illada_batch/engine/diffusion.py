@@ -146,6 +146,7 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
                    results: dict[int, Result]) -> None:
+        params = self.model.card.resolve(params)  # the family's own defaults for settings left unset
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
                            self.counters)

@@ -9,7 +9,13 @@ import os
 from pathlib import Path
 
 from illada_batch.errors import OutputError
-from illada_batch.job.model_fit import PAGE_TOKENS, context_problems, fixed_text_problems, kv_budget_problems
+from illada_batch.job.model_fit import (
+    PAGE_TOKENS,
+    context_problems,
+    family_problems,
+    fixed_text_problems,
+    kv_budget_problems,
+)
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
@@ -82,7 +88,8 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
     except ConfigError:
         return problems  # the replica's own load says what is wrong with it
     bits = 32 if spec.model.dtype == "float32" or (spec.model.dtype == "auto" and not spec.resources.num_gpus) else 16
-    return (problems + context_problems(spec, tok, card.max_sequence_length)
+    return (problems + family_problems(spec, card, registry.setting_owners())
+            + context_problems(spec, tok, card.max_sequence_length)
             + kv_budget_problems(spec, PAGE_TOKENS * card.kv_bytes_per_token(bits // 8), card.max_sequence_length))
 
 

@@ -25,7 +25,7 @@ import ray
 
 from illada_batch.errors import CheckpointError, InputError, SpecError, StorageUnavailable
 from illada_batch.job.commit import Output
-from illada_batch.job.model_fit import fixed_text_problems
+from illada_batch.job.model_fit import family_problems, fixed_text_problems
 from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.rows import output_table, render_rows
 from illada_batch.job.shards import Shard, read_shard
@@ -131,6 +131,12 @@ class RowGenerator:
         if problems:
             raise SpecError("; ".join(problems))
         card = getattr(getattr(self.engine, "model", None), "card", None)  # the diffusion engine's family card
+        if card is not None:
+            from illada_batch.model.registry import setting_owners
+
+            problems = family_problems(self.spec, card, setting_owners())
+            if problems:
+                raise SpecError("; ".join(problems))
         self.model_name = self.spec.model.path if card is None else f"{card.family}:{self.spec.model.path}"
 
     def generate_rows(self, table: pa.Table, duplicates: tuple[tuple[int, str], ...] = ()) -> tuple[pa.Table, float]:

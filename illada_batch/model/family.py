@@ -8,6 +8,7 @@ cache plans, the sampler, ``bench``, ``validate`` and the job ask ``model.card``
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -52,6 +53,12 @@ class FamilyCard:
     def defaults(self) -> dict[str, Any]:
         return dict(self.sampler_defaults)
 
+    def resolve(self, params):
+        """``params`` (SamplingParams) with each setting left unset (None) that this family
+        has a default for set to it (LLaDA 2.x: ``transfer_rule: block_schedule``)."""
+        unset = {k: v for k, v in self.sampler_defaults if getattr(params, k, 0) is None}
+        return dataclasses.replace(params, **unset) if unset else params
+
 
 @dataclass(frozen=True)
 class Family:
@@ -70,3 +77,4 @@ class Family:
     card: Callable[[Any], FamilyCard]
     model: str
     describe: str = ""  # how it is recognised, for the "unknown family" message
+    settings: frozenset[str] = frozenset()  # SamplingParams fields only this family honours

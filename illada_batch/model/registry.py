@@ -84,6 +84,11 @@ def parse(path: str | Path) -> tuple[Family, Any]:
     return family, family.config(raw, str(path))
 
 
+def setting_owners() -> dict[str, str]:
+    """Each sampling setting that only some family honours -> that family's name."""
+    return {s: f.name for f in FAMILIES for s in f.settings}
+
+
 def card_of(directory: str | Path) -> FamilyCard:
     """The card of a checkpoint directory, without torch."""
     family, cfg = parse(Path(directory) / "config.json")

@@ -146,4 +146,5 @@ def matches(raw: Mapping[str, Any]) -> bool:
 
 FAMILY = Family(name="llada2", matches=matches, config=LLaDA2Config.from_dict, card=card,
                 model="illada_batch.model.llada2:LLaDA2",
-                describe="model_type 'llada2_moe' / architectures ['LLaDA2MoeModelLM']")
+                describe="model_type 'llada2_moe' / architectures ['LLaDA2MoeModelLM']",
+                settings=SAMPLER_SETTINGS)

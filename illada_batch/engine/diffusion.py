@@ -44,12 +44,19 @@ from illada_batch.model.family import AttentionKind
 
 class Engine:
     def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
-                 kv_budget: int | float | None = None, page_size: int = 16) -> None:
+                 kv_budget: int | float | None = None, page_size: int = 16, tensor_parallel_size: int = 1) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
         on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
         with the cache off, prefixes isolated (what the cache computes); the block cache
-        modes need room for one row of the model's longest sequence."""
+        modes need room for one row of the model's longest sequence.
+        ``tensor_parallel_size``: the ranks ``model`` is split over (``model.tp``); each rank's
+        ``kv_budget`` holds the K/V of its own KV heads (``engine/tensor_parallel.py``)."""
+        ranks = 1 if model.tp is None else model.tp.size
+        if ranks != tensor_parallel_size:
+            raise ParamsError(f"tensor_parallel_size={tensor_parallel_size}, but the model is split over {ranks} "
+                              "rank(s): build it with Engine.from_pretrained(..., tensor_parallel_size=N)")
+        self.peers = None  # rank 0 of a tensor-parallel replica: the other ranks (tensor_parallel.Peers)
         self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
         if self.cache is not CacheMode.OFF and model.card.attention is AttentionKind.BLOCK_CAUSAL:
             raise ParamsError(f"cache '{self.cache.value}': this model ({model.card.family}) attends block-causally, "
@@ -74,8 +81,20 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cache: CacheMode | str = CacheMode.PREFIX, device=None, dtype=None,
-                        **kwargs) -> "Engine":
+                        tensor_parallel_size: int = 1, **kwargs) -> "Engine":
+        """``tensor_parallel_size`` N > 1: this process is rank 0 of N, the others local
+        processes (one thread each under ``ILLADA_THREADS``); ``close()`` ends them."""
+        if tensor_parallel_size > 1:
+            from illada_batch.engine.tensor_parallel import start_local
+
+            return start_local(str(path), tensor_parallel_size, device, dtype, dict(cache=cache, **kwargs))
         return cls(load_model(path, device=device, dtype=dtype), cache=cache, **kwargs)
+
+    def close(self) -> None:
+        """End a tensor-parallel replica's other ranks (nothing to do otherwise)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
 
     # --- the text API -----------------------------------------------------------------
 
@@ -118,6 +137,16 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> list[Result]:
         requests = list(requests)
+        if self.peers is None:
+            return self._run(requests)
+        from illada_batch.engine.tensor_parallel import agree
+
+        self.peers.send(requests)  # every rank runs the same schedule over them
+        results = self._run(requests)
+        agree(results)
+        return results
+
+    def _run(self, requests: list[Request]) -> list[Result]:
         results: dict[int, Result] = {}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):

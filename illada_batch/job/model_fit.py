@@ -70,6 +70,16 @@ def kv_budget_problems(spec: JobSpec, page_bytes: int, max_sequence_length: int)
     return []
 
 
+def tp_problems(spec: JobSpec, problem: str | None) -> list[str]:
+    """``engine.tensor_parallel_size`` against the model (``problem``: ``family.tp_problem``'s
+    line for it), and against a backend that does not split models."""
+    n = spec.engine.tensor_parallel_size
+    if n > 1 and spec.backend != "diffusion":
+        return [f"engine.tensor_parallel_size: {n} ranks need backend 'diffusion' (backend '{spec.backend}' "
+                f"runs one device per replica here)"]
+    return [f"engine.tensor_parallel_size: {problem}"] if problem else []
+
+
 def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
     """What the model's family card refuses: a cache mode its attention cannot honour, and a
     sampling setting that only another family honours (``owners``: setting -> family)."""

@@ -123,6 +123,11 @@ class EngineSpec(_Strict):
     # the device's free memory (a float, 0.1; 1.0 = all of it); default 10% on GPU, 256 MiB on CPU. More pages
     # keep more prefixes and rows at once: speed only, never the tokens
     kv_budget: int | float | None = None
+    # ranks one replica is split over (tensor parallelism: heads, MLP columns and vocabulary split Megatron-style,
+    # one device each, placed together on one node). 1: one device per replica (fastest when the model fits one);
+    # N: a model N times larger per replica, at the cost of two all-reduces per layer. Must divide the model's
+    # heads, KV heads and MLP width (config.json); each rank's kv_budget holds its own KV heads' pages
+    tensor_parallel_size: int = Field(1, ge=1)
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from illada_batch.model.family import FamilyCard
 from illada_batch.model.layers.attention import LayerKV, additive_mask
+from illada_batch.model.layers.linear import TPGroup, vocab_parallel_logits
 from illada_batch.model.layers.rope import rope_cos_sin
 
 # (layer, k, v) with this call's k, v [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries
@@ -43,6 +44,7 @@ class DiffusionLM(nn.Module):
     config: object
     card: FamilyCard
     tokenizer = None  # set by load_model when the checkpoint has one
+    tp: TPGroup | None = None  # this rank's place in a tensor-parallel replica (layers/linear.py), if sharded
     rotary_dim: int
     rope_theta: float
 
@@ -107,5 +109,8 @@ class DiffusionLM(nn.Module):
         return ForwardOut(logits=self.logits(x))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Final norm and output head: hidden [..., d] -> logits [..., vocab]."""
+        """Final norm and output head: hidden [..., d] -> logits [..., vocab] (on every rank
+        when sharded: each rank's vocabulary rows, gathered)."""
+        if self.tp is not None:
+            return vocab_parallel_logits(self.final_norm(hidden), self.head_weight, self.card.vocab_size, self.tp)
         return F.linear(self.final_norm(hidden), self.head_weight)

@@ -78,3 +78,18 @@ class Family:
     model: str
     describe: str = ""  # how it is recognised, for the "unknown family" message
     settings: frozenset[str] = frozenset()  # SamplingParams fields only this family honours
+    # Tensor parallelism: config.json field -> its value, for each count a TP size must
+    # divide (heads, KV heads, MLP width, experts); None: the family's layers are not split yet.
+    tp_splits: Callable[[Any], dict[str, int]] | None = None
+
+
+def tp_problem(family: Family, config: Any, size: int) -> str | None:
+    """Why ``size`` ranks cannot split this model (one line naming the config.json field), or None."""
+    if size == 1:
+        return None
+    if family.tp_splits is None:
+        return f"the {family.name} family does not run tensor-parallel yet (tensor_parallel_size={size})"
+    for name, value in family.tp_splits(config).items():
+        if value % size:
+            return f"config.json field {name!r}={value} does not divide by tensor_parallel_size={size}"
+    return None

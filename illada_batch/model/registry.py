@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 from illada_batch.errors import ConfigError
 from illada_batch.model.configs import dream, llada, llada2, llada_moe
-from illada_batch.model.family import Family, FamilyCard
+from illada_batch.model.family import Family, FamilyCard, tp_problem  # noqa: F401 - for the torch-free side
 
 FAMILIES: tuple[Family, ...] = (
     llada2.FAMILY,

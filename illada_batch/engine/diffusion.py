@@ -141,9 +141,13 @@ class Engine:
             return self._run(requests)
         from illada_batch.engine.tensor_parallel import agree
 
-        self.peers.send(requests)  # every rank runs the same schedule over them
-        results = self._run(requests)
-        agree(results)
+        try:
+            self.peers.send(requests)  # every rank runs the same schedule over them
+            results = self._run(requests)
+            agree(results)
+        except Exception as exc:
+            getattr(self.peers, "broken", lambda exc: None)(exc)  # a rank gone takes the replica down
+            raise
         return results
 
     def _run(self, requests: list[Request]) -> list[Result]:

@@ -35,6 +35,7 @@ from illada_batch.job.records import JobSummary, Manifest, RunStats
 from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, storage_errors
+from illada_batch.job.tp_ranks import Placements
 
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
@@ -121,7 +122,8 @@ class _Job:
         can_grow = _connect(address)
         from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
 
-        request = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+        ranks = spec.engine.tensor_parallel_size  # a replica is N ranks on one node, each with `resources`
+        request = {"CPU": spec.resources.num_cpus * ranks, "GPU": spec.resources.num_gpus * ranks}
         if not can_grow:
             check_fits(request)
         spec_json = spec.model_dump_json()
@@ -130,13 +132,19 @@ class _Job:
         env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
                             "TOKENIZERS_PARALLELISM": "false"}}
 
+        placed = Placements(ranks, spec.resources.num_cpus, spec.resources.num_gpus) if ranks > 1 else None
+
         def new_replica():
-            return Replica.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
-                                   max_restarts=0, max_task_retries=0, runtime_env=env).remote(
+            handle = Replica.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
+                                     max_restarts=0, max_task_retries=0, runtime_env=env,
+                                     **(placed.options() if placed else {})).remote(
                 spec_json, self.out_url, self.fingerprint)
+            if placed:
+                placed.made(handle)
+            return handle
 
         pool = ReplicaPool(new_replica, min(spec.replicas, len(todo)), request, spec.placement_timeout_s,
-                           spec.max_retries + 1, self.log)
+                           spec.max_retries + 1, self.log, end=placed.end if placed else ray.kill)
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)

@@ -53,8 +53,9 @@ class _Slot:
 
 class ReplicaPool:
     def __init__(self, make, count: int, request: dict, placement_timeout_s: float, max_start_failures: int,
-                 log) -> None:
-        self.make, self.timeout, self.log = make, placement_timeout_s, log
+                 log, end=ray.kill) -> None:
+        """``end(handle)``: how a replica is ended (a tensor-parallel one removes its placement group too)."""
+        self.make, self.timeout, self.log, self.end = make, placement_timeout_s, log, end
         self.request = {k: v for k, v in request.items() if v}  # what one replica asks Ray for
         self.max_start_failures = max_start_failures
         self.slots: list[_Slot | None] = [self._new() for _ in range(count)]
@@ -137,11 +138,11 @@ class ReplicaPool:
             self._give_up(i, why)
             return
         self.log(f"replica {i + 1} failed to start ({error}); starting a new one")
-        ray.kill(slot.handle)
+        self.end(slot.handle)
         self.slots[i] = self._new(failures)
 
     def _give_up(self, i: int, why: str) -> None:
-        ray.kill(self.slots[i].handle)  # a pending actor would otherwise take the resources later
+        self.end(self.slots[i].handle)  # a pending actor would otherwise take the resources later
         self.slots[i] = None
         self.gone.append(why)
 
@@ -149,7 +150,7 @@ class ReplicaPool:
         """The replica died while working: a new actor takes its place."""
         slot = self.slots[i]
         if slot is not None:
-            ray.kill(slot.handle)
+            self.end(slot.handle)
             self.slots[i] = self._new()
 
     def close(self, graceful: bool) -> None:
@@ -162,7 +163,7 @@ class ReplicaPool:
             except (GetTimeoutError, RayActorError, RayTaskError):
                 pass
         for s in live:
-            ray.kill(s.handle)
+            self.end(s.handle)
 
 
 def _has_a_worker(handle) -> bool:

@@ -100,6 +100,13 @@ def build_engine(spec: JobSpec):
     from illada_batch.engine.diffusion import Engine
 
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.model.dtype]
+    if e.tensor_parallel_size > 1:
+        from illada_batch.job.tp_ranks import start_ranks
+        from illada_batch.model.checkpoint import resolve_model_path
+
+        return start_ranks(str(resolve_model_path(fetch_model(spec))), e.tensor_parallel_size, spec.resources.num_cpus,
+                           spec.resources.num_gpus, dtype,
+                           dict(cache=e.cache, max_batch_size=e.max_batch_size, kv_budget=budget))
     return Engine.from_pretrained(fetch_model(spec), cache=e.cache, dtype=dtype, max_batch_size=e.max_batch_size,
                                   kv_budget=budget)
 

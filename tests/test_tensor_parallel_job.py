@@ -44,12 +44,13 @@ def test_a_tensor_parallel_job_writes_every_row_once_as_tp_1_would(tmp_path, ray
 
 def _rank_1_pid(out) -> int | None:
     """Rank 1's pid, once the replica has committed a shard (so it is busy with the next)."""
-    from ray.util.state import list_actors
+    from ray._private import state  # the GCS's actor table, as job/pool.py reads it
 
     if not (out / "_manifest").exists() or not any((out / "_manifest").iterdir()):
         return None
-    alive = list_actors(filters=[("class_name", "=", "Rank"), ("state", "=", "ALIVE")])
-    return alive[0].pid if alive else None
+    alive = [a for a in state.actors().values() if a.get("ActorClassName", "").endswith("Rank")
+             and a.get("State") in ("ALIVE", 2) and a.get("Pid")]
+    return alive[0]["Pid"] if alive else None
 
 
 def test_a_rank_killed_mid_job_takes_its_replica_down_and_every_row_is_written_once(tmp_path, ray_cluster):

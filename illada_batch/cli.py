@@ -300,7 +300,7 @@ def cmd_bench(args) -> int:
         return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
 
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches)
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp)
 
 
 def main(argv=None) -> int:
@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
     p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
+    p.add_argument("--tp", type=_positive, default=1,
+                   help="--only wide: each of N tensor-parallel ranks' peak memory against 1/N of the weights")
     p.add_argument("--cache", default=",".join(_cache_modes()),
                    help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)

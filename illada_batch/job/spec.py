@@ -338,12 +338,13 @@ class JobSpec(_Strict):
 # resume may change them. Where and how the job runs (output, replicas, resources, retries,
 # timeouts, credentials); how rows are batched and cached in memory (a sample's tokens do not
 # depend on its batch neighbours, nor on how many pages the budget holds: tests/test_engine.py
-# and tests/test_block_cache.py hold it); shard_rows (a resume checks each shard's rows
+# and tests/test_block_cache.py hold it), nor on how many ranks a replica is split over
+# (tests/test_tensor_parallel.py); shard_rows (a resume checks each shard's rows
 # instead); the exit code's error_budget. `prefix` enters as the hash of its text.
 TOKEN_NEUTRAL = frozenset({
     "name", "base_dir", "output", "replicas", "resources", "shard_rows", "max_retries", "retry_backoff_s",
     "error_budget", "placement_timeout_s", "stall_warning_s", "model.storage_options", "input.storage_options",
-    "engine.max_batch_size", "engine.kv_budget", "prefix",
+    "engine.max_batch_size", "engine.kv_budget", "engine.tensor_parallel_size", "prefix",
 })
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pipeline_support import assert_exactly_once, job_dict, read_output, write_prompts
 
@@ -70,7 +70,8 @@ FILES = st.lists(st.tuples(st.sampled_from("abcde"), st.integers(0, 12), st.inte
                  unique_by=lambda f: f[0])
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          phases=[Phase.explicit, Phase.generate])  # no shrinking: each example is a job
 @given(files=FILES)
 def test_files_added_over_runs_with_overlapping_ids_generate_each_id_once(ray_cluster, tmp_path_factory, files):
     """Files (name, first id, count) added one per run, in any name order, ids overlapping

@@ -12,7 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pipeline_support import assert_exactly_once, job_dict, read_output
 
@@ -65,7 +65,8 @@ FOREIGN = {  # path under the output -> what the user put there
 }
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          phases=[Phase.explicit, Phase.generate])  # no shrinking: each example is a job
 @given(kinds=st.sets(st.sampled_from(sorted(FOREIGN)), min_size=1, max_size=3), over_output=st.booleans())
 def test_an_output_holding_files_of_the_users_is_refused_and_left_untouched(finished, tmp_path_factory, kinds,
                                                                              over_output):

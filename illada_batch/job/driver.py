@@ -82,8 +82,8 @@ class _Job:
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed, redo = out.resume_state(self.fingerprint, plan, spec.n, manifests, unreadable)
             previous = out.summary()
-        for why in redo.values():
-            self.log(f"not committed: {why}; its shard is generated again")
+        for sid, why in sorted(redo.items()):
+            self.log(f"shard {sid} is not committed: {why}; it is generated again")
         todo = [s for s in shards if s.shard_id not in committed]
         if (not todo and not bad_files and previous is not None and previous.fingerprint == self.fingerprint
                 and previous.error_budget == spec.error_budget and previous.complete):

@@ -1,8 +1,8 @@
 """A lost or damaged data file, or a manifest that cannot be read, goes noticed (issue 23,
 item 3): ``status`` says which shards are not committed (exit 1), and a re-run redoes
-exactly those. Checked: the data file's size everywhere; on S3 also its ETag (the MD5 of a
-one-part PUT, recorded in the manifest). A local file damaged without changing its size is
-not caught (no data file is read back)."""
+exactly those. Checked: the data file's size everywhere; on S3 also its ETag (read back
+after the PUT and recorded in the manifest). A local file damaged without changing its size
+is not caught (no data file is read back)."""
 
 from __future__ import annotations
 

@@ -152,7 +152,8 @@ def test_on_s3_foreign_files_are_named_and_only_recorded_attempts_removed(s3):
     out = Output(*filesystem("s3://bucket/own", s3.options))
     table = pa.table({"id": ["a"], "generation": ["x"]})
     stats = ShardStats(1, 0, 1, 0.0, 0.0, 0.0, "n", 1)
-    out.write_shard("s0", RowRange("in.parquet", 1, None, 0, 1), table, "fp", stats)
+    first = out.write_shard("s0", RowRange("in.parquet", 1, None, 0, 1), table, "fp", stats)
+    assert first.data_etag == fs.info(f"bucket/own/{first.data_key}")["ETag"].strip('"')  # the store's checksum
     out.write_shard("s0", RowRange("in.parquet", 1, None, 0, 1), table, "fp", stats)  # a redo: the first is an orphan
     kept = out.manifests()["s0"]
     assert out.foreign_files(out.manifests()) == []

@@ -75,8 +75,8 @@ class Output:
             self.store.put(self.key("data", f"{name}.parquet"), data, orphan_tag=True)
             self.store.mark_committed(self.key("data", f"{name}.parquet"))
             manifest = Manifest(shard_id, f"data/{name}.parquet", table.num_rows, hashlib.sha256(data).hexdigest(),
-                                fingerprint, time.time(), rows, stats, len(data), hashlib.md5(data).hexdigest(),
-                                tuple(duplicate_rows))
+                                fingerprint, time.time(), rows, stats, len(data),
+                                self.store.etag(self.key("data", f"{name}.parquet")), tuple(duplicate_rows))
             self.store.put(self.key("_manifest", f"{shard_id}.json"), manifest.to_json())
         return manifest
 
@@ -172,8 +172,8 @@ class Output:
 
     def damaged(self, manifests: dict[str, Manifest]) -> dict[str, str]:
         """{shard id: why} for each manifest whose data file is missing, or differs from what
-        the manifest recorded: its size anywhere; on S3 also its ETag, which for a one-part PUT
-        is the MD5 of the data. One listing of ``data/``; no data file is read."""
+        the manifest recorded: its size anywhere; on S3 also its ETag (the store's checksum, read
+        back after the PUT). One listing of ``data/``; no data file is read."""
         try:
             listing = {e["name"].rsplit("/", 1)[-1]: e for e in self.fs.ls(self.key("data"), detail=True)}
         except FileNotFoundError:
@@ -186,8 +186,8 @@ class Output:
                 out[sid] = f"its data file {m.data_key} is missing"
             elif m.data_size is not None and int(entry.get("size") or 0) != m.data_size:
                 out[sid] = f"its data file {m.data_key} has {entry.get('size')} bytes, the manifest says {m.data_size}"
-            elif m.data_md5 and etag and "-" not in etag and etag != m.data_md5:
-                out[sid] = f"its data file {m.data_key} has ETag {etag}, the manifest recorded MD5 {m.data_md5}"
+            elif m.data_etag and etag and etag != m.data_etag:
+                out[sid] = f"its data file {m.data_key} has ETag {etag}, the manifest recorded {m.data_etag}"
         return out
 
     def untrusted(self, manifests: dict[str, Manifest], unreadable: dict[str, str]) -> dict[str, str]:

@@ -65,10 +65,10 @@ class Manifest:
     committed_at: float
     rows: RowRange | None  # None only in manifests written before row ranges existed
     stats: ShardStats
-    # the data file as written: a status or resume finds it with this size (and, on S3, this ETag)
-    # or does not trust the shard; None in manifests written before sizes were recorded
+    # the data file as written: a status or resume finds it with this size (and, on S3, the ETag
+    # the store gave it) or does not trust the shard; None in manifests written before they were
     data_size: int | None = None
-    data_md5: str | None = None
+    data_etag: str | None = None
     # offsets of the shard's rows written as error rows because another shard's row has their
     # id: these rows do not hold their id in the output (the next run's duplicate check)
     duplicate_rows: tuple[int, ...] = ()

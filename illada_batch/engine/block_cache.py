@@ -28,6 +28,7 @@ from torch import Tensor
 from illada_batch.decoding.loop import DecodeBatch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
+from illada_batch.model import traffic
 from illada_batch.model.llada import LayerKV, LLaDA
 
 
@@ -87,6 +88,7 @@ class BlockCacheForward:
             ck, cv = self.kv.gather(layer, table)  # [l, T, Hkv, hd] each, a copy
             ck[arange_l, block_tok] = k.transpose(1, 2).to(ck.dtype)  # the block's K/V are this step's
             cv[arange_l, block_tok] = v.transpose(1, 2).to(cv.dtype)
+            traffic.copied("scatter", l * BL)
             return ck.transpose(1, 2).to(k.dtype), cv.transpose(1, 2).to(v.dtype)  # [l, Hkv, T, hd]
 
         self.query_tokens += l * BL

@@ -38,6 +38,7 @@ from illada_batch.engine.requests import Counters, Request, Result, request_prob
 from illada_batch.errors import ParamsError
 from illada_batch.model.checkpoint import load_model
 from illada_batch.model.llada import LLaDA
+from illada_batch.model.traffic import Traffic, counting
 
 
 class Engine:
@@ -51,6 +52,7 @@ class Engine:
         self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
         self.tokenizer = model.tokenizer
         self.counters = Counters()
+        self.traffic = Traffic()  # what each step computed, read, wrote and copied (model/traffic.py)
         self.pool: PagePool | None = None
         self.kv: KVCache | None = None
         if self.cache is not CacheMode.OFF:
@@ -128,9 +130,15 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
                    results: dict[int, Result]) -> None:
+        with counting(self.traffic):
+            self._run_counted(prefix_ids, params, todo, results)
+
+    def _run_counted(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
+                     results: dict[int, Result]) -> None:
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
                            self.counters)
+        self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         # Rows of similar length share a batch (less padding); a row's tokens do not depend on
@@ -141,6 +149,7 @@ class Engine:
             batch = self._schedule(plan, params, queue, batch)
             denoise_step(self.model, batch, params, plan.forward)
             self.counters.forward_passes += 1
+            self.traffic.end_step()
             batch = self._postprocess(plan, batch, params, results)
         self._sync()
         self.counters.seconds["decode"] += time.perf_counter() - t0

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from illada_batch.model import traffic
+
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -33,6 +35,7 @@ def cascade_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, 
     B = q.shape[0]
     if not (q.device.type == "cpu" and _CPU_FLASH is not None):
         k = torch.cat([prefix_k[None].expand(B, -1, -1, -1), k], dim=2)  # [B, H, P + T, hd]
+        traffic.copied("concat", B * k.shape[2])  # token-layers (of the query heads, after any GQA repeat)
         v = torch.cat([prefix_v[None].expand(B, -1, -1, -1), v], dim=2)
         if mask is not None:
             mask = torch.cat([mask.new_zeros(*mask.shape[:-1], prefix_k.shape[1]), mask], dim=-1)  # [B, 1, L, P + T]

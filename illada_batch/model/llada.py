@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from illada_batch.model import traffic
 from illada_batch.model.attention import cascade_attention
 from illada_batch.model.config import LLaDAConfig
 
@@ -89,17 +90,29 @@ class Block(nn.Module):
         if mask is not None and mask.dtype != q.dtype:  # under autocast
             mask = mask.to(q.dtype)
         rep = cfg.n_heads // cfg.n_kv_heads
+        P = 0 if prefix is None else prefix[0].shape[0]
+        _count_attention(B, L, k.shape[2], P)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
+            traffic.copied("repeat", B * k.shape[2] * rep)
         if prefix is None:
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
         else:  # a prefix shared by every row: attended once, merged by log-sum-exp
             pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
+            traffic.copied("repeat", P * rep)
             att = cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
         x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
         return x
+
+
+def _count_attention(B: int, L: int, T: int, P: int) -> None:
+    """One layer's attention of B x L queries over T own keys each and a P-token shared prefix."""
+    s = traffic.step()
+    if s is not None:
+        s.attn_pairs += B * L * (T + P)
+        s.kv_read += B * (T + P)
 
 
 @dataclass
@@ -167,10 +180,16 @@ class LLaDA(nn.Module):
         for i, block in enumerate(t.blocks):
             hook = None if kv_hook is None else (lambda k, v, i=i: kv_hook(i, k, v))
             x = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], hook)
+        counted = traffic.step()
+        if counted is not None:
+            counted.forwards, counted.layers, counted.query_tokens = counted.forwards + 1, len(t.blocks), \
+                counted.query_tokens + B * L
         if not return_logits:
             return ForwardOut(logits=None, hidden=x)
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
+        if counted is not None:
+            counted.logit_positions += x.shape[0] * x.shape[1]
         return ForwardOut(logits=self.logits(x))
 
     def logits(self, hidden: Tensor) -> Tensor:

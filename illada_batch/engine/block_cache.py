@@ -30,14 +30,18 @@ from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
 from illada_batch.model import traffic
 from illada_batch.model.llada import LayerKV, LLaDA
+from illada_batch.model.paged_attention import AttnMask, PagedKV, page_runs
 
 
 class BlockCacheForward:
     """``denoise_step``'s forward for the block cache: refresh at a block's first step, the
     block's tokens only at its other steps."""
 
-    def __init__(self, kv: KVCache, prefix_kv: list[LayerKV] | None = None) -> None:
-        self.kv, self.prefix_kv = kv, prefix_kv
+    def __init__(self, kv: KVCache, prefix_kv: list[LayerKV] | None = None, paged: bool = True) -> None:
+        """``paged=False``: the block-only step gathers each row's K/V into a fresh tensor and
+        scatters the block's into it (the path before paged attention, and Fast-dLLM's; kept
+        as the reference the paged path is tested against and the roofline's Fast-dLLM row)."""
+        self.kv, self.prefix_kv, self.paged = kv, prefix_kv, paged
         self.query_tokens = 0  # query positions run (padding included)
 
     def block_logits(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor,
@@ -48,7 +52,8 @@ class BlockCacheForward:
         heavy = batch.step[rows] == 0  # [b] first step of the row's block
         parts = [(sel, run(model, batch, rows[sel], cols[sel]))
                  for sel, run in ((heavy.nonzero().squeeze(-1), self._refresh),
-                                  ((~heavy).nonzero().squeeze(-1), self._block_only)) if len(sel)]
+                                  ((~heavy).nonzero().squeeze(-1),
+                                   self._block_only if self.paged else self._block_only_gathered)) if len(sel)]
         if len(parts) == 1:
             return parts[0][1]
         out = parts[0][1].new_empty(len(rows), *parts[0][1].shape[1:])  # [b, BL, V]
@@ -74,7 +79,27 @@ class BlockCacheForward:
                          logits_index=cols - first, kv_hook=store).logits  # [h, BL, V]
 
     def _block_only(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
-        """The block's tokens against the rows' cached K/V, the block's own K/V fresh."""
+        """The block's tokens against the rows' pages, read in place: the block's fresh K/V are
+        written into the pages first (the next refresh rewrites them anyway)."""
+        l, BL = cols.shape
+        L, ps = batch.x.shape[1], self.kv.page_size
+        length = batch.valid[rows].sum(-1)  # [l] tokens in each row
+        table = batch.page_table[rows]  # [l, n]
+        block_tok = cols - (L - length)[:, None]  # [l, BL] the block's token indices in its row
+        slots = (table.gather(1, block_tok // ps) * ps + block_tok % ps).reshape(-1)  # [l * BL]
+        mask = AttnMask(key_len=length)  # every block query sees the row's every token
+        runs = page_runs(table, length, ps)
+
+        def attend_pages(layer: int, k: Tensor, v: Tensor) -> PagedKV:  # k, v [l, Hkv, BL, hd] fresh
+            self.kv.write_slots(layer, slots, k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1))
+            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, runs)
+
+        self.query_tokens += l * BL
+        return model.run(batch.x[rows].gather(1, cols), positions=batch.positions[rows].gather(1, cols),
+                         prefix_kv=self.prefix_kv, kv_hook=attend_pages).logits  # [l, BL, V]
+
+    def _block_only_gathered(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+        """The block's tokens against a copy of the rows' cached K/V, the block's own K/V fresh."""
         l, BL = cols.shape
         L, ps = batch.x.shape[1], self.kv.page_size
         length = batch.valid[rows].sum(-1)  # [l] tokens in each row

@@ -21,10 +21,30 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 
 def attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """CPU only. q [B, H, L, hd], k/v [B, H, T, hd], mask additive [B, 1, L, T] in q's dtype
-    or None -> (out [B, H, L, hd] in q's dtype, log-sum-exp of the scaled scores [B, H, L] float32)."""
-    out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]
-    return out, lse.float()
+    """q [B, H, L, hd], k/v [B, Hkv, T, hd] (H a multiple of Hkv), mask additive [B, 1, L, T]
+    in q's dtype or None -> (out [B, H, L, hd] in q's dtype, log-sum-exp of the scaled scores
+    [B, H, L] float32). On CPU the fused flash kernel (grouped heads broadcast in it);
+    elsewhere torch's efficient attention (grouped heads repeated: a counted copy)."""
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]
+        return out, lse.float()
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        traffic.copied("repeat", k.shape[0] * k.shape[2] * rep)
+    bias = None if mask is None else mask.expand(-1, q.shape[1], -1, -1)
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[:2]
+    return out, lse[..., :q.shape[2]].float()
+
+
+def merge_lse(parts: list[tuple[Tensor, Tensor]], keep_lse: bool = False):
+    """Softmax over the union of key sets from each part's (out [..., L, hd], lse [..., L]):
+    the parts weighted by exp(lse_part - lse_total), in float32 -> out (and its lse)."""
+    top = torch.stack([lse for _, lse in parts]).amax(0)  # [..., L]
+    w = [(lse - top).exp()[..., None] for _, lse in parts]  # [..., L, 1]
+    total = sum(w)
+    out = sum(o.float() * wi for (o, _), wi in zip(parts, w)) / total
+    return (out, top + total[..., 0].log()) if keep_lse else out
 
 
 def cascade_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, v: Tensor,
@@ -40,8 +60,6 @@ def cascade_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, 
         if mask is not None:
             mask = torch.cat([mask.new_zeros(*mask.shape[:-1], prefix_k.shape[1]), mask], dim=-1)  # [B, 1, L, P + T]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    o1, l1 = attention_lse(q, prefix_k[None].expand(B, -1, -1, -1), prefix_v[None].expand(B, -1, -1, -1), None)
-    o2, l2 = attention_lse(q, k, v, mask)
-    top = torch.maximum(l1, l2)  # [B, H, L]
-    w1, w2 = (l1 - top).exp()[..., None], (l2 - top).exp()[..., None]  # [B, H, L, 1]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+    own = attention_lse(q, k, v, mask)
+    shared = attention_lse(q, prefix_k[None].expand(B, -1, -1, -1), prefix_v[None].expand(B, -1, -1, -1), None)
+    return merge_lse([shared, own]).to(q.dtype)

@@ -24,12 +24,14 @@ from torch import Tensor, nn
 from illada_batch.model import traffic
 from illada_batch.model.attention import cascade_attention
 from illada_batch.model.config import LLaDAConfig
+from illada_batch.model.paged_attention import PagedKV, paged_attention
 
 # One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
 LayerKV = tuple[Tensor, Tensor]
 # (layer, k, v) with this call's k, v [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries
-# attend to [B, Hkv, T, hd], T the attention mask's key length.
-KVHook = Callable[[int, Tensor, Tensor], LayerKV]
+# attend to [B, Hkv, T, hd], T the attention mask's key length; or the rows' pages
+# (``PagedKV``, its own mask: then the call passes no attention_mask).
+KVHook = Callable[[int, Tensor, Tensor], LayerKV | PagedKV]
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +87,20 @@ class Block(nn.Module):
         k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_hook is not None:
-            k, v = kv_hook(k, v)  # [B, Hkv, T, hd]
+        kv = (k, v) if kv_hook is None else kv_hook(k, v)  # [B, Hkv, T, hd] each, or the rows' pages
+        if isinstance(kv, PagedKV):  # read in place through the page tables (the mask is in it)
+            att = paged_attention(q, kv, prefix)  # [B, H, L, hd]
+        else:
+            att = self._attend(q, *kv, mask, prefix)
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
+        h = self.ff_norm(x)
+        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: LayerKV | None) -> Tensor:
+        """q [B, H, L, hd] over k, v [B, Hkv, T, hd] (additive ``mask``) and a shared prefix."""
+        cfg = self.cfg
+        B, _, L, _ = q.shape
         if mask is not None and mask.dtype != q.dtype:  # under autocast
             mask = mask.to(q.dtype)
         rep = cfg.n_heads // cfg.n_kv_heads
@@ -101,10 +115,7 @@ class Block(nn.Module):
             pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
             traffic.copied("repeat", P * rep)
             att = cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, L, cfg.n_heads * cfg.head_dim))
-        h = self.ff_norm(x)
-        x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
-        return x
+        return att
 
 
 def _count_attention(B: int, L: int, T: int, P: int) -> None:

@@ -51,7 +51,7 @@ def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[di
             "copied_per_token": engine.traffic.total("kv_copied") * token_layer / tokens,  # K/V bytes copied
             "prefix_hit_rate": 1 - c.prefix_pages_missed / c.prefix_pages_read if c.prefix_pages_read else None,
             "peak_mb": peak_bytes() / 2**20, "accuracy": None, "forward_passes": c.forward_passes,
-            "_tokens": [res.token_ids for res in results]}, results
+            "_tokens": [res.token_ids for res in results], "_traffic": engine.traffic}, results
 
 
 def agreement(a: list[list[int]], b: list[list[int]], gen: int) -> tuple[float, float]:

@@ -43,13 +43,14 @@ from illada_batch.model.traffic import Traffic, counting
 
 class Engine:
     def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
-                 kv_budget: int | float | None = None, page_size: int = 16) -> None:
+                 kv_budget: int | float | None = None, page_size: int = 16, paged: bool = True) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
         on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
         with the cache off, prefixes isolated (what the cache computes); the block cache
-        modes need room for one row of the model's longest sequence."""
-        self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
+        modes need room for one row of the model's longest sequence. ``paged=False``: the block
+        cache's block-only steps copy each row's K/V out of the pages (the reference path)."""
+        self.model, self.cache, self.max_batch_size, self.paged = model, CacheMode(cache), max_batch_size, paged
         self.tokenizer = model.tokenizer
         self.counters = Counters()
         self.traffic = Traffic()  # what each step computed, read, wrote and copied (model/traffic.py)
@@ -137,7 +138,7 @@ class Engine:
                      results: dict[int, Result]) -> None:
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
-                           self.counters)
+                           self.counters, self.paged)
         self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)

@@ -28,7 +28,7 @@ from illada_batch.engine.cache_plan import BlockCache, encode_isolated
 from illada_batch.engine.diffusion import Engine, Request
 from illada_batch.engine.kv_cache import KVCache, bytes_per_page
 from illada_batch.engine.pages import PagePool
-from illada_batch.model.traffic import Traffic, counting
+from illada_batch.model.layers.traffic import Traffic, counting
 
 MODES = ["blocks", "prefix+blocks"]
 PAGE = 16
@@ -47,8 +47,15 @@ def eos_model(make_tiny_llada):
     return m
 
 
+def ordinary_limit(model) -> int:
+    """Ordinary ids are 3 .. below this: the mask id where it ends the vocabulary (the tiny
+    LLaDA fixtures), else the vocabulary (the tiny family checkpoints: mask id 2)."""
+    card = model.card
+    return card.mask_token_id if card.mask_token_id > 3 else card.vocab_size
+
+
 def toks(rng: random.Random, n: int, model) -> tuple[int, ...]:
-    return tuple(rng.randrange(3, model.config.mask_token_id) for _ in range(n))
+    return tuple(rng.randrange(3, ordinary_limit(model)) for _ in range(n))
 
 
 def assert_same(got, want):
@@ -66,7 +73,7 @@ def _batch_mid_decode(model, mode: str, seed: int):
     prefix = toks(rng, 21, model)
     shared = encode_isolated(model, prefix) if mode == "prefix+blocks" else None
     pool = PagePool(64, PAGE)
-    kv = KVCache(model.config, 64, PAGE, model.device, model.dtype)
+    kv = KVCache(model.card, 64, PAGE, model.device, model.dtype)
     plan = BlockCache(prefix, shared, None, pool, kv)
     queue = deque((i, Request(f"r{i}", toks(rng, rng.randrange(1, 30), model), prefix, params)) for i in range(6))
     batch = plan.new_rows(plan.take(queue, 6, params), params, model)
@@ -76,7 +83,7 @@ def _batch_mid_decode(model, mode: str, seed: int):
         batch.block[r] = b
         batch.x[r, L - G:L - G + b * BL] = torch.tensor(toks(rng, b * BL, model))
         for c in rng.sample(range(BL), rng.randrange(BL)):
-            batch.x[r, L - G + b * BL + c] = rng.randrange(3, model.config.mask_token_id)
+            batch.x[r, L - G + b * BL + c] = rng.randrange(3, ordinary_limit(model))
     cols = (L - G) + batch.block[:, None] * BL + torch.arange(BL)  # [6, BL]
     return batch, params, plan, shared, cols
 
@@ -107,9 +114,11 @@ def test_block_only_forward_equals_the_full_forward(model, mode, light):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_block_only_step_copies_no_row_cache(model, mode):
     """The block's fresh K/V go into the row's pages and attention reads them there: no
-    K/V is gathered, concatenated, scattered or repeated (a copy of a row's cache would be)."""
+    K/V is gathered, concatenated, scattered or repeated (a copy of a row's cache would be).
+    With a logit shift (Dream) the positions just before the block run and are written too."""
     batch, params, plan, shared, cols = _batch_mid_decode(model, mode, seed=7)
-    rows, layers = torch.arange(6), model.config.n_layers
+    rows, layers = torch.arange(6), model.card.n_layers
+    run = params.block_length + model.card.logit_shift  # query positions per row
     with torch.no_grad():
         plan.forward.block_logits(model, batch, rows, cols, params)  # refresh: every row's K/V into pages
         batch.step[:] = 1
@@ -117,8 +126,8 @@ def test_a_block_only_step_copies_no_row_cache(model, mode):
             plan.forward.block_logits(model, batch, rows, cols, params)
     step = traffic.current
     assert dict(step.copied) == {}
-    assert step.kv_written == 6 * params.block_length * layers  # only the block's own K/V
-    assert step.kv_read >= int(batch.valid.sum()) * layers and step.query_tokens == 6 * params.block_length
+    assert step.kv_written == 6 * run * layers  # only the block's own K/V
+    assert step.kv_read >= int(batch.valid.sum()) * layers and step.query_tokens == 6 * run
 
 
 @settings(max_examples=30, deadline=None)
@@ -126,7 +135,8 @@ def test_a_block_only_step_copies_no_row_cache(model, mode):
 def test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix(model, data):
     """Rows of any lengths and blocks, any of them refreshing, any subset of the batch, pages
     anywhere in the pool (a permuted pool: rows of one or many runs of pages): the paged
-    block-only step gives the gathered path's logits, and copies nothing."""
+    block-only step gives the gathered path's logits (within fp32 rounding of a different
+    summation order: runs merged by log-sum-exp), and copies nothing."""
     mode = data.draw(st.sampled_from(MODES))
     batch, params, plan, shared, cols = _batch_mid_decode(model, mode, seed=data.draw(st.integers(0, 2**16)))
     batch.page_table = torch.tensor(data.draw(st.permutations(range(64))))[batch.page_table]
@@ -140,7 +150,7 @@ def test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix(model,
         want = gathered.block_logits(model, batch, rows, cols[rows], params)
         with counting(Traffic()) as traffic:
             got = plan.forward.block_logits(model, batch, rows, cols[rows], params)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert "gather" not in traffic.current.copied and "scatter" not in traffic.current.copied
 
 
@@ -149,8 +159,7 @@ def test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix(model,
 
 def dual_cache_oracle(model, prefix, prompt, params: SamplingParams, shared: bool) -> list[int]:
     """One row, temperature 0, low-confidence remasking (fixed schedule or threshold)."""
-    cfg = model.config
-    mask, G, BL = cfg.mask_token_id, params.gen_length, params.block_length
+    mask, G, BL = model.card.mask_token_id, params.gen_length, params.block_length
     prefix_kv = encode_isolated(model, prefix) if shared and prefix else None
     seq = list(prompt) if shared else list(prefix) + list(prompt)
     ids, S = seq + [mask] * G, len(seq)
@@ -197,7 +206,7 @@ def test_engine_matches_the_dual_cache_oracle(model, mode, params):
     reqs = [Request(f"o{i}", toks(rng, rng.randrange(1, 30), model), prefix, params) for i in range(7)]
     engine = Engine(model, cache=mode, max_batch_size=3)
     got = engine.run(reqs)
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     for req, res in zip(reqs, got):
         want = dual_cache_oracle(model, prefix, req.prompt_ids, params, shared=mode == "prefix+blocks")
         assert res.token_ids == (want[:want.index(eos)] if eos in want else want), req.request_id
@@ -235,7 +244,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     reqs = [Request(f"w{i}", toks(rng, rng.randrange(1, 12), model), prefix, params) for i in range(10)]
     roomy = Engine(model, cache=mode, max_batch_size=8).run(reqs)
     # 16 pages: one row of the model's 256 tokens; rows of 3-4 pages: 4-5 fit at once
-    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     sizes = []
     real = model.run
     monkeypatch.setattr(model, "run", lambda ids, *a, **k: sizes.append(ids.shape[0]) or real(ids, *a, **k))
@@ -246,7 +255,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     tight.pool.check_invariants()
     assert tight.pool.num_free_pages == tight.pool.num_pages
     with pytest.raises(ValueError, match="kv_budget"):
-        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.config, PAGE, model.dtype))
+        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.card, PAGE, model.dtype))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -295,7 +304,7 @@ def test_a_shared_prefix_that_leaves_no_room_for_a_row_is_encoded_for_the_group(
     params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
     reqs = [Request(f"f{i}", toks(rng, rng.randrange(2, 12), model), prefix, params) for i in range(4)]
     roomy = Engine(model, cache="prefix+blocks")
-    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     assert_same(tight.run(reqs), roomy.run(reqs))
     assert (tight.counters.prefix_fallbacks, roomy.counters.prefix_fallbacks) == (1, 0)
     tight.pool.check_invariants()

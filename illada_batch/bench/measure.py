@@ -40,8 +40,8 @@ def run_requests(model, cache: str, reqs: list[Request], batch: int) -> tuple[di
     t0 = time.perf_counter()
     results = engine.run(reqs)
     seconds = time.perf_counter() - t0
-    c, p, cfg = engine.counters, reqs[0].params, model.config
-    token_layer = 2 * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize  # one token's K and V of one layer
+    c, p, card = engine.counters, reqs[0].params, model.card
+    token_layer = card.kv_bytes_per_token(model.dtype.itemsize) // max(1, card.n_layers)  # one token's K and V of one layer
     nfe = sum(res.steps for res in results)
     tokens = max(1, sum(len(res.token_ids) + (res.finish_reason == "eos") for res in results))  # text + its EOS
     return {"cache": str(getattr(cache, "value", cache)), "decoding": "threshold" if p.threshold else "fixed",

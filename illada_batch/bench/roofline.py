@@ -3,7 +3,7 @@ cache mode on a GPU, not a measurement.
 
 The engine runs its real schedule on this CPU (fixed steps, EOS suppressed, so every row
 runs gen_length steps; a 480-token shared prefix and 32-token prompts; gen 256, block 32,
-one token per step) for each cache mode at batch 1, 16 and 64, and ``model/traffic.py``
+one token per step) for each cache mode at batch 1, 16 and 64, and ``model/layers/traffic.py``
 counts what each step ran: forwards, query tokens, output-head positions, and per layer the
 attention's (query, key) pairs and the K/V token-layers read, written and copied. The step
 sequence does not depend on the model's width, so it runs on a one-layer model of the tiny
@@ -34,9 +34,9 @@ from illada_batch.bench.shape import flops_per_query_token
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
-from illada_batch.model.config import PRESETS
+from illada_batch.model.configs.llada import PRESETS
+from illada_batch.model.layers.traffic import Step, Traffic
 from illada_batch.model.llada import LLaDA
-from illada_batch.model.traffic import Step, Traffic
 
 GEN, BLOCK, PREFIX, PROMPT = 256, 32, 480, 32
 BATCHES = (1, 16, 64)

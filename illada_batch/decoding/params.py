@@ -21,6 +21,29 @@ class Remasking(str, enum.Enum):
     RANDOM = "random"
 
 
+class Alg(str, enum.Enum):
+    """Dream's rule for which masked positions a step fills (its reference ``alg``), over a
+    schedule of ``steps`` timesteps from 1 to ``eps``: a step from t to s fills the fraction
+    1 - s/t of what is still masked (all of it at the last step)."""
+
+    ORIGIN = "origin"  # each masked position independently, with probability 1 - s/t
+    MASKGIT_PLUS = "maskgit_plus"  # the most probable predictions
+    TOPK_MARGIN = "topk_margin"  # the largest margin between the top two probabilities
+    ENTROPY = "entropy"  # the lowest entropy
+
+
+class TransferRule(str, enum.Enum):
+    """How many masked positions a step of a block unmasks (a family's rule; its card's default)."""
+
+    # LLaDA 1.x: the block's masked positions spread evenly over its steps left (ceil); under a
+    # threshold every prediction at or above it, and at least one.
+    SPREAD = "spread"
+    # LLaDA 2.0: step k unmasks n_k, ``block_length`` spread over the block's steps (the first
+    # ``block_length % steps`` get one more), capped at what is masked; under a threshold every
+    # prediction above it when there are at least n_k of them, else the n_k most confident.
+    BLOCK_SCHEDULE = "block_schedule"
+
+
 class CacheMode(str, enum.Enum):
     """What an engine keeps between steps (see the engine's design note)."""
 
@@ -39,6 +62,11 @@ class CacheMode(str, enum.Enum):
     def shares_prefix(self) -> bool:
         """The prefix is encoded once, attending only to itself, and shared by every row."""
         return self in (CacheMode.PREFIX, CacheMode.PREFIX_BLOCKS)
+
+
+# The KV pages' budget when none is given (``Engine(kv_budget=None)``): a fraction of free
+# memory on a GPU, bytes on a CPU (whose free memory is the whole machine's).
+DEFAULT_KV_BUDGET = {"cuda": 0.1, "cpu": 256 * 2**20}
 
 
 def _setting(default, help: str, **bounds):
@@ -65,14 +93,30 @@ class SamplingParams:
                                       "fewer steps)")
     suppress_eos: bool = _setting(False, "forbid EOS: every sample runs to gen_length")
     zero_eos_confidence: bool = _setting(False, "EOS predictions get confidence 0, so they are unmasked last")
+    alg: Alg | None = _setting(None, "Dream's own sampler (origin, maskgit_plus, topk_margin, entropy): its "
+                                     "timestep schedule over each block's steps (one block = its reference); "
+                                     "unset = the block schedule with `remasking`")
+    alg_temp: float | None = _setting(None, "with alg: positions drawn from softmax(confidence / alg_temp) "
+                                            "instead of the most confident (more diverse, less accurate); "
+                                            "unset or 0 = the most confident", ge=0)
+    transfer_rule: TransferRule = _setting(TransferRule.SPREAD, "how many positions a step unmasks: spread (LLaDA "
+                                                                "1.x) or block_schedule (LLaDA 2.0); the model "
+                                                                "family's own rule is its default")
+    editing_threshold: float | None = _setting(None, "LLaDA 2.1 token editing: a decoded token of the current block "
+                                                     "is replaced when the new prediction differs with probability "
+                                                     "above this; one token unmasked per step at least (steps is "
+                                                     "ignored); unset = no editing", gt=0, le=1)
+    max_post_steps: int = _setting(16, "LLaDA 2.1: at most this many editing passes after a block is unmasked "
+                                       "(more = more revisions, more forwards)", ge=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.remasking, Remasking):
-            try:
-                object.__setattr__(self, "remasking", Remasking(self.remasking))
-            except ValueError:
-                raise ParamsError(f"remasking: {self.remasking!r} is not one of "
-                                  f"{', '.join(m.value for m in Remasking)}") from None
+        for name, kind in (("remasking", Remasking), ("alg", Alg), ("transfer_rule", TransferRule)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    raise ParamsError(f"{name}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
         problems = self.problems()
         if problems:
             raise ParamsError("; ".join(f"{name}: {msg}" for name, msg in problems))
@@ -84,6 +128,11 @@ class SamplingParams:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    @property
+    def editing(self) -> bool:
+        """LLaDA 2.1's rule: decoded tokens may be replaced; one token a step at least, steps ignored."""
+        return self.editing_threshold is not None
 
     def problems(self) -> list[tuple[str, str]]:
         """Every (field, what is wrong) at once: bounds first, then how the fields fit together."""
@@ -107,6 +156,17 @@ class SamplingParams:
         elif self.steps % self.num_blocks:
             out.append(("steps", f"steps={self.steps} is not a multiple of the number of blocks ({self.num_blocks} = "
                                  f"gen_length / block_length)"))
+        if self.alg_temp is not None and self.alg is None:
+            out.append(("alg_temp", "needs alg (it tempers how Dream's sampler draws positions)"))
+        if self.alg is not None and self.threshold is not None:
+            out.append(("threshold", f"alg={self.alg.value} sets its own schedule; a threshold replaces it: "
+                                     f"set one of them"))
+        if self.alg is not None and (self.editing_threshold is not None or self.transfer_rule is not TransferRule.SPREAD):
+            out.append(("alg", f"alg={self.alg.value} is Dream's sampler; transfer_rule and editing_threshold are "
+                               f"LLaDA 2.x's: set one family's settings"))
+        if self.alg is not None and self.remasking is not Remasking.LOW_CONFIDENCE:
+            out.append(("remasking", f"alg={self.alg.value} chooses the positions itself; remasking applies "
+                                     f"without alg"))
         if self.steps > self.gen_length:
             out.append(("steps", f"steps={self.steps} > gen_length={self.gen_length}: a step must unmask at least one "
                                  f"token"))
@@ -115,7 +175,14 @@ class SamplingParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["remasking"] = self.remasking.value
+        d["alg"] = None if self.alg is None else self.alg.value
+        d["transfer_rule"] = self.transfer_rule.value
         return d
+
+
+# Settings added after outputs were first written: a fingerprint leaves them out at their
+# default, so those outputs keep theirs.
+LATER_SETTINGS = ("transfer_rule", "editing_threshold", "max_post_steps")
 
 
 def settings() -> list:

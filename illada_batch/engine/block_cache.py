@@ -10,6 +10,12 @@ start). With the cache just computed from the same tokens, a block-only forward 
 full forward's logits on the block (tested). A shared prefix's K/V (``prefix_kv``), when
 given, are attended to by both kinds of forward.
 
+A block-only step copies no row's cache: the block's fresh K/V are written into the row's
+pages, then attention reads the pages in place through the page table
+(``model/layers/paged_attention.py``). ``paged=False`` keeps the copying path (each row's
+K/V gathered into a fresh tensor, the block's scattered into it): the reference the paged
+path is tested against, and Fast-dLLM's dual cache in the roofline.
+
 Packing. Rows at a block start (heavy: the whole sequence) and rows mid-block (light: the
 block's tokens) are all served in every iteration, as two forwards: one over the heavy rows,
 one over the light rows. Measured on tiny-llada (16 rows, gen 256, block 32, threshold 0.9,
@@ -28,9 +34,10 @@ from torch import Tensor
 from illada_batch.decoding.loop import DecodeBatch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
-from illada_batch.model import traffic
-from illada_batch.model.llada import LayerKV, LLaDA
-from illada_batch.model.paged_attention import AttnMask, PagedKV, page_runs
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers import traffic
+from illada_batch.model.layers.attention import LayerKV
+from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, page_runs
 
 
 class BlockCacheForward:
@@ -44,7 +51,7 @@ class BlockCacheForward:
         self.kv, self.prefix_kv, self.paged = kv, prefix_kv, paged
         self.query_tokens = 0  # query positions run (padding included)
 
-    def block_logits(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor,
+    def block_logits(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         if params.cfg_scale > 0:
@@ -61,7 +68,7 @@ class BlockCacheForward:
             out[sel] = logits
         return out
 
-    def _refresh(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+    def _refresh(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
         """The rows' whole sequences: every position's K/V into their pages; block logits."""
         valid = batch.valid[rows]  # [h, L]
         first = int((~valid).sum(-1).min())  # left padding every one of these rows has
@@ -78,9 +85,13 @@ class BlockCacheForward:
         return model.run(x, attention_mask=valid, positions=positions, prefix_kv=self.prefix_kv,
                          logits_index=cols - first, kv_hook=store).logits  # [h, BL, V]
 
-    def _block_only(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+    def _block_only(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
         """The block's tokens against the rows' pages, read in place: the block's fresh K/V are
-        written into the pages first (the next refresh rewrites them anyway)."""
+        written into the pages first (the next refresh rewrites them anyway). With the card's
+        logit shift, the positions just before the block run too (their states predict the
+        block's first tokens), their K/V fresh and written as well."""
+        shift = model.card.logit_shift
+        cols = _with_shifted(cols, shift)  # [l, shift + BL]
         l, BL = cols.shape
         L, ps = batch.x.shape[1], self.kv.page_size
         length = batch.valid[rows].sum(-1)  # [l] tokens in each row
@@ -96,10 +107,13 @@ class BlockCacheForward:
 
         self.query_tokens += l * BL
         return model.run(batch.x[rows].gather(1, cols), positions=batch.positions[rows].gather(1, cols),
-                         prefix_kv=self.prefix_kv, kv_hook=attend_pages).logits  # [l, BL, V]
+                         prefix_kv=self.prefix_kv, kv_hook=attend_pages).logits[:, shift:]  # [l, block_length, V]
 
-    def _block_only_gathered(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
-        """The block's tokens against a copy of the rows' cached K/V, the block's own K/V fresh."""
+    def _block_only_gathered(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+        """The block's tokens against a copy of the rows' cached K/V, the block's own K/V fresh
+        (and, with the card's logit shift, those of the positions just before the block)."""
+        shift = model.card.logit_shift
+        cols = _with_shifted(cols, shift)  # [l, shift + BL]
         l, BL = cols.shape
         L, ps = batch.x.shape[1], self.kv.page_size
         length = batch.valid[rows].sum(-1)  # [l] tokens in each row
@@ -109,7 +123,7 @@ class BlockCacheForward:
         keys = torch.arange(T, device=cols.device)[None] < length[:, None]  # [l, T]
         arange_l = torch.arange(l, device=cols.device)[:, None]
 
-        def attend_cache(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [l, Hkv, BL, hd] fresh
+        def attend_cache(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [l, Hkv, BL, hd] fresh (BL: queries)
             ck, cv = self.kv.gather(layer, table)  # [l, T, Hkv, hd] each, a copy
             ck[arange_l, block_tok] = k.transpose(1, 2).to(ck.dtype)  # the block's K/V are this step's
             cv[arange_l, block_tok] = v.transpose(1, 2).to(cv.dtype)
@@ -119,4 +133,9 @@ class BlockCacheForward:
         self.query_tokens += l * BL
         return model.run(batch.x[rows].gather(1, cols), attention_mask=keys[:, None, :].expand(l, BL, T),
                          positions=batch.positions[rows].gather(1, cols), prefix_kv=self.prefix_kv,
-                         kv_hook=attend_cache).logits  # [l, BL, V]
+                         kv_hook=attend_cache).logits[:, shift:]  # [l, block_length, V]
+
+
+def _with_shifted(cols: Tensor, shift: int) -> Tensor:
+    """The block's columns [l, BL] with the ``shift`` columns just before it in front."""
+    return torch.cat([cols[:, :1] + torch.arange(-shift, 0, device=cols.device), cols], dim=1)

@@ -80,3 +80,11 @@ def copied(kind: str, token_layers: int) -> None:
     s = step()
     if s is not None and token_layers:
         s.copied[kind] += token_layers
+
+
+def attended(pairs: int, kv_read: int) -> None:
+    """Report one layer's attention: (query, key) pairs per head and K/V token-layers read."""
+    s = step()
+    if s is not None:
+        s.attn_pairs += pairs
+        s.kv_read += kv_read

@@ -18,7 +18,7 @@ CPU kernel in 203 s, again for each new shape). So:
   consecutive pages (the pool hands a row's pages out in order, so a row is usually one
   run); each run is a view of the pool ``[n * page_size, Hkv, hd]``; one fused call per
   (row, run) returns its log-sum-exp, and the runs and a shared prefix (attended once for
-  the batch) merge by it (``attention.merge_lse``). Grouped heads are broadcast by the
+  the batch) merge by it (``lse.merge_lse``). Grouped heads are broadcast by the
   kernel, never repeated. Off CPU without flash-attn, torch's efficient attention serves the
   same calls (its GQA repeat is counted as a copy).
 - CUDA with flash-attn: ``flash_attn_with_kvcache(block_table=...)`` reads the pages in
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from illada_batch.model import traffic
-from illada_batch.model.attention import attention_lse, merge_lse
+from illada_batch.model.layers import traffic
+from illada_batch.model.layers.lse import attention_lse, merge_lse
 
 Run = tuple[int, int, int]  # (first page id, first token index in the row, tokens)
 
@@ -99,11 +99,9 @@ def paged_attention(q: Tensor, kv: PagedKV, prefix: tuple[Tensor, Tensor] | None
     (k, v [P, Hkv, hd], shared by every row), -> [B, H, L, hd]."""
     B, _, L, _ = q.shape
     P = 0 if prefix is None else prefix[0].shape[0]
-    counted = traffic.step()
-    if counted is not None:
+    if traffic.step() is not None:
         keys = int(kv.mask.key_len.sum())
-        counted.attn_pairs += L * (keys + B * P)
-        counted.kv_read += keys + B * P
+        traffic.attended(L * (keys + B * P), keys + B * P)
     if q.is_cuda and kv.mask.keys_only and kv.k.shape[1] % 256 == 0 and _flash_attn() is not None:
         parts = [_flash_paged(q, kv)]
     else:

@@ -287,6 +287,10 @@ def cmd_bench(args) -> int:
         unknown = [g for g in given if g not in known]
         if unknown:
             raise UserError(f"{name} {unknown[0]!r}: not one of {', '.join(known)}")
+    if args.roofline:  # a model of each cache mode on a GPU, from the engine's counted schedule (runs on a CPU)
+        from illada_batch.bench.roofline import roofline
+
+        return roofline(args.roofline, args.model_shape or "llada-8b", args.out)
     if args.model_shape:
         import torch
 
@@ -391,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--roofline", default=None, choices=["h100", "h200", "a100"],
+                   help="predict each cache mode's steps on this GPU from the engine's counted schedule (a model)")
     p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"],
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")

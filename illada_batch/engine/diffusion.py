@@ -40,16 +40,19 @@ from illada_batch.errors import ParamsError
 from illada_batch.model.base import DiffusionLM
 from illada_batch.model.checkpoint import load_model
 from illada_batch.model.family import AttentionKind
+from illada_batch.model.layers.traffic import Traffic, counting
 
 
 class Engine:
     def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
-                 kv_budget: int | float | None = None, page_size: int = 16, tensor_parallel_size: int = 1) -> None:
+                 kv_budget: int | float | None = None, page_size: int = 16, paged: bool = True,
+                 tensor_parallel_size: int = 1) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
         on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
         with the cache off, prefixes isolated (what the cache computes); the block cache
-        modes need room for one row of the model's longest sequence.
+        modes need room for one row of the model's longest sequence. ``paged=False``: the block
+        cache's block-only steps copy each row's K/V out of the pages (the reference path).
         ``tensor_parallel_size``: the ranks ``model`` is split over (``model.tp``); each rank's
         ``kv_budget`` holds the K/V of its own KV heads (``engine/tensor_parallel.py``)."""
         ranks = 1 if model.tp is None else model.tp.size
@@ -57,13 +60,14 @@ class Engine:
             raise ParamsError(f"tensor_parallel_size={tensor_parallel_size}, but the model is split over {ranks} "
                               "rank(s): build it with Engine.from_pretrained(..., tensor_parallel_size=N)")
         self.peers = None  # rank 0 of a tensor-parallel replica: the other ranks (tensor_parallel.Peers)
-        self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
+        self.model, self.cache, self.max_batch_size, self.paged = model, CacheMode(cache), max_batch_size, paged
         if self.cache is not CacheMode.OFF and model.card.attention is AttentionKind.BLOCK_CAUSAL:
             raise ParamsError(f"cache '{self.cache.value}': this model ({model.card.family}) attends block-causally, "
                               "and the cache modes assume bidirectional attention (an isolated prefix, K/V refreshed "
                               "per block); its exact block cache is a later issue: use cache 'off'")
         self.tokenizer = model.tokenizer
         self.counters = Counters()
+        self.traffic = Traffic()  # what each step computed, read, wrote and copied (model/layers/traffic.py)
         self.pool: PagePool | None = None
         self.kv: KVCache | None = None
         if self.cache is not CacheMode.OFF:
@@ -179,10 +183,16 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
                    results: dict[int, Result]) -> None:
+        with counting(self.traffic):
+            self._run_counted(prefix_ids, params, todo, results)
+
+    def _run_counted(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
+                     results: dict[int, Result]) -> None:
         params = self.model.card.resolve(params)  # the family's own defaults for settings left unset
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
-                           self.counters)
+                           self.counters, self.paged)
+        self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         # Rows of similar length share a batch (less padding); a row's tokens do not depend on
@@ -193,6 +203,7 @@ class Engine:
             batch = self._schedule(plan, params, queue, batch)
             denoise_step(self.model, batch, params, plan.forward)
             self.counters.forward_passes += 1
+            self.traffic.end_step()
             batch = self._postprocess(plan, batch, params, results)
         self._sync()
         self.counters.seconds["decode"] += time.perf_counter() - t0

@@ -212,7 +212,8 @@ class ShardReplica(RowGenerator):
         tokens = sum(out.column("num_tokens").to_pylist())
         stats = ShardStats(out.num_rows, errors, tokens, gen_seconds, time.time() - t0, t0, os.uname().nodename,
                            os.getpid())
-        return self.out.write_shard(shard.shard_id, shard.row_range(), out, self.fingerprint, stats)
+        return self.out.write_shard(shard.shard_id, shard.row_range(), out, self.fingerprint, stats,
+                                    duplicate_rows=[k for k, _ in shard.duplicates])
 
 
 # Two calls at once: the driver keeps two shards in flight per replica, so the next shard's

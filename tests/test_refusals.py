@@ -285,7 +285,7 @@ BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
     "bench --cache nonsense": (["bench", "--cache", "prefix,nonsense"], "--cache 'nonsense': not one of off, prefix"),
     "bench --only nonsense": (["bench", "--only", "nonsense"], "--only 'nonsense': not one of modes, long"),
     "bench --model-shape nope": (["bench", "--model-shape", "nope", "--random-weights"],
-                                 "--model-shape 'nope': not one of llada-8b, tiny"),
+                                 "--model-shape 'nope': not one of llada2-mini, llada-moe, llada-8b, tiny, dream-7b"),
 }
 
 

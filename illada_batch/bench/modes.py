@@ -88,7 +88,8 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set; "wide" on request
+SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set
+ON_REQUEST = ("wide", "families")  # run only when named in ``only``
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
@@ -104,8 +105,8 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
     model = load_model(model_name)
     report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
-    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("batching", _batching),
-                          ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
+    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("families", _families),
+                          ("batching", _batching), ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(model, rows, caches)
     with open(out_path, "w") as f:
@@ -135,12 +136,23 @@ def _long(model, rows: int, caches: list[str]):
     return strip(bench_long(model, caches, rows=min(rows, 16)))
 
 
-def _wide(model, rows: int, caches: list[str]):  # not in the default set: a 3.8 GB checkpoint is written and loaded
-    from illada_batch.bench.wide import bench_wide
+def _wide(model, rows: int, caches: list[str]):  # not in the default set: 3.8 + 3 GB checkpoints are written
+    from illada_batch.bench.wide import SHAPES, bench_wide
     from illada_batch.bench.wide import report as wide_report
 
-    out = bench_wide(caches)
-    print(wide_report(out), flush=True)
+    out = {}
+    for shape in SHAPES:
+        out[shape] = bench_wide(caches, shape)
+        print(wide_report(out[shape]), flush=True)
+    return out
+
+
+def _families(model, rows: int, caches: list[str]):  # every family's tiny checkpoint; ``model`` is not used
+    from illada_batch.bench.families import bench_families
+    from illada_batch.bench.families import table as families_table
+
+    out = bench_families(min(rows, 16), caches)
+    print(families_table(out), flush=True)
     return out
 
 

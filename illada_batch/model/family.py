@@ -78,3 +78,4 @@ class Family:
     model: str
     describe: str = ""  # how it is recognised, for the "unknown family" message
     settings: frozenset[str] = frozenset()  # SamplingParams fields only this family honours
+    presets: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # real shapes: name -> config

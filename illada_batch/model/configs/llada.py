@@ -141,4 +141,5 @@ def matches(raw) -> bool:
 
 FAMILY = Family(name="llada", matches=matches, config=LLaDAConfig.from_dict, card=card,
                 model="illada_batch.model.llada:LLaDA",
-                describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)")
+                describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)",
+                presets=PRESETS)

@@ -304,8 +304,10 @@ def cmd_bench(args) -> int:
 
         return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
+    from illada_batch.train.tiny_families import write_tiny
 
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches)
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches,
+                      write_tiny=write_tiny)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """``illada-batch bench --only families``: every registered family's tiny random checkpoint
-(written to a temporary directory by the bench itself), the same task-suite rows at batch 1
+(written to a temporary directory by the bench itself, with the writer the CLI hands it:
+``train/`` is beside ``bench/``, not below it), the same task-suite rows at batch 1
 and batch 16, gen_length 32 in 32 fixed steps (no early stop: random weights, so every row
 generates all 32 tokens), in each cache mode the engine accepts for the family (a mode it
 refuses, e.g. a bidirectional cache for a block-causal family, is listed with its reason).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from illada_batch.bench.measure import peak_bytes, peak_reset, run_requests, strip
 from illada_batch.decoding.params import SamplingParams
@@ -23,7 +25,6 @@ from illada_batch.errors import ParamsError
 from illada_batch.model.checkpoint import load_model
 from illada_batch.model.registry import FAMILIES
 from illada_batch.tasks.evaluate import suite_requests, suite_rows
-from illada_batch.train.tiny_families import write_tiny
 
 GEN = 32
 BATCHES = (1, 16)
@@ -77,8 +78,10 @@ def bench_family(model, rows: int, caches: list[str], batches=BATCHES) -> tuple[
     return out, refused
 
 
-def bench_families(rows: int, caches: list[str], families: list[str] | None = None) -> dict:
-    """Every family (or ``families``): its card's facts, its runs and refusals."""
+def bench_families(write_tiny: Callable[[str, Path], Path], rows: int, caches: list[str],
+                   families: list[str] | None = None) -> dict:
+    """Every family (or ``families``): its card's facts, its runs and refusals.
+    ``write_tiny(family name, directory)`` writes the family's tiny checkpoint there."""
     report = {}
     for family in FAMILIES:
         if families is not None and family.name not in families:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from illada_batch.bench.families import refusal
 from illada_batch.bench.measure import run_requests, strip, table, with_agreement
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
@@ -93,9 +94,12 @@ ON_REQUEST = ("wide", "families")  # run only when named in ``only``
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
-         caches: list[str] | None = None) -> int:
+         caches: list[str] | None = None, write_tiny=None) -> int:
     """The benchmark's sections (``only``, default ``SECTIONS``) for the cache modes ``caches``
-    (default every mode); prints each table and writes the JSON report to ``out_path``."""
+    (default every mode); prints each table and writes the JSON report to ``out_path``.
+    ``write_tiny(family, directory)``: the tiny checkpoint writer the ``families`` section needs."""
+    from functools import partial
+
     from illada_batch.decoding.params import CacheMode
     from illada_batch.model.checkpoint import load_model
 
@@ -103,9 +107,14 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
     only, caches = set(only or SECTIONS), caches or [m.value for m in CacheMode]
     model = load_model(model_name)
-    report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
-    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("families", _families),
+    refused = {c: why for c in caches if (why := refusal(model, c)) is not None}  # the family's card decides
+    caches = [c for c in caches if c not in refused]
+    for cache, why in refused.items():
+        print(f"cache {cache}: refused for {model.card.family} ({why.split(';')[0]})")
+    report = {"model": model_name, "family": model.card.family, "device": str(model.device),
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "refused_caches": refused}
+    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("families", partial(_families, write_tiny=write_tiny)),
                           ("batching", _batching), ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(model, rows, caches)
@@ -147,11 +156,11 @@ def _wide(model, rows: int, caches: list[str]):  # not in the default set: 3.8 +
     return out
 
 
-def _families(model, rows: int, caches: list[str]):  # every family's tiny checkpoint; ``model`` is not used
+def _families(model, rows: int, caches: list[str], write_tiny):  # every family's tiny checkpoint, not ``model``
     from illada_batch.bench.families import bench_families
     from illada_batch.bench.families import table as families_table
 
-    out = bench_families(min(rows, 16), caches)
+    out = bench_families(write_tiny, min(rows, 16), caches)
     print(families_table(out), flush=True)
     return out
 

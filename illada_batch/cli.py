@@ -271,19 +271,22 @@ def cmd_render(args) -> int:
     return 0
 
 
+CPU_SHAPE_PARAMETERS = 10**9  # a --model-shape larger than this needs a GPU
+
+
 def cmd_bench(args) -> int:
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
         return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
-    from illada_batch.bench.modes import SECTIONS
+    from illada_batch.bench.modes import ON_REQUEST, SECTIONS
+    from illada_batch.bench.shape import shapes
     from illada_batch.errors import UserError
-    from illada_batch.model.configs.llada import PRESETS
 
     caches = args.cache.split(",")
     for name, given, known in (("--cache", caches, _cache_modes()),
-                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, "wide"]),
-                               ("--model-shape", [args.model_shape] if args.model_shape else [], list(PRESETS))):
+                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, *ON_REQUEST]),
+                               ("--model-shape", [args.model_shape] if args.model_shape else [], list(shapes()))):
         unknown = [g for g in given if g not in known]
         if unknown:
             raise UserError(f"{name} {unknown[0]!r}: not one of {', '.join(known)}")
@@ -294,17 +297,21 @@ def cmd_bench(args) -> int:
     if args.model_shape:
         import torch
 
-        if args.model_shape != "tiny" and not torch.cuda.is_available():
-            raise SystemExit(f"--model-shape {args.model_shape} needs a GPU (its weights alone exceed this machine's "
-                             f"memory)")
+        family, cfg = shapes()[args.model_shape]
+        params = family.card(cfg).parameters
+        if params > CPU_SHAPE_PARAMETERS and not torch.cuda.is_available():
+            raise UserError(f"--model-shape {args.model_shape}: needs a CUDA GPU ({params / 1e9:.1f}B parameters, "
+                            f"{params * 2 / 1e9:.0f} GB in bf16; on CPU, `bench --only wide` runs a few layers of it)")
         if not args.random_weights:
-            raise SystemExit("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
+            raise UserError("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
         from illada_batch.bench.shape import bench_shape
 
         return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
+    from illada_batch.train.tiny_families import write_tiny
 
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp)
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
+                      write_tiny=write_tiny)
 
 
 def main(argv=None) -> int:

@@ -285,7 +285,13 @@ BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
     "bench --cache nonsense": (["bench", "--cache", "prefix,nonsense"], "--cache 'nonsense': not one of off, prefix"),
     "bench --only nonsense": (["bench", "--only", "nonsense"], "--only 'nonsense': not one of modes, long"),
     "bench --model-shape nope": (["bench", "--model-shape", "nope", "--random-weights"],
-                                 "--model-shape 'nope': not one of llada-8b, tiny"),
+                                 "--model-shape 'nope': not one of llada2-mini, llada-moe, llada-8b, tiny, dream-7b"),
+    "bench --model-shape llada2-mini on CPU": (["bench", "--model-shape", "llada2-mini", "--random-weights"],
+                                               "--model-shape llada2-mini: needs a CUDA GPU (16.3B parameters"),
+    "bench --model-shape dream-7b on CPU": (["bench", "--model-shape", "dream-7b", "--random-weights"],
+                                            "--model-shape dream-7b: needs a CUDA GPU"),
+    "bench --model-shape without --random-weights": (["bench", "--model-shape", "tiny"],
+                                                     "--model-shape needs --random-weights"),
 }
 
 
@@ -298,7 +304,7 @@ def test_a_bad_command_line_is_one_line_and_exit_2(case):
     import torch
 
     argv, words = BAD_ARGUMENTS[case]
-    if "cuda" in argv and torch.cuda.is_available():
+    if ("cuda" in argv or "CUDA GPU" in words) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     root = Path(__file__).resolve().parent.parent
     res = subprocess.run([sys.executable, "-m", "illada_batch.cli", *argv], cwd=root, capture_output=True, text=True,

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from illada_batch.bench.families import refusal
 from illada_batch.bench.measure import run_requests, strip, table, with_agreement
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
@@ -88,13 +89,17 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set; "wide" on request
+SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set
+ON_REQUEST = ("wide", "families")  # run only when named in ``only``
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
-         caches: list[str] | None = None, tp: int = 1) -> int:
+         caches: list[str] | None = None, tp: int = 1, write_tiny=None) -> int:
     """The benchmark's sections (``only``, default ``SECTIONS``) for the cache modes ``caches``
-    (default every mode); prints each table and writes the JSON report to ``out_path``."""
+    (default every mode); prints each table and writes the JSON report to ``out_path``.
+    ``write_tiny(family, directory)``: the tiny checkpoint writer the ``families`` section needs."""
+    from functools import partial
+
     from illada_batch.decoding.params import CacheMode
     from illada_batch.model.checkpoint import load_model
 
@@ -102,11 +107,16 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
     only, caches = set(only or SECTIONS), caches or [m.value for m in CacheMode]
     model = load_model(model_name)
-    report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
+    refused = {c: why for c in caches if (why := refusal(model, c)) is not None}  # the family's card decides
+    caches = [c for c in caches if c not in refused]
+    for cache, why in refused.items():
+        print(f"cache {cache}: refused for {model.card.family} ({why.split(';')[0]})")
+    report = {"model": model_name, "family": model.card.family, "device": str(model.device),
+              "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+              "refused_caches": refused}
     wide = _wide if tp == 1 else (lambda model, rows, caches: _wide_tp(tp, caches))
-    for name, section in (("modes", _modes), ("long", _long), ("wide", wide), ("batching", _batching),
-                          ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
+    for name, section in (("modes", _modes), ("long", _long), ("wide", wide), ("families", partial(_families, write_tiny=write_tiny)),
+                          ("batching", _batching), ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(model, rows, caches)
     with open(out_path, "w") as f:
@@ -136,12 +146,23 @@ def _long(model, rows: int, caches: list[str]):
     return strip(bench_long(model, caches, rows=min(rows, 16)))
 
 
-def _wide(model, rows: int, caches: list[str]):  # not in the default set: a 3.8 GB checkpoint is written and loaded
-    from illada_batch.bench.wide import bench_wide
+def _wide(model, rows: int, caches: list[str]):  # not in the default set: 3.8 + 3 GB checkpoints are written
+    from illada_batch.bench.wide import SHAPES, bench_wide
     from illada_batch.bench.wide import report as wide_report
 
-    out = bench_wide(caches)
-    print(wide_report(out), flush=True)
+    out = {}
+    for shape in SHAPES:
+        out[shape] = bench_wide(caches, shape)
+        print(wide_report(out[shape]), flush=True)
+    return out
+
+
+def _families(model, rows: int, caches: list[str], write_tiny):  # every family's tiny checkpoint, not ``model``
+    from illada_batch.bench.families import bench_families
+    from illada_batch.bench.families import table as families_table
+
+    out = bench_families(write_tiny, min(rows, 16), caches)
+    print(families_table(out), flush=True)
     return out
 
 

@@ -1,5 +1,7 @@
-"""``illada-batch bench --model-shape llada-8b --random-weights``: the modes table at a real
-model's shape with random weights (no accuracy), 512-token shared prefix and 32-token
+"""``illada-batch bench --model-shape llada-8b|llada-moe|llada2-mini|dream-7b --random-weights``:
+the modes table at a real model's shape (each family's ``presets``, built from its config
+class) with random weights (no accuracy), in each cache mode the engine accepts for the
+family, 512-token shared prefix and 32-token
 prompts of random ids, gen_length 32 (fixed steps and threshold 0.9), batch 1, 16 and 64,
 on whatever device is here (bf16 and SDPA on CUDA): tokens/s, peak memory, and model FLOP
 utilisation (the forwards' matrix FLOPs over ``--peak-tflops``, default the GPU's bf16
@@ -22,22 +24,36 @@ GEN = 32
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf16 dense, per GPU
 
 
-def random_model(shape: str):
-    from illada_batch.model.configs.llada import PRESETS
-    from illada_batch.model.llada import LLaDA
+def shapes() -> dict:
+    """Every family's real shapes: name -> (family, config)."""
+    from illada_batch.model.registry import FAMILIES
 
-    cfg = PRESETS[shape]
+    return {name: (family, cfg) for family in FAMILIES for name, cfg in family.presets.items()}
+
+
+def random_model(shape: str):
+    """The model of ``shape`` with its own random init, built in bf16 on CUDA (never a float32
+    copy first: LLaDA2.0-mini's 16B parameters would need 64 GB) and float32 on CPU."""
+    from illada_batch.model.registry import model_class
+
+    family, cfg = shapes()[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(dev):
-        model = LLaDA(cfg).to(torch.bfloat16 if dev == "cuda" else torch.float32).eval()
+    dtype, default = (torch.bfloat16 if dev == "cuda" else torch.float32), torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = model_class(family)(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
-def flops_per_query_token(cfg) -> float:
-    """Matrix FLOPs of one query position through the blocks (attention scores excluded)."""
-    d, hd = cfg.d_model, cfg.head_dim
-    per_layer = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + 3 * d * cfg.mlp_hidden_size
-    return 2.0 * cfg.n_layers * per_layer
+def flops_per_query_token(model) -> float:
+    """Matrix FLOPs of one query position through the blocks (attention scores excluded): two
+    per weight a token reads (MoE: the experts it is routed to; the card says how many)."""
+    block_weights = sum(p.numel() for block in model.blocks for p in block.parameters())
+    idle_experts = model.card.parameters - model.card.active_parameters
+    return 2.0 * (block_weights - idle_experts)
 
 
 def peak_tflops() -> float | None:
@@ -69,11 +85,13 @@ def measured_vs_roofline(modes: list[dict], cfg) -> str:
 def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | None = None,
                 out_path: str = "bench.json") -> int:
     """The modes table at ``shape`` with random weights (a GPU for llada-8b); writes ``out_path``."""
+    from illada_batch.bench.families import refusal
     from illada_batch.decoding.params import CacheMode
 
-    caches = caches or [m.value for m in CacheMode]
     model = random_model(shape)
-    V = model.config.vocab_size
+    refused = {c: refusal(model, c) for c in caches or [m.value for m in CacheMode]}
+    caches = [c for c, why in refused.items() if why is None]
+    V = model.card.vocab_size
     g = torch.Generator().manual_seed(0)
     prefix = tuple(torch.randint(0, V - 1000, (512,), generator=g).tolist())
     prompts = [tuple(torch.randint(0, V - 1000, (32,), generator=g).tolist()) for _ in range(rows)]
@@ -85,11 +103,15 @@ def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | Non
         for batch in (1, 16, 64):
             runs = [run_requests(model, cache, reqs[:max(batch, 4)], batch)[0] for cache in caches]
             for r in runs:
-                tflops = r["query_per_token"] * r["tokens_per_s"] * flops_per_query_token(model.config) / 1e12
+                tflops = r["query_per_token"] * r["tokens_per_s"] * flops_per_query_token(model) / 1e12
                 r["model_tflops"], r["mfu"] = tflops, (tflops / peak if peak else None)
             base = next((r for r in runs if r["cache"] == "off"), None)
             modes += with_agreement(runs, base) if base is not None else runs
-    print(f"{shape}, random weights, {model.device}, 512-token shared prefix")
+    print(f"{shape} ({model.card.family}, {model.card.parameters / 1e9:.1f}B parameters, "
+          f"{model.card.active_parameters / 1e9:.2f}B active), random weights, {model.device}, 512-token shared prefix")
+    for cache, why in refused.items():
+        if why is not None:
+            print(f"{cache}: refused ({why.split(';')[0]})")
     print(table(modes))
     for r in modes:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"

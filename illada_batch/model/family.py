@@ -81,6 +81,7 @@ class Family:
     # Tensor parallelism: config.json field -> its value, for each count a TP size must
     # divide (heads, KV heads, MLP width, experts); None: the family's layers are not split yet.
     tp_splits: Callable[[Any], dict[str, int]] | None = None
+    presets: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # real shapes: name -> config
 
 
 def tp_problem(family: Family, config: Any, size: int) -> str | None:

@@ -106,7 +106,15 @@ def matches(raw: Mapping[str, Any]) -> bool:
     return raw.get("model_type") == "Dream" or "DreamModel" in (raw.get("architectures") or ())
 
 
+# The real shape (Dream-org/Dream-v0-Instruct-7B config.json, Qwen2.5-7B's): GQA 28 query
+# heads over 4 KV heads, SwiGLU 18944, 152064 ids, rope theta 1e6.
+PRESETS = {
+    "dream-7b": DreamConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, rope_theta=1_000_000.0,
+                            max_position_embeddings=131072),
+}
+
 FAMILY = Family(name="dream", matches=matches, config=DreamConfig.from_dict, card=card,
                 model="illada_batch.model.dream:Dream",
                 describe="model_type 'Dream' / architectures ['DreamModel']",
-                settings=FAMILY_SETTINGS)
+                settings=FAMILY_SETTINGS, presets=PRESETS)

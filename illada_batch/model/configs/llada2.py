@@ -144,7 +144,18 @@ def matches(raw: Mapping[str, Any]) -> bool:
     return raw.get("model_type") == "llada2_moe" or "LLaDA2MoeModelLM" in (raw.get("architectures") or ())
 
 
+# The real shape (inclusionAI/LLaDA2.0-mini config.json, 16B with 1.4B active): 20 layers, the
+# first dense, 256 experts top-8 of 512 in 8 groups of which 4 are kept, one shared expert,
+# GQA 16 over 4 heads of 128, half the head rotary.
+PRESETS = {
+    "llada2-mini": LLaDA2Config(vocab_size=157184, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16,
+                                num_key_value_heads=4, head_dim=128, intermediate_size=5120, moe_intermediate_size=512,
+                                num_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, num_shared_experts=1,
+                                first_k_dense_replace=1, routed_scaling_factor=2.5, partial_rotary_factor=0.5,
+                                rope_theta=600_000.0, max_position_embeddings=8192),
+}
+
 FAMILY = Family(name="llada2", matches=matches, config=LLaDA2Config.from_dict, card=card,
                 model="illada_batch.model.llada2:LLaDA2",
                 describe="model_type 'llada2_moe' / architectures ['LLaDA2MoeModelLM']",
-                settings=SAMPLER_SETTINGS)
+                settings=SAMPLER_SETTINGS, presets=PRESETS)

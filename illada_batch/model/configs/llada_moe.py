@@ -147,6 +147,16 @@ def matches(raw: Mapping[str, Any]) -> bool:
         raw.get("num_experts") or "LLaDAMoEModelLM" in (raw.get("architectures") or ()))
 
 
+# The real shape (inclusionAI/LLaDA-MoE-7B-A1B-Base/Instruct config.json): 16 layers, every
+# one MoE, 64 experts top-8 of 1024, no shared expert, q/k norm, 16 KV heads.
+PRESETS = {
+    "llada-moe": LLaDAMoEConfig(vocab_size=157184, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                                num_key_value_heads=16, dense_intermediate_size=8192, expert_intermediate_size=1024,
+                                num_experts=64, num_experts_per_tok=8, moe_layer_freq=(1,) * 16, qk_layernorm=True,
+                                rope_theta=50_000.0, max_position_embeddings=8192),
+}
+
 FAMILY = Family(name="llada-moe", matches=matches, config=LLaDAMoEConfig.from_dict, card=card,
                 model="illada_batch.model.llada_moe:LLaDAMoE",
-                describe="model_type 'llada' or 'lladamoe' with architectures ['LLaDAMoEModelLM'] / num_experts")
+                describe="model_type 'llada' or 'lladamoe' with architectures ['LLaDAMoEModelLM'] / num_experts",
+                presets=PRESETS)

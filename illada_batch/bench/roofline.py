@@ -17,6 +17,12 @@ the target shape (default LLaDA-8B: 32 layers, d 4096, 32 K/V heads of 128, bf16
 - a step takes max(FLOPs / peak FLOP/s, bytes / bandwidth): its bound. Launch overheads,
   kernel efficiency and the sampler are not modelled, so measured steps are slower.
 
+Every block of this schedule runs the same steps (equal rows, EOS suppressed, one token per
+step), so each run stops after its first block (``SAMPLE_BLOCKS``) and those steps stand for
+the other blocks' (``schedule``; the prefix's one-time encoding is counted once): the whole
+table takes minutes on this CPU instead of most of an hour, with the same totals (tested at
+batch 2 against the whole run: tests/test_roofline.py).
+
 Fast-dLLM's dual cache is modelled as the engine's ``blocks`` at batch 1 with the block-only
 step copying each row's K/V per layer (``BlockCacheForward(paged=False)``, as its
 concatenation does), to hold against its published 54 tok/s (A100, GSM8K, gen 256, with
@@ -40,6 +46,7 @@ from illada_batch.model.llada import LLaDA
 
 GEN, BLOCK, PREFIX, PROMPT = 256, 32, 480, 32
 BATCHES = (1, 16, 64)
+SAMPLE_BLOCKS = 1  # blocks of each run counted (the others repeat them: ``schedule``)
 FAST_DLLM_TOKENS_PER_S = 54.0  # published: LLaDA-8B, GSM8K, gen 256, dual cache + parallel decoding, A100
 
 
@@ -66,22 +73,49 @@ def step_cost(s: Step, cfg, dtype_bytes: int = 2) -> dict:
             "kv_written": s.kv_written * scale * token_layer, "copied": s.kv_copied * scale * token_layer}
 
 
-def predict(traffic: Traffic, cfg, device: Device, tokens: int) -> dict:
-    """Each step's bound and time on ``device``; the run's totals and predicted tokens/s."""
+def predict(traffic: Traffic, cfg, device: Device, tokens: int, once: int = 0, repeat: int = 1) -> dict:
+    """Each step's bound and time on ``device``; the run's totals and predicted tokens/s. The
+    first ``once`` steps ran once, the rest stand for ``repeat`` times themselves (a sample)."""
     steps = [step_cost(s, cfg) for s in traffic.steps]
-    for c in steps:
+    for i, c in enumerate(steps):
         c["bytes"] = c["weights"] + c["kv_read"] + c["kv_written"] + 2 * c["copied"]
         c["compute_s"], c["memory_s"] = c["flops"] / device.peak_flops, c["bytes"] / device.bandwidth
         c["seconds"], c["bound"] = max(c["compute_s"], c["memory_s"]), "compute" if c["compute_s"] > c["memory_s"] else "memory"
-    seconds = sum(c["seconds"] for c in steps)
-    total = {k: sum(c[k] for c in steps) for k in ("flops", "weights", "kv_read", "kv_written", "copied", "bytes")}
-    return {"steps": len(steps), "seconds": seconds, "tokens_per_s": tokens / seconds, **total,
-            "compute_bound_steps": sum(c["bound"] == "compute" for c in steps),
+        c["times"] = 1 if i < once else repeat
+    seconds = sum(c["seconds"] * c["times"] for c in steps)
+    total = {k: sum(c[k] * c["times"] for c in steps) for k in ("flops", "weights", "kv_read", "kv_written", "copied",
+                                                                  "bytes")}
+    return {"steps": sum(c["times"] for c in steps), "seconds": seconds, "tokens_per_s": tokens / seconds, **total,
+            "compute_bound_steps": sum(c["times"] for c in steps if c["bound"] == "compute"),
             "copy_share": 2 * total["copied"] / total["bytes"], "per_step": steps}
 
 
-def schedule(cache: str, batch: int, paged: bool = True) -> Traffic:
-    """The engine's counted steps for ``batch`` rows (one full batch) in ``cache`` mode."""
+class _Sampled(Exception):
+    pass
+
+
+class SampledTraffic(Traffic):
+    """Counts the engine's one-time step (the prefix's encoding, closed right after the plan
+    is chosen) and then ``limit`` denoising steps, and stops the run there."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.once = limit, None
+
+    def end_step(self) -> None:
+        super().end_step()
+        if self.once is None:  # the engine's first close: right after the plan (the prefix's step, if any)
+            self.once = len(self.steps)
+        elif len(self.steps) - self.once >= self.limit:
+            raise _Sampled
+
+
+def schedule(cache: str, batch: int, paged: bool = True, blocks: int | None = SAMPLE_BLOCKS) -> tuple[Traffic, int, int]:
+    """The engine's counted steps for ``batch`` rows (one full batch) in ``cache`` mode ->
+    (traffic, once, repeat). Every block of this schedule runs the same steps (equal rows,
+    EOS suppressed, one token per step: a refresh or full forward, then the block's other
+    steps over the same keys), so with ``blocks`` the run stops after that many blocks and
+    its denoising steps stand for GEN / (blocks x BLOCK) times themselves; None: the whole run."""
     cfg = replace(PRESETS["tiny"], d_model=64, n_heads=2, n_kv_heads=2, mlp_hidden_size=128, vocab_size=256,
                   embedding_size=256, n_layers=1, max_sequence_length=PREFIX + PROMPT + GEN)  # the schedule only
     torch.manual_seed(0)
@@ -92,20 +126,31 @@ def schedule(cache: str, batch: int, paged: bool = True) -> Traffic:
     reqs = [Request(str(i), tuple(torch.randint(3, cfg.vocab_size, (PROMPT,), generator=g).tolist()), prefix, params)
             for i in range(batch)]
     engine = Engine(model, cache=cache, max_batch_size=batch, paged=paged)
-    engine.run(reqs)
-    return engine.traffic
+    if blocks is None:
+        engine.run(reqs)
+        return engine.traffic, len(engine.traffic.steps), 1
+    engine.traffic = SampledTraffic(blocks * BLOCK)
+    try:
+        engine.run(reqs)
+    except _Sampled:
+        pass
+    return engine.traffic, engine.traffic.once, GEN // (blocks * BLOCK)
 
 
-def roofline(device_name: str, shape: str = "llada-8b", out_path: str = "roofline.json") -> int:
+def roofline(device_name: str, shape: str = "llada-8b", out_path: str = "roofline.json",
+             blocks: int | None = SAMPLE_BLOCKS) -> int:
     device, cfg = DEVICES[device_name], PRESETS[shape]
     rows = []
     for cache in [m.value for m in CacheMode]:
         for batch in BATCHES:
-            rows.append({"cache": cache, "batch": batch, **predict(schedule(cache, batch), cfg, device, batch * GEN)})
-    rows.append({"cache": "Fast-dLLM dual", "batch": 1, **predict(schedule("blocks", 1, paged=False), cfg, device, GEN)})
+            traffic, once, repeat = schedule(cache, batch, blocks=blocks)
+            rows.append({"cache": cache, "batch": batch, **predict(traffic, cfg, device, batch * GEN, once, repeat)})
+    traffic, once, repeat = schedule("blocks", 1, paged=False, blocks=blocks)
+    rows.append({"cache": "Fast-dLLM dual", "batch": 1, **predict(traffic, cfg, device, GEN, once, repeat)})
     print(f"Roofline of {shape} on {device.name} ({device.peak_flops / 1e12:.0f} TFLOP/s bf16, "
           f"{device.bandwidth / 1e12:.2f} TB/s): a model, not a measurement. {PREFIX}-token shared prefix, "
-          f"{PROMPT}-token prompts, gen {GEN}, block {BLOCK}, one token per step; schedule counted by the engine")
+          f"{PROMPT}-token prompts, gen {GEN}, block {BLOCK}, one token per step; schedule counted by the engine"
+          + ("" if blocks is None else f" over its first {blocks} block(s), the others the same steps"))
     print(table(rows))
     fast = rows[-1]
     print(f"Fast-dLLM dual cache at batch 1 as modelled: {fast['tokens_per_s']:.0f} tok/s at one token per step "

@@ -36,7 +36,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from illada_batch.bench.shape import flops_per_query_token
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
@@ -59,6 +58,14 @@ class Device:
 
 DEVICES = {"h100": Device("H100 SXM", 989e12, 3.35e12), "h200": Device("H200 SXM", 989e12, 4.8e12),
            "a100": Device("A100 80GB SXM", 312e12, 2.039e12)}
+
+
+def flops_per_query_token(cfg) -> float:
+    """Matrix FLOPs of one query position through a dense LLaDA config's blocks (attention
+    scores excluded): two per weight."""
+    d, hd = cfg.d_model, cfg.head_dim
+    per_layer = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d + 3 * d * cfg.mlp_hidden_size
+    return 2.0 * cfg.n_layers * per_layer
 
 
 def step_cost(s: Step, cfg, dtype_bytes: int = 2) -> dict:

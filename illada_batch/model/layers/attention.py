@@ -80,8 +80,10 @@ def _attend_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix
     if prefix is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
     # a prefix shared by every row: attended once, merged by log-sum-exp
-    pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
-    traffic.copied("repeat", P * rep)
+    pk, pv = (t.to(q.dtype).transpose(0, 1) for t in prefix)  # [KVH, P, hd], views of the pages' tensor
+    if rep > 1:  # grouped heads: the prefix's K/V once per query head
+        pk, pv = pk.repeat_interleave(rep, dim=0), pv.repeat_interleave(rep, dim=0)  # [H, P, hd]
+        traffic.copied("repeat", P * rep)
     return cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
 
 

@@ -201,6 +201,10 @@ def cmd_render(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.only == "scale":  # the driver at 10^3..10^5 shards, simulated replicas (no model, no torch)
+        from illada_batch.bench.scale import main as bench_scale
+
+        return bench_scale([int(n) for n in args.shards.split(",")], args.out, args.rows_per_shard)
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
@@ -313,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"],
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
-    p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
+    p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections; `scale` alone: the "
+                   "driver at many shards against simulated replicas")
+    p.add_argument("--shards", default="1000,10000", help="--only scale: comma-separated shard counts (e.g. 100000)")
+    p.add_argument("--rows-per-shard", type=int, default=4, help="--only scale: input rows per shard")
     p.add_argument("--cache", default=",".join(_cache_modes()),
                    help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)

@@ -38,17 +38,18 @@ from illada_batch.job.storage import filesystem, storage_errors
 
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
-            log=print) -> JobSummary:
+            log=print, replica=None) -> JobSummary:
     """Run (or resume) a job; returns its summary (``exit_code()`` is the CLI's). Raises
     FingerprintMismatch (or RowRangeMismatch) or LockHeld before writing anything when the
     output belongs to another job or another run; ClusterError or JobStopped when the
-    replicas cannot be placed or started."""
-    return _Job(spec.resolved(), date, log).run(address, show_progress)
+    replicas cannot be placed or started. ``replica``: the actor class to start in place of
+    ``job.replica.Replica`` (the scale benchmark's simulated replicas)."""
+    return _Job(spec.resolved(), date, log, replica).run(address, show_progress)
 
 
 class _Job:
-    def __init__(self, spec: JobSpec, date: str | None, log) -> None:
-        self.spec, self.log, self.t0 = spec, log, time.time()
+    def __init__(self, spec: JobSpec, date: str | None, log, replica=None) -> None:
+        self.spec, self.log, self.t0, self.replica = spec, log, time.time(), replica
         self.out_url = spec.output_url(date)
         self.fingerprint = spec.fingerprint()
         self.out = Output(*filesystem(self.out_url, spec.output.storage_options))
@@ -119,7 +120,10 @@ class _Job:
     def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
         spec = self.spec
         can_grow = _connect(address)
-        from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
+        if self.replica is not None:
+            Replica = self.replica
+        else:
+            from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
 
         request = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
         if not can_grow:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import FingerprintMismatch, LockHeld, RowRangeMismatch
 from illada_batch.job import storage
+from illada_batch.job.manifest_index import read_json_files, read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
 from illada_batch.job.storage import Store
 
@@ -118,15 +119,12 @@ class Output:
             files = [f for f in self.fs.ls(path, detail=False) if f.endswith(".json")]
         except FileNotFoundError:
             return {}
-        out = {}
-        for f in files:
-            body = json.loads(self.fs.cat_file(f))
-            out[body["shard_id"]] = body
-        return out
+        return {body["shard_id"]: body for body in read_json_files(self.fs, files)}
 
     def manifests(self) -> dict[str, Manifest]:
+        """Every committed manifest (through the index where the listing confirms it: ``manifest_index.py``)."""
         self.fs.invalidate_cache()
-        return {sid: Manifest.from_json(body) for sid, body in self._read_json_dir("_manifest").items()}
+        return read_manifests(self.fs, self.root)
 
     def failures(self) -> dict[str, dict]:
         return self._read_json_dir("_failed")
@@ -161,6 +159,7 @@ class Output:
 
     def summary(self) -> JobSummary | None:
         """The summary the last finished run wrote (``_SUCCESS.json`` or ``_FAILED.json``), if any."""
+        self.fs.invalidate_cache()  # a listing cached earlier in this process would hide a summary written since
         for name in ("_SUCCESS.json", "_FAILED.json"):
             try:
                 return JobSummary.from_dict(json.loads(self.fs.cat_file(self.key(name))))

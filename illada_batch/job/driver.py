@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
@@ -53,6 +54,7 @@ class _Job:
         self.out_url = spec.output_url(date)
         self.fingerprint = spec.fingerprint()
         self.out = Output(*filesystem(self.out_url, spec.output.storage_options))
+        self.index = IndexWriter(self.out)  # the manifests this run received, compacted for the next reader
         self.run_stats = RunStats()
         self.failed: dict[str, str] = {}  # shard id -> error, this run
         self.busy: dict = {}  # (node, pid) -> [(started, committed_at)] of its shards
@@ -192,6 +194,7 @@ class _Job:
             if r in pool.up():
                 pool.replace(r)
             return None
+        self.index.add(m)
         self.run_stats.shards += 1
         self.run_stats.tokens += m.stats.tokens
         self.run_stats.gen_seconds += m.stats.gen_seconds
@@ -211,6 +214,7 @@ class _Job:
 
     def _finish(self, n_shards: int, stopped: str | None = None) -> JobSummary:
         spec, out, run = self.spec, self.out, self.run_stats
+        self.index.flush()
         manifests = out.manifests()
         out.clear_failures(keep=self.failed)
         run.orphans_removed = out.remove_orphans(manifests)

@@ -28,12 +28,13 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.idcheck import mark_duplicate_ids_bounded as mark_duplicate_ids
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
-from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
+from illada_batch.job.shards import Shard, plan_shards
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, storage_errors
 

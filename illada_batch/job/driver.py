@@ -30,6 +30,7 @@ from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, L
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
 from illada_batch.job.idcheck import mark_duplicate_ids_bounded as mark_duplicate_ids
 from illada_batch.job.manifest_index import IndexWriter
+from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
@@ -56,6 +57,7 @@ class _Job:
         self.fingerprint = spec.fingerprint()
         self.out = Output(*filesystem(self.out_url, spec.output.storage_options))
         self.index = IndexWriter(self.out)  # the manifests this run received, compacted for the next reader
+        self.metrics = DriverMetrics(spec.name)  # counts kept until Ray is up (``attach`` in ``_dispatch``)
         self.run_stats = RunStats()
         self.failed: dict[str, str] = {}  # shard id -> error, this run
         self.busy: dict = {}  # (node, pid) -> [(started, committed_at)] of its shards
@@ -103,6 +105,7 @@ class _Job:
             for path, error in bad_files:
                 sid = f"file-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{path.rsplit('/', 1)[-1]}"
                 self.failed[sid] = error
+                self.metrics.inc("illada_shards_failed", 1)
                 out.record_failure(sid, self.fingerprint, error, attempts=1)
                 self.log(f"shard failed: {error}")
             if self.run_stats.skipped:
@@ -123,6 +126,7 @@ class _Job:
     def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
         spec = self.spec
         can_grow = _connect(address)
+        self.metrics.attach()
         if self.replica is not None:
             Replica = self.replica
         else:
@@ -147,7 +151,7 @@ class _Job:
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
-        last_commit, drained = time.time(), False
+        last_commit, last_gauges, drained = time.time(), 0.0, False
         try:
             while queue or inflight:
                 pool.poll()
@@ -159,6 +163,10 @@ class _Job:
                         shard, attempt = item
                         inflight[pool.handle(r).process.remote(shard.to_dict())] = (r, shard, attempt)
                         load[r] += 1
+                if time.time() - last_gauges >= 1.0:
+                    last_gauges = time.time()
+                    self.metrics.replicas(len(pool.slots), pool.placed(), len({r for r, _, _ in inflight.values()}),
+                                          progress.tokens / max(time.time() - progress.t0, 1e-9))
                 if time.time() - last_commit > spec.stall_warning_s:
                     self.log(f"no shard committed in the last {time.time() - last_commit:.0f} s: "
                              f"{len(pool.up())} replica(s) working, {pool.starting()} being placed or started, "
@@ -196,6 +204,7 @@ class _Job:
                 pool.replace(r)
             return None
         self.index.add(m)
+        self.metrics.committed(m.stats, m.rows.num_rows if m.rows else m.samples // self.spec.n)
         self.run_stats.shards += 1
         self.run_stats.tokens += m.stats.tokens
         self.run_stats.gen_seconds += m.stats.gen_seconds
@@ -208,8 +217,10 @@ class _Job:
             wait = min(60.0, self.spec.retry_backoff_s * 2 ** attempt)
             self.log(f"{where}: {error}; retry {attempt + 1}/{max_retries} in {wait:.0f} s")
             queue.append((shard, attempt + 1, time.time() + wait))
+            self.metrics.inc("illada_shards_retried", 1)
         else:
             self.failed[shard.shard_id] = error
+            self.metrics.inc("illada_shards_failed", 1)
             self.out.record_failure(shard.shard_id, self.fingerprint, error, attempt + 1)
             self.log(f"{where} failed after {attempt + 1} tries: {error}")
 

@@ -71,6 +71,10 @@ class ReplicaPool:
     def handle(self, i: int):
         return self.slots[i].handle
 
+    def placed(self) -> int:
+        """Replicas Ray has placed: working, or loading their model."""
+        return sum(1 for s in self.slots if s is not None and s.ready is None)
+
     def starting(self) -> int:
         return sum(1 for s in self.slots if s is not None and not s.up)
 

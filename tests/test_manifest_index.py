@@ -77,3 +77,17 @@ def test_status_twice_in_one_process_sees_a_summary_written_in_between(s3):
     writer = Output(s3.fs(), root)  # the run that finishes: another process, another filesystem
     writer.write_summary(JobSummary(output=url, job="t", fingerprint="fp", shards=1, shards_committed=1, samples=1), None)
     assert status(url, s3.options).job == "t"
+
+
+def test_a_reader_hands_back_what_it_read_outside_the_index_so_a_resume_compacts_it(s3):
+    fs, root = filesystem(f"s3://bucket/idx-{uuid.uuid4().hex[:8]}", s3.options)
+    out = Output(fs, root)
+    index = IndexWriter(out)
+    index.add(_commit(out, "s0"))
+    index.flush()
+    _commit(out, "s1")
+    _commit(out, "s2")  # a crashed run: committed, never indexed
+    out.manifests()
+    assert sorted(m.shard_id for m in out.unindexed) == ["s1", "s2"]
+    index.add_all(out.unindexed)
+    assert sorted(out.manifests()) == ["s0", "s1", "s2"] and out.unindexed == []

@@ -98,7 +98,8 @@ def _rss_kb() -> int:
 
 def bench_scale(n_shards: int, fs, opts: dict, gcs: str, tmp: Path, rows_per_shard: int = 4, replicas: int = 8) -> dict:
     from illada_batch.job.driver import status
-    from illada_batch.job.shards import mark_duplicate_ids, plan_shards
+    from illada_batch.job.idcheck import mark_duplicate_ids_bounded as mark_duplicate_ids
+    from illada_batch.job.shards import plan_shards
 
     spec = _spec_dict(n_shards, rows_per_shard, replicas, opts)
     rows = _write_input(fs, n_shards, rows_per_shard)
@@ -122,7 +123,7 @@ def bench_scale(n_shards: int, fs, opts: dict, gcs: str, tmp: Path, rows_per_sha
         "crashed_run_s": crashed["wall_s"], "crashed_returncode": crashed["returncode"],
         "committed_before_crash": half.shards_committed, "status_interrupted_s": status_half_s,
         "resume_to_first_shard_s": resumed.get("to_first_shard_s"), "resume_run_s": resumed.get("run_s"),
-        "resume_shards": done, "driver_cpu_ms_per_shard": 1000 * resumed.get("driver_cpu_s", 0) / max(done, 1),
+        "resume_shards": done, "driver_cpu_s": resumed.get("driver_cpu_s"), "driver_cpu_ms_per_shard": 1000 * resumed.get("driver_cpu_s", 0) / max(done, 1),
         "driver_peak_rss_mb": resumed.get("peak_rss_kb", 0) / 1024,
         "driver_growth_mb": (resumed.get("peak_rss_kb", 0) - resumed.get("rss_before_kb", 0)) / 1024,
         "status_finished_s": status_s, "final_status": final.verdict(),
@@ -144,11 +145,13 @@ def table(results: list[dict]) -> str:
 
 
 def growth_per_shard(results: list[dict]) -> list[dict]:
-    """Peak driver memory growth per shard between consecutive sizes, in KB."""
+    """Between consecutive sizes: the driver's peak memory growth per shard (KB) and its CPU
+    per shard (ms) at the margin, so that fixed costs (imports, starting replicas) cancel."""
     out = []
     for a, b in zip(results, results[1:]):
         kb = 1024 * (b["driver_peak_rss_mb"] - a["driver_peak_rss_mb"]) / max(b["shards"] - a["shards"], 1)
-        out.append({"from": a["shards"], "to": b["shards"], "kb_per_shard": kb})
+        ms = 1000 * (b["driver_cpu_s"] - a["driver_cpu_s"]) / max(b["resume_shards"] - a["resume_shards"], 1)
+        out.append({"from": a["shards"], "to": b["shards"], "kb_per_shard": kb, "marginal_cpu_ms_per_shard": ms})
     return out
 
 
@@ -177,7 +180,8 @@ def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: i
               "growth": growth_per_shard(results), "logs": str(tmp)}
     print(table(results))
     for g in report["growth"]:
-        print(f"driver peak memory growth {g['from']:,} -> {g['to']:,} shards: {g['kb_per_shard']:.2f} KB/shard")
+        print(f"{g['from']:,} -> {g['to']:,} shards: driver peak memory growth {g['kb_per_shard']:.2f} KB/shard, "
+              f"driver CPU {g['marginal_cpu_ms_per_shard']:.2f} ms/shard at the margin")
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     return 0 if all(r["complete"] for r in results) else 1

@@ -41,6 +41,7 @@ class Output:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs, self.root = fs, root.rstrip("/")
         self.store = Store(fs)
+        self.unindexed: list[Manifest] = []  # manifests the last ``manifests()`` read outside the index
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -124,7 +125,8 @@ class Output:
     def manifests(self) -> dict[str, Manifest]:
         """Every committed manifest (through the index where the listing confirms it: ``manifest_index.py``)."""
         self.fs.invalidate_cache()
-        return read_manifests(self.fs, self.root)
+        self.unindexed = []
+        return read_manifests(self.fs, self.root, self.unindexed)
 
     def failures(self) -> dict[str, dict]:
         return self._read_json_dir("_failed")

@@ -98,6 +98,8 @@ class _Job:
         self.run_stats.skipped = len(shards) - len(todo)
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot write", keep=(LockHeld,)):
             out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
+            # what the last run left unindexed (it crashed before writing a segment), indexed now
+            self.index.add_all([m for m in out.unindexed if m.shard_id in committed])
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(out, self.owner, stop), daemon=True)
         beat.start()

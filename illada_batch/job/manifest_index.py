@@ -48,6 +48,11 @@ class IndexWriter:
         if len(self.pending) >= SEGMENT_MANIFESTS or time.time() - self.last >= SEGMENT_SECONDS:
             self.flush()
 
+    def add_all(self, manifests: list[Manifest]) -> None:
+        for m in manifests:
+            self.add(m)
+        self.flush()
+
     def flush(self) -> None:
         if self.pending:
             lines = [json.dumps({"md5": hashlib.md5(body).hexdigest(), "manifest": json.loads(body)})
@@ -58,13 +63,16 @@ class IndexWriter:
         self.last = time.time()
 
 
-def read_manifests(fs, root: str) -> dict[str, Manifest]:
-    """Every committed manifest under ``root``: index entries the listing confirms, the rest read."""
+def read_manifests(fs, root: str, unindexed: list | None = None) -> dict[str, Manifest]:
+    """Every committed manifest under ``root``: index entries the listing confirms, the rest
+    read (and appended to ``unindexed``, for a writer to index them: a resume compacts what a
+    crashed run left unindexed)."""
     try:
         listed = {f["name"]: f for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
     except FileNotFoundError:
         return {}
-    indexed = _index_entries(fs, root) if any(_etag(f) for f in listed.values()) else {}
+    hashed = any(_etag(f) for f in listed.values())  # else the index cannot be checked: not used
+    indexed = _index_entries(fs, root) if hashed else {}
     manifests, unread = {}, []
     for name, info in listed.items():
         sid = name.rsplit("/", 1)[-1][:-len(".json")]
@@ -74,7 +82,9 @@ def read_manifests(fs, root: str) -> dict[str, Manifest]:
         else:
             unread.append(name)
     for body in read_json_files(fs, unread):
-        manifests[body["shard_id"]] = Manifest.from_json(body)
+        manifests[body["shard_id"]] = m = Manifest.from_json(body)
+        if unindexed is not None and hashed:
+            unindexed.append(m)
     return manifests
 
 

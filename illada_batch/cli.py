@@ -204,7 +204,8 @@ def cmd_bench(args) -> int:
     if args.only == "scale":  # the driver at 10^3..10^5 shards, simulated replicas (no model, no torch)
         from illada_batch.bench.scale import main as bench_scale
 
-        return bench_scale([int(n) for n in args.shards.split(",")], args.out, args.rows_per_shard)
+        sizes = [int(n) for n in args.shards.split(",") if n]
+        return bench_scale(sizes, args.out, args.rows_per_shard, ids=[int(n) for n in args.ids.split(",") if n])
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "driver at many shards against simulated replicas")
     p.add_argument("--shards", default="1000,10000", help="--only scale: comma-separated shard counts (e.g. 100000)")
     p.add_argument("--rows-per-shard", type=int, default=4, help="--only scale: input rows per shard")
+    p.add_argument("--ids", default="", help="--only scale: also the duplicate-id check's memory on these id counts "
+                   "(e.g. 10000000); --shards '' for this alone")
     p.add_argument("--cache", default=",".join(_cache_modes()),
                    help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)

@@ -155,7 +155,8 @@ def growth_per_shard(results: list[dict]) -> list[dict]:
     return out
 
 
-def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: int = 4, replicas: int = 8) -> int:
+def _sizes(sizes: list[int], rows_per_shard: int, replicas: int) -> tuple[list[dict], str]:
+    """``bench_scale`` at each size, on one S3 server and one local Ray; (results, logs folder)."""
     import ray
     import s3fs
 
@@ -176,12 +177,25 @@ def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: i
         if ray.is_initialized():
             ray.shutdown()
         proc.terminate()
-    report = {"rows_per_shard": rows_per_shard, "replicas": replicas, "sizes": results,
-              "growth": growth_per_shard(results), "logs": str(tmp)}
-    print(table(results))
+    return results, str(tmp)
+
+
+def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: int = 4, replicas: int = 8,
+         ids: list[int] = ()) -> int:
+    from illada_batch.bench.idcheck_mem import bench_idcheck
+
+    id_checks = [r for n in ids for r in bench_idcheck(n)]
+    results, logs = _sizes(sizes, rows_per_shard, replicas) if sizes else ([], None)
+    report = {"rows_per_shard": rows_per_shard, "replicas": replicas, "sizes": results, "id_checks": id_checks,
+              "growth": growth_per_shard(results), "logs": logs}
+    if results:
+        print(table(results))
     for g in report["growth"]:
         print(f"{g['from']:,} -> {g['to']:,} shards: driver peak memory growth {g['kb_per_shard']:.2f} KB/shard, "
               f"driver CPU {g['marginal_cpu_ms_per_shard']:.2f} ms/shard at the margin")
+    for r in id_checks:
+        print(f"duplicate-id check ({r['check']}) of {r['ids']:,} ids: {r['seconds']:.1f} s, peak memory "
+              f"{r['peak_rss_mb']:.0f} MB, {r['repeats']:,} repeats")
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     return 0 if all(r["complete"] for r in results) else 1

@@ -23,18 +23,20 @@ def _params(args):
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     """One flag per ``SamplingParams`` setting, with its default and help text from there."""
     import enum
+    import typing
 
-    from illada_batch.decoding.params import settings
+    from illada_batch.decoding.params import SamplingParams, settings
 
+    hints = typing.get_type_hints(SamplingParams)
     for f in settings():
         flag, help_text = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         default = f.default.value if isinstance(f.default, enum.Enum) else f.default
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if isinstance(t, type)]
+        choices = [m.value for t in kinds if issubclass(t, enum.Enum) for m in t]
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif f.name == "remasking":
-            from illada_batch.decoding.params import Remasking
-
-            p.add_argument(flag, default=default, choices=[m.value for m in Remasking], help=help_text)
+        elif choices:
+            p.add_argument(flag, default=default, choices=choices, help=help_text)
         else:
             kind = {"int": int, "float": float, "float | None": float}[f.type]
             p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
@@ -46,13 +48,51 @@ def _cache_modes() -> list[str]:
     return [m.value for m in CacheMode]
 
 
+def _device(name: str | None):
+    """``--device`` checked: a device torch knows, present on this machine (None: the default)."""
+    import torch
+
+    from illada_batch.errors import UserError
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device {name}: not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA device (use --device cpu, or leave it out)")
+    return device
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors on one line (exit 2), like every other refusal of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def cmd_generate(args) -> int:
     import torch
 
     from illada_batch.decoding.loop import generate
+    from illada_batch.errors import UserError
     from illada_batch.model.checkpoint import load_model
 
-    model = load_model(args.model, device=args.device)
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty: give the text to generate from")
+    model = load_model(args.model, device=_device(args.device))
     tok = model.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = torch.tensor([tok.encode(text)], device=model.device)
@@ -69,7 +109,7 @@ def cmd_generate(args) -> int:
     out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
     seconds = time.perf_counter() - t0
     resp = out[0, ids.shape[1]:].tolist()
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     resp = resp[:resp.index(eos)] if eos in resp else resp
     print(tok.decode(resp, skip_special_tokens=True))
     print(f"[{params.steps} steps, {len(resp)} tokens in {seconds:.2f}s: {params.steps / seconds:.1f} steps/s, "
@@ -82,7 +122,8 @@ def cmd_eval(args) -> int:
     from illada_batch.engine.diffusion import Engine
     from illada_batch.tasks.evaluate import evaluate, suite_rows
 
-    engine = Engine.from_pretrained(args.model, cache=args.cache, device=args.device, max_batch_size=args.batch_size)
+    engine = Engine.from_pretrained(args.model, cache=args.cache, device=_device(args.device),
+                                    max_batch_size=args.batch_size)
     prefixes, rows = suite_rows(engine.tokenizer, args.seed, args.rows_per_task, args.prefixes_per_task,
                                 args.min_prefix_tokens)
     res = evaluate(engine, prefixes, rows, _params(args), args.response_template)
@@ -106,20 +147,26 @@ def cmd_validate(args) -> int:
 
     spec = load_spec(args.spec, args.set)
     i = spec.input
+    input_notes: list[str] = []  # skipped files, files without rows
     shards, bad = plan_shards(spec.resolve(i.url), i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                              i.text_column())
+                              i.text_column(), note=input_notes.append)
     problems, notes = preflight.model_problems(spec, replicas_here=not args.address)
+    notes = input_notes + notes
     problems += preflight.output_problems(spec.resolved().output_url(args.date), spec.output.storage_options)
     if args.address:
         more, cluster_notes = preflight.cluster_problems(spec, args.address)
         problems, notes = problems + more, notes + cluster_notes
     rows = sum(s.num_rows for s in shards)
+    family, problem = _family(spec, preflight.SHIPPED_MODELS)
+    problems += [problem] if problem else []
     verdict = "OK" if not problems and not bad else f"NOT OK ({len(problems) + len(bad)} problem(s) below)"
     print(f"job {spec.name}: {verdict} (fingerprint {spec.resolved().fingerprint()}, as its outputs will carry)")
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
     print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
+    if family:
+        print(f"  family    {family}")
     print(f"  output    {spec.output_url(args.date)}")
     for note in notes:
         print(f"  note      {note}")
@@ -128,6 +175,30 @@ def cmd_validate(args) -> int:
     for _, err in bad:
         print(f"  BAD FILE  {err}")
     return 1 if problems or bad else 0
+
+
+def _family(spec, shipped) -> tuple[str | None, str | None]:
+    """(the family card's line, or a problem with the model's config.json) for a local
+    diffusion model; (None, None) where there is nothing here to read."""
+    from pathlib import Path
+
+    from illada_batch.errors import UserError
+    from illada_batch.model.registry import card_of
+
+    path = spec.model.path
+    if spec.backend != "diffusion" or ("://" in path and not path.startswith("file://")):
+        return None, None
+    local = Path(spec.resolve(path.removeprefix("file://"))).expanduser()
+    local = local if local.is_dir() else shipped / path
+    if not (local / "config.json").is_file():
+        return None, None  # model_problems says so
+    try:
+        card = card_of(local)
+    except UserError as exc:
+        return None, f"model.path: {exc}"
+    kv = card.kv_bytes_per_token(2 if spec.model.dtype != "float32" else 4)
+    return (f"{card.family}, {card.parameters:,} parameters ({card.active_parameters:,} active), {card.attention.value}, "
+            f"KV {kv:,} bytes/token ({'float32' if spec.model.dtype == 'float32' else 'bfloat16'})"), None
 
 
 def _load_spec(args):
@@ -210,7 +281,17 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
         return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
+    from illada_batch.bench.modes import SECTIONS
+    from illada_batch.errors import UserError
+    from illada_batch.model.configs.llada import PRESETS
+
     caches = args.cache.split(",")
+    for name, given, known in (("--cache", caches, _cache_modes()),
+                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, "wide"]),
+                               ("--model-shape", [args.model_shape] if args.model_shape else [], list(PRESETS))):
+        unknown = [g for g in given if g not in known]
+        if unknown:
+            raise UserError(f"{name} {unknown[0]!r}: not one of {', '.join(known)}")
     if args.model_shape:
         import torch
 
@@ -236,7 +317,7 @@ def main(argv=None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per ``cmd_*`` function above (an argument table)."""
-    ap = argparse.ArgumentParser(prog="illada-batch", description=__doc__)
+    ap = _Parser(prog="illada-batch", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("generate", help="generate text for one prompt")
@@ -254,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-llada")
     p.add_argument("--cache", default="off", choices=_cache_modes())
     p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--rows-per-task", type=int, default=100)
-    p.add_argument("--prefixes-per-task", type=int, default=2)
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--rows-per-task", type=_positive, default=100)
+    p.add_argument("--prefixes-per-task", type=_positive, default=2)
     p.add_argument("--min-prefix-tokens", type=int, default=400)
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--response-template", default=None,
@@ -311,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="engine benchmark: cache and decoding modes on the tiny model")
     p.add_argument("--model", default="tiny-llada")
-    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--rows", type=_positive, default=64)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
     p.add_argument("--random-weights", action="store_true")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from illada_batch.model.config import LLaDAConfig
+from illada_batch.model.configs.llada import LLaDAConfig
 from illada_batch.model.llada import LLaDA
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=64, vocab_size=96,
@@ -59,6 +59,23 @@ def make_tiny_llada():
     """The one tiny-model factory: ``make(seed=0, recipe="scaled", eos_scale=1.0, **config)``
     (see ``tiny_llada``)."""
     return tiny_llada
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """``family_checkpoint(name)``: the directory of the tiny random checkpoint of a family
+    (``train/tiny_families.py``: its real config.json and tensor names, the shipped tiny
+    tokenizer), written once per session."""
+    from illada_batch.train.tiny_families import write_tiny
+
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            made[name] = write_tiny(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return made[name]
+
+    return make
 
 
 @pytest.fixture(scope="module")

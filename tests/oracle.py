@@ -17,7 +17,7 @@ def oracle_generate(model, prompt, steps, gen_length, block_length, cfg_scale=0.
 
     Returns (response tokens, states) where states[t] is the response after forward pass t+1.
     """
-    mask_id = model.config.mask_token_id
+    mask_id = model.card.mask_token_id
     P = len(prompt)
     ids = list(prompt) + [mask_id] * gen_length
     num_blocks = gen_length // block_length

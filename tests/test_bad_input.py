@@ -9,6 +9,7 @@ endpoint nothing listens on. Job specs: ``illada-batch validate`` in a subproces
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -280,6 +281,54 @@ def test_bad_files_fail_alone(ray_cluster, tmp_path):
     assert "cannot read column 'id'" in rot[0]["error"]  # the driver's duplicate-id pass reads it first
     assert all(f["fingerprint"] == spec.fingerprint() for f in failed)
     assert any("missing column(s) prompt" in m for m in logs)
+
+
+@pytest.mark.slow
+def test_a_folder_of_every_kind_of_bad_text_input_runs_its_good_rows(ray_cluster, tmp_path):
+    """Issue 23's input classes in one folder, through `validate` and a job on local Ray: an id
+    spelt 3 in JSON Lines and "3" in CSV is one id; a CSV with a byte-order mark keeps its ids as
+    written (007 and 7 two ids); a JSON Lines prompt that is a number and invalid UTF-8 (JSON
+    Lines and CSV) are error rows; a header repeating the prompt column fails its file alone,
+    named; compressed JSON Lines is read; empty files have no rows; other files are named."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b'{"id": 3, "prompt": ' + json.dumps(GOOD).encode() + b'}\n{"id": "j1", "prompt": 5}\n'
+                                  b'{"id": "j2", "prompt": "Input: \xff"}\n{"id": "j3", "prompt": "Input: fire\\nOutput:"}\n')
+    (src / "b.csv").write_bytes(b'\xef\xbb\xbfid,prompt\n3,"' + GOOD.encode() + b'"\n007,gold\n7,tree\nc3,"bad \xff"\n')
+    (src / "c.csv").write_text(f'id,prompt,prompt\nx,"{GOOD}",again\n')
+    (src / "d.jsonl.gz").write_bytes(gzip.compress(json.dumps({"id": "z", "prompt": GOOD}).encode() + b"\n"))
+    (src / "e.jsonl").write_bytes(b"")
+    (src / "f.csv").write_bytes(b"")
+    (src / "notes.txt").write_text("not prompts")
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec_dict(str(src), str(out))))
+    twice = f"{src / 'c.csv'}: column(s) 'prompt' appear more than once in the header (has id, prompt, prompt)"
+    skipped = f"input.url {src}: skipped 1 file(s) that are not prompt files by their name"
+
+    res = _cli("validate", str(job), cwd=tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"  BAD FILE  {twice}" in res.stdout.splitlines()
+    assert f"{src / 'e.jsonl'}: no rows, nothing to generate" in res.stdout
+    assert skipped in res.stdout and "notes.txt" in res.stdout
+    assert "input     " + str(src) + ": 9 rows in 3 shards" in res.stdout
+
+    logs: list[str] = []
+    report = run_job(spec_from_dict(spec_dict(str(src), str(out))), show_progress=False, log=logs.append)
+    assert report.exit_code() == 1 and len(report.failed) == 1
+    assert any(twice in m for m in logs) and any(m.startswith(skipped) for m in logs)
+    assert any(f"{src / 'f.csv'}: no rows" in m for m in logs)
+    table = read_output(fsspec.filesystem("file"), str(out))
+    assert table.schema.field("id").type == pa.string()
+    rows = table.to_pylist()
+    assert sorted(r["id"] for r in rows if r["error"] is None) == ["007", "3", "7", "j3", "z"]
+    assert {r["id"]: r["error"].split(" (")[0] for r in rows if r["error"] is not None} == {
+        "j1": "prompt is int, expected a string", "j2": "prompt is not valid UTF-8",
+        "3": "duplicate id '3'", "c3": "prompt is not valid UTF-8"}
+    assert [r["error"] for r in rows if r["id"] == "3" and r["error"]] == [
+        "duplicate id '3' (first seen at row 0 of a.jsonl)"]
+    failed = [json.loads(p.read_text()) for p in (out / "_failed").glob("*.json")]
+    assert [f["error"] for f in failed] == [twice]
 
 
 def test_bad_files_with_one_name_in_two_folders_are_both_recorded(tmp_path):

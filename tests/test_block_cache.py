@@ -43,8 +43,15 @@ def eos_model(make_tiny_llada):
     return m
 
 
+def ordinary_limit(model) -> int:
+    """Ordinary ids are 3 .. below this: the mask id where it ends the vocabulary (the tiny
+    LLaDA fixtures), else the vocabulary (the tiny family checkpoints: mask id 2)."""
+    card = model.card
+    return card.mask_token_id if card.mask_token_id > 3 else card.vocab_size
+
+
 def toks(rng: random.Random, n: int, model) -> tuple[int, ...]:
-    return tuple(rng.randrange(3, model.config.mask_token_id) for _ in range(n))
+    return tuple(rng.randrange(3, ordinary_limit(model)) for _ in range(n))
 
 
 def assert_same(got, want):
@@ -62,7 +69,7 @@ def _batch_mid_decode(model, mode: str, seed: int):
     prefix = toks(rng, 21, model)
     shared = encode_isolated(model, prefix) if mode == "prefix+blocks" else None
     pool = PagePool(64, PAGE)
-    kv = KVCache(model.config, 64, PAGE, model.device, model.dtype)
+    kv = KVCache(model.card, 64, PAGE, model.device, model.dtype)
     plan = BlockCache(prefix, shared, None, pool, kv)
     queue = deque((i, Request(f"r{i}", toks(rng, rng.randrange(1, 30), model), prefix, params)) for i in range(6))
     batch = plan.new_rows(plan.take(queue, 6, params), params, model)
@@ -72,7 +79,7 @@ def _batch_mid_decode(model, mode: str, seed: int):
         batch.block[r] = b
         batch.x[r, L - G:L - G + b * BL] = torch.tensor(toks(rng, b * BL, model))
         for c in rng.sample(range(BL), rng.randrange(BL)):
-            batch.x[r, L - G + b * BL + c] = rng.randrange(3, model.config.mask_token_id)
+            batch.x[r, L - G + b * BL + c] = rng.randrange(3, ordinary_limit(model))
     cols = (L - G) + batch.block[:, None] * BL + torch.arange(BL)  # [6, BL]
     return batch, params, plan, shared, cols
 
@@ -105,8 +112,7 @@ def test_block_only_forward_equals_the_full_forward(model, mode, light):
 
 def dual_cache_oracle(model, prefix, prompt, params: SamplingParams, shared: bool) -> list[int]:
     """One row, temperature 0, low-confidence remasking (fixed schedule or threshold)."""
-    cfg = model.config
-    mask, G, BL = cfg.mask_token_id, params.gen_length, params.block_length
+    mask, G, BL = model.card.mask_token_id, params.gen_length, params.block_length
     prefix_kv = encode_isolated(model, prefix) if shared and prefix else None
     seq = list(prompt) if shared else list(prefix) + list(prompt)
     ids, S = seq + [mask] * G, len(seq)
@@ -153,7 +159,7 @@ def test_engine_matches_the_dual_cache_oracle(model, mode, params):
     reqs = [Request(f"o{i}", toks(rng, rng.randrange(1, 30), model), prefix, params) for i in range(7)]
     engine = Engine(model, cache=mode, max_batch_size=3)
     got = engine.run(reqs)
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     for req, res in zip(reqs, got):
         want = dual_cache_oracle(model, prefix, req.prompt_ids, params, shared=mode == "prefix+blocks")
         assert res.token_ids == (want[:want.index(eos)] if eos in want else want), req.request_id
@@ -191,7 +197,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     reqs = [Request(f"w{i}", toks(rng, rng.randrange(1, 12), model), prefix, params) for i in range(10)]
     roomy = Engine(model, cache=mode, max_batch_size=8).run(reqs)
     # 16 pages: one row of the model's 256 tokens; rows of 3-4 pages: 4-5 fit at once
-    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache=mode, max_batch_size=8, kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     sizes = []
     real = model.run
     monkeypatch.setattr(model, "run", lambda ids, *a, **k: sizes.append(ids.shape[0]) or real(ids, *a, **k))
@@ -202,7 +208,7 @@ def test_rows_that_do_not_fit_wait_and_every_page_comes_back(model, mode, monkey
     tight.pool.check_invariants()
     assert tight.pool.num_free_pages == tight.pool.num_pages
     with pytest.raises(ValueError, match="kv_budget"):
-        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.config, PAGE, model.dtype))
+        Engine(model, cache=mode, kv_budget=15 * bytes_per_page(model.card, PAGE, model.dtype))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -251,7 +257,7 @@ def test_a_shared_prefix_that_leaves_no_room_for_a_row_is_encoded_for_the_group(
     params = SamplingParams(early_stop=False, steps=16, gen_length=32, block_length=8)
     reqs = [Request(f"f{i}", toks(rng, rng.randrange(2, 12), model), prefix, params) for i in range(4)]
     roomy = Engine(model, cache="prefix+blocks")
-    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.config, PAGE, model.dtype))
+    tight = Engine(model, cache="prefix+blocks", kv_budget=16 * bytes_per_page(model.card, PAGE, model.dtype))
     assert_same(tight.run(reqs), roomy.run(reqs))
     assert (tight.counters.prefix_fallbacks, roomy.counters.prefix_fallbacks) == (1, 0)
     tight.pool.check_invariants()

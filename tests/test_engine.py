@@ -20,7 +20,7 @@ import torch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine, Request, Result, sample_seed
 from illada_batch.engine.kv_cache import KVCache, bytes_per_page, pages_for_budget
-from illada_batch.model.config import PRESETS
+from illada_batch.model.configs.llada import PRESETS, card
 from illada_batch.model.llada import LLaDA
 
 PAGE = 16
@@ -38,7 +38,7 @@ def eos_model(make_tiny_llada) -> LLaDA:
 
 
 def bpp(model: LLaDA) -> int:
-    return bytes_per_page(model.config, PAGE, model.dtype)
+    return bytes_per_page(model.card, PAGE, model.dtype)
 
 
 def toks(rng: random.Random, n: int) -> tuple[int, ...]:
@@ -372,8 +372,8 @@ def test_samples_differ_and_a_seed_reproduces_them(cache, model):
 
 
 def test_kv_cache_write_then_read_through_non_contiguous_pages():
-    cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                              mlp_hidden_size=128, vocab_size=256, embedding_size=256)
+    cfg = card(dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   mlp_hidden_size=128, vocab_size=256, embedding_size=256))  # the family card
     cache = KVCache(cfg, num_pages=8, page_size=PAGE, device=torch.device("cpu"), dtype=torch.float32)
     pages = [5, 2, 7]  # out of order, with gaps
     T = 40  # 2 full pages and 8 tokens of the third
@@ -397,8 +397,8 @@ def test_kv_cache_write_then_read_through_non_contiguous_pages():
 def test_pages_for_budget_in_bytes_and_as_a_fraction(monkeypatch):
     import illada_batch.engine.kv_cache as kv_cache
 
-    cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                              mlp_hidden_size=128, vocab_size=256, embedding_size=256)
+    cfg = card(dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   mlp_hidden_size=128, vocab_size=256, embedding_size=256))  # the family card
     cpu = torch.device("cpu")
     per = bytes_per_page(cfg, PAGE, torch.float32)
     assert per == 2 * 2 * PAGE * 2 * 16 * 4  # K and V, layers, tokens, kv heads, head dim, fp32

@@ -150,6 +150,8 @@ CHANGES = {  # one field changed, and whether the output's identity changes with
     "shard_rows=10": ("shard_rows=10", "refused"),
     "replicas": ("replicas=2", "accepted"),
     "max_batch_size": ("engine.max_batch_size=3", "accepted"),
+    "cache": ("engine.cache=blocks", "refused"),  # tokens differ by cache mode
+    "kv_budget": ("engine.kv_budget=300000000", "accepted"),  # pages held at once: speed only
     "error_budget": ("error_budget=0.5", "accepted"),
     "input grew": (None, "refused"),
     "input file added": (None, "accepted"),

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.shards import mark_duplicate_ids, plan_shards
 
-ids_of_a_file = st.one_of(
+TEXT = st.sampled_from(["a", "b", "c", "1", "2", ""])
+ids_of_a_file = st.one_of(  # integers, text, or (in JSON Lines) both: 7 and "7" are one id
     st.lists(st.one_of(st.none(), st.integers(0, 6)), min_size=1, max_size=12),
-    st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c", "1", "2", ""])), min_size=1, max_size=12))
+    st.lists(st.one_of(st.none(), TEXT), min_size=1, max_size=12),
+    st.lists(st.one_of(st.none(), st.integers(0, 6), TEXT), min_size=1, max_size=12))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -32,7 +34,9 @@ def test_bounded_check_matches_the_in_memory_one(tmp_path, files, shard_rows, bu
             with open(root / "sub" / f"f{i}.jsonl", "w") as f:
                 f.writelines(json.dumps({"id": x, "prompt": p}) + "\n" for x, p in zip(ids, prompts))
         else:
-            typ = pa.int64() if any(isinstance(x, int) for x in ids) else pa.string()
+            typ = pa.int64() if all(x is None or isinstance(x, int) for x in ids) and \
+                any(isinstance(x, int) for x in ids) else pa.string()
+            ids = [None if x is None else x if typ == pa.int64() else str(x) for x in ids]
             pq.write_table(pa.table({"id": pa.array(ids, typ), "prompt": prompts}), root / f"f{i}.parquet",
                            row_group_size=3)
     shards, _ = plan_shards(str(root), {}, shard_rows, ["id", "prompt"], "id", "prompt")

@@ -56,3 +56,17 @@ def test_a_dataset_of_100_prompts_gives_the_engines_generations(ray_cluster):
         assert row["topic"] == res.request_id[-1] and row["error"] is None
     assert len({got[(ids[i], 0)]["generation"] for i in good}) > 10  # not one text for every row
     assert got[("p017", 0)]["error"] == got[("p017", 1)]["error"] == "prompt is null"
+
+
+@pytest.mark.slow
+def test_a_replica_no_node_can_hold_is_refused_at_once(ray_cluster):
+    """Before: the pipeline waited for the replica's actor forever, saying nothing."""
+    import ray
+
+    from illada_batch.errors import ClusterError
+
+    ds = ray.data.from_items([{"id": "a", "prompt": "Input: lamb\nOutput:"}])
+    with pytest.raises(ClusterError, match="a replica asks for 1 CPU, 1 GPU, which no node of this cluster has"):
+        generate_dataset(ds, sampling=SAMPLING, resources={"num_gpus": 1})
+    with pytest.raises(ClusterError, match="a replica asks for 3 CPU, which no node"):
+        generate_dataset(ds, sampling=SAMPLING, resources={"num_cpus": 3})

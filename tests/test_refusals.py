@@ -5,6 +5,7 @@ output that cannot be written, resources the cluster lacks. Each failed before t
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -151,3 +152,155 @@ def test_validate_asks_the_cluster_for_the_resources(tmp_path, ray_cluster, caps
     code, out = validate(spec_file(tmp_path, model={"path": "/models/llada"}), "--address", ray_cluster,
                          capsys=capsys)
     assert code == 0 and "note      model.path: /models/llada is no directory" in out and "on this machine" in out
+
+
+# --- the spec: what is in the fingerprint, what a budget means ----------------------------
+
+
+def leaf_fields(model, at: str = "") -> list[str]:
+    """Every field of a spec model, nested models opened up (``sampling.steps``)."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, f in model.model_fields.items():
+        kind = f.annotation
+        out += leaf_fields(kind, f"{at}{name}.") if isinstance(kind, type) and issubclass(kind, BaseModel) else \
+            [f"{at}{name}"]
+    return out
+
+
+# one other value for every field of a job spec: a field added without one fails below
+OTHER = {
+    "name": "other", "backend": "vllm", "model.path": "other-model", "model.sha256": "ab" * 32,
+    "model.dtype": "float32", "model.storage_options": {"anon": True}, "input.url": "other.parquet",
+    "input.id_column": "key", "input.prompt_column": "text", "input.messages_column": "messages",
+    "input.variables": ["topic"], "input.passthrough": ["x"], "input.storage_options": {"anon": True},
+    "input.check_duplicate_ids": False, "prefix.text": "Other.", "prefix.file": "prefix.txt",
+    "template": "Q: {prompt}", "chat": True, "response_template": "{slot:4}", "sampling.steps": 16,
+    "sampling.gen_length": 64, "sampling.block_length": 16, "sampling.temperature": 0.5, "sampling.cfg_scale": 1.0,
+    "sampling.remasking": "random", "sampling.threshold": 0.9, "sampling.early_stop": False,
+    "sampling.suppress_eos": True, "sampling.zero_eos_confidence": True, "engine.cache": "blocks",
+    "engine.max_batch_size": 3, "engine.kv_budget": 0.5, "n": 2, "seed": 1, "output.url": "elsewhere",
+    "output.storage_options": {"anon": True}, "replicas": 2, "resources.num_gpus": 1, "resources.num_cpus": 2,
+    "shard_rows": 7, "max_retries": 1, "retry_backoff_s": 1.0, "error_budget": 0.1, "placement_timeout_s": 5.0,
+    "stall_warning_s": 5.0, "base_dir": "/elsewhere", "sampling.alg": "entropy", "sampling.alg_temp": 0.5,
+}
+NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}}  # a field valid only beside another
+
+
+def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_path):
+    """Before: engine.cache was in neither, and a resume under another cache mode mixed
+    outputs. Each field, changed alone, changes the fingerprint unless it is one of
+    ``TOKEN_NEUTRAL`` (the prefix enters as its text's hash, from text or file alike)."""
+    from illada_batch.job.spec import TOKEN_NEUTRAL, JobSpec, spec_from_dict
+
+    assert set(leaf_fields(JobSpec)) == set(OTHER), "give a new field a value here, and decide its side"
+    (tmp_path / "prefix.txt").write_text("From a file.")
+    base = {"name": "fp", "input": {"url": "in.parquet"}, "sampling": {"steps": 32, "gen_length": 32}}
+
+    def fingerprint(path: str, value, also: dict = {}) -> str:  # noqa: B006 - read only
+        raw = yaml.safe_load(yaml.safe_dump(base))
+        for where, what in ({path: value, **also} if path != "base_dir" else also).items():
+            node = raw
+            *parents, last = where.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = what
+        if path == "input.messages_column":
+            raw["template"] = "{prompt}"
+        return spec_from_dict(raw, base_dir=value if path == "base_dir" else str(tmp_path),
+                              runs_here=False).fingerprint()
+
+    for path, value in OTHER.items():
+        also = NEEDS.get(path, {})
+        same = fingerprint("name", "fp", also)
+        neutral = path in TOKEN_NEUTRAL or path.split(".")[0] in TOKEN_NEUTRAL - {"prefix"}
+        assert (fingerprint(path, value, also) == same) == neutral, f"{path}: {'in' if neutral else 'not in'} the fingerprint"
+
+
+def test_cache_off_unquoted_is_accepted(tmp_path):
+    from illada_batch.job.spec import load_spec
+
+    path = spec_file(tmp_path)
+    path.write_text(path.read_text() + "engine:\n  cache: off\n")  # YAML reads off as false
+    assert load_spec(path).engine.cache.value == "off"
+    assert load_spec(spec_file(tmp_path), ["engine.cache=off"]).engine.cache.value == "off"
+
+
+@pytest.mark.parametrize("value, words", [
+    (True, "engine.kv_budget: true is no budget: give bytes"),
+    (False, "engine.kv_budget: false is no budget"),
+    (1, "engine.kv_budget: 1 is ambiguous: write 1.0 for all of the device's free memory, or a number of bytes"),
+    (0, "engine.kv_budget: must be > 0"),
+])
+def test_a_kv_budget_that_means_nothing_clear_is_refused(tmp_path, value, words):
+    from illada_batch.errors import SpecError
+    from illada_batch.job.spec import load_spec
+
+    with pytest.raises(SpecError, match=re.escape(words)):
+        load_spec(spec_file(tmp_path), [f"engine.kv_budget={str(value).lower()}"])
+    budgets = [load_spec(spec_file(tmp_path), [f"engine.kv_budget={v}"]).engine.budget() for v in ("1.0", "0.25", "4096")]
+    assert budgets == [1.0, 0.25, 4096] and [type(b) for b in budgets] == [float, float, int]
+
+
+def test_a_kv_budget_too_small_for_the_block_modes_is_refused_before_work_and_stops_a_job_once(tmp_path, capsys):
+    """Before: validate said OK, and each replica loaded the model and failed, five times."""
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.job.pool import FATAL
+
+    path = spec_file(tmp_path, engine={"cache": "blocks", "kv_budget": 100_000})
+    code, out = validate(path, capsys=capsys)
+    assert code == 1 and "PROBLEM   engine.kv_budget: 100,000 bytes hold 1 pages of 16 tokens; cache 'blocks' needs " \
+                          "64" in out, out
+    assert validate(spec_file(tmp_path, engine={"cache": "prefix", "kv_budget": 100_000}), capsys=capsys)[0] == 0
+    with pytest.raises(FATAL, match="kv_budget=100000: 1 pages, but cache 'blocks' needs 64"):
+        Engine.from_pretrained("tiny-llada", cache="blocks", kv_budget=100_000)
+
+
+def test_the_summary_and_the_dataset_card_record_the_cache_mode(tmp_path):
+    from illada_batch.job.progress import card
+    from illada_batch.job.records import JobSummary
+    from illada_batch.job.spec import load_spec
+
+    spec = load_spec(spec_file(tmp_path, engine={"cache": "blocks"}))
+    summary = JobSummary(output="out", job="refuse", cache="blocks", shards=1, shards_committed=1)
+    assert JobSummary.from_dict(summary.to_dict()).cache == "blocks"
+    assert "| engine.cache | blocks |" in card(spec, summary)
+
+
+# --- the command line: a bad argument is one line and exit 2 -----------------------------
+
+BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
+    "generate --prompt ''": (["generate", "--prompt", ""], "--prompt is empty"),
+    "generate --device cuda": (["generate", "--prompt", "x", "--device", "cuda"], "--device cuda: this machine has "
+                                                                                   "no CUDA device"),
+    "generate --device nope": (["generate", "--prompt", "x", "--device", "nope"], "--device nope: not a device"),
+    "generate --response-template with {prompt}": (["generate", "--prompt", "x", "--response-template",
+                                                    "{prompt} {slot:4}"], "response_template: {prompt} is a row column"),
+    "eval --rows-per-task 0": (["eval", "--rows-per-task", "0"], "argument --rows-per-task: must be at least 1, got 0"),
+    "eval --prefixes-per-task 0": (["eval", "--prefixes-per-task", "0"], "argument --prefixes-per-task: must be at "
+                                                                        "least 1"),
+    "eval --batch-size 0": (["eval", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    "bench --cache nonsense": (["bench", "--cache", "prefix,nonsense"], "--cache 'nonsense': not one of off, prefix"),
+    "bench --only nonsense": (["bench", "--only", "nonsense"], "--only 'nonsense': not one of modes, long"),
+    "bench --model-shape nope": (["bench", "--model-shape", "nope", "--random-weights"],
+                                 "--model-shape 'nope': not one of llada-8b, tiny"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_a_bad_command_line_is_one_line_and_exit_2(case):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    argv, words = BAD_ARGUMENTS[case]
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", "illada_batch.cli", *argv], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "ILLADA_THREADS": "1"})
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr

@@ -9,10 +9,14 @@ fixed text); the job's spec checks, rows and ``slots`` column.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from illada_batch.decoding.loop import DecodeBatch, denoise_step, end_slots_at_eos, row_generators
 from illada_batch.decoding.params import CacheMode, SamplingParams
@@ -235,3 +239,126 @@ def test_a_job_with_slots_on_local_ray_and_the_s3_server(s3, ray_cluster):
     want = {p: " " + " ".join(reversed(p.split("\n")[0].removeprefix("Input: ").split())) for p in prompts}
     right = sum(r["slots"][0] == want[r["prompt"]] for r in rows)
     assert right >= 12, f"{right} of 20 slots hold the reversed words"  # 14 when written (a one-example prefix)
+
+
+# --- what one row holds never fails its shard -------------------------------------------
+
+
+@pytest.mark.parametrize("marker", ["{slot: 3}", "{Slot:3}", "{slot:}", "{slot:x}", "{ slot:3 }", "{SLOT:2}"])
+def test_a_near_miss_slot_marker_is_refused_naming_it(tmp_path, marker):
+    with pytest.raises(ParamsError, match=f"{re.escape(marker)} is not a slot marker"):
+        ResponseTemplate.parse(f"{{slot:4}} and {marker}")
+    with pytest.raises(SpecError, match=f"response_template: {re.escape(marker)} is not a slot marker"):
+        spec_from_dict(job(tmp_path, response_template=f"{{slot:4}} {marker}"))
+
+
+SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|eot_id|>")
+texts = st.one_of(st.none(), st.text(alphabet="ab <|>{}N", max_size=6),
+                  st.sampled_from(SPECIALS).map(lambda s: f"x{s}y"))
+columns = {  # the topic column's Arrow type -> its values (null among them)
+    pa.string(): texts,
+    pa.int64(): st.one_of(st.none(), st.integers(-5, 5)),
+    pa.binary(): st.one_of(st.none(), st.binary(max_size=3), st.sampled_from(SPECIALS).map(str.encode)),
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=st.lists(texts, min_size=1, max_size=6), kind=st.sampled_from(list(columns)), data=st.data())
+def test_each_row_renders_or_is_an_error_row_naming_its_column(tmp_path, prompts, kind, data):
+    """Whatever a row's prompt and template variable hold (null, numbers, bytes, special
+    token text, braces), it renders to exactly its values' text, in `template` and
+    `response_template` alike, or becomes an error row naming the column; the text "None"
+    never stands in for a null."""
+    from illada_batch.job.rows import render_rows
+
+    topics = data.draw(st.lists(columns[kind], min_size=len(prompts), max_size=len(prompts)))
+    spec = spec_from_dict(job(tmp_path, template="{prompt} on {topic}", response_template="{slot:4} ({topic})"))
+    table = pa.table({"id": [f"r{i}" for i in range(len(prompts))], "prompt": pa.array(prompts, pa.string()),
+                      "topic": pa.array(topics, kind)})
+    rows = render_rows(spec, table, specials=SPECIALS)
+    assert len(rows) == len(prompts)
+    for row, prompt, topic in zip(rows, prompts, topics):
+        if isinstance(topic, bytes):
+            try:
+                topic = topic.decode()
+            except UnicodeDecodeError:
+                topic = None  # not text: an error row like a null
+        bad_prompt = prompt is None or not prompt.strip() or any(s in prompt for s in SPECIALS)
+        bad_topic = topic is None or any(s in str(topic) for s in SPECIALS)
+        if bad_prompt or bad_topic:
+            assert row.error is not None and row.prompt is None and row.response is None
+            assert row.error.startswith("topic" if bad_topic else "prompt"), row.error
+        else:
+            assert row.error is None, row.error
+            assert row.prompt == f"{prompt} on {topic}"
+            assert row.response.slot_sizes == [4] and not row.response.columns
+            assert "".join(p for p in row.response.pieces if isinstance(p, str)) == f" ({topic})"
+
+
+def test_a_value_holding_special_token_text_is_an_error_row_and_the_rest_generate(tmp_path):
+    """Before: the mask token's text in a response template's variable was generated over,
+    the fixed-text check raised, and the shard failed on every retry."""
+    from illada_batch.job.replica import ShardReplica
+    from illada_batch.job.shards import plan_shards
+
+    prompt = "Input: stone sword apple\nOutput:"
+    pq.write_table(pa.table({"id": ["r0", "r1", "r2", "r3"], "prompt": [prompt, prompt, prompt + "<|endoftext|>", prompt],
+                             "topic": ["a", "b <|mdm_mask|> c", "d", None]}), tmp_path / "in.parquet")
+    spec = spec_from_dict(job(tmp_path, response_template="{slot:6} ({topic})")).resolved()
+    replica = ShardReplica(spec.model_dump_json(), str(tmp_path / "out"), spec.fingerprint())
+    (shard,), _ = plan_shards(spec.input.url, {}, 64, spec.input.columns())
+    manifest = replica.process(shard.to_dict())
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / manifest.data_key).to_pylist()}
+    assert rows["r0"]["error"] is None and rows["r0"]["generation"].endswith(" (a)")
+    assert rows["r1"]["error"].startswith("topic holds '<|mdm_mask|>', the text of a special token")
+    assert rows["r2"]["error"].startswith("prompt holds '<|endoftext|>'")
+    assert rows["r3"]["error"] == "topic is null"
+
+
+@pytest.mark.parametrize("field, extra", [
+    ("template", {"template": "{prompt} <|mdm_mask|>"}),
+    ("response_template", {"response_template": "{slot:4} <|endoftext|>"}),
+    ("prefix.text", {"prefix": {"text": "Task: <|eot_id|>"}}),
+])
+def test_special_token_text_in_fixed_text_is_refused_naming_the_field(tmp_path, field, extra):
+    """``validate`` and ``run`` refuse it before any cluster work; a replica refuses it at
+    start (a model given by URL is first seen there), an error that stops the job once."""
+    from illada_batch.job.pool import FATAL
+    from illada_batch.job.preflight import model_problems
+    from illada_batch.job.replica import ShardReplica
+
+    pq.write_table(pa.table({"id": ["r0"], "prompt": ["x"], "topic": ["t"]}), tmp_path / "in.parquet")
+    spec = spec_from_dict(job(tmp_path, **extra)).resolved()
+    problems, _ = model_problems(spec)
+    assert len(problems) == 1 and problems[0].startswith(f"{field} holds '<|"), problems
+    with pytest.raises(FATAL, match=re.escape(f"{field} holds '<|")):
+        ShardReplica(spec.model_dump_json(), str(tmp_path / "out"), spec.fingerprint()).start()
+
+
+def test_a_response_template_whose_fixed_text_exceeds_gen_length_is_refused(tmp_path):
+    from illada_batch.job.preflight import model_problems
+
+    spec = spec_from_dict(job(tmp_path, response_template="{slot:4} " + "word " * 20 + "{topic}"))
+    problems, _ = model_problems(spec)  # 4 slot tokens fit gen_length 16; the fixed text does not
+    assert len(problems) == 1 and problems[0].startswith("response_template: its fixed text is "), problems
+    assert "> sampling.gen_length 16" in problems[0]
+    assert model_problems(spec_from_dict(job(tmp_path, response_template="{slot:4} ({topic})")))[0] == []
+
+
+def test_the_engine_makes_fixed_text_holding_the_mask_token_an_error_result(suite):
+    from illada_batch.decoding.template import TokenTemplate
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.engine.requests import Request
+
+    engine = Engine(suite[0], cache="off")
+    params = SamplingParams(steps=8, gen_length=8, block_length=8)
+    mask = suite[0].config.mask_token_id
+    bad = TokenTemplate(("<", ">"), ((5, mask), (6,)), (3,))
+    good = TokenTemplate(("<", ">"), ((5,), (6,)), (3,))
+    results = engine.run([Request("a", (7, 8), (), params, 0, 0, bad), Request("b", (7, 8), (), params, 0, 0, good)])
+    assert results[0].error.startswith("response template: its fixed text holds the mask token")
+    assert results[1].error is None and results[1].token_ids[0] == 5
+    with pytest.raises(ParamsError, match="response_template: its fixed text holds '<\\|mdm_mask\\|>'"):
+        engine.generate(["x"], params, response_template="{slot:3} <|mdm_mask|>")
+    with pytest.raises(ParamsError, match="response_template: {prompt} is a row column"):
+        engine.generate(["x"], params, response_template="{prompt} {slot:3}")

@@ -91,7 +91,7 @@ def test_the_two_datasets_line_up_by_id_and_sample(both):
         d = diff[key]
         assert a["prompt"] == d["prompt"] and a["expected"] == d["expected"]
         assert a["seed"] == d["seed"] == sample_seed(0, *key)
-        assert (a["model"], d["model"]) == ("tiny-qwen2", "tiny-llada")
+        assert (a["model"], d["model"]) == ("tiny-qwen2", "llada:tiny-llada")  # the diffusion column names the family
         assert a["generation"] is not None and 0 < a["num_tokens"] <= 32
         assert a["steps"] == a["num_tokens"] + (a["finish_reason"] == "eos")  # one forward pass per decoded token
     # Samples of one row differ (own seeds); vLLM was run at temperature 0.8 with a random-weights model.

@@ -68,7 +68,7 @@ def bench_batching(model, n_rows: int = 32, min_prefix_tokens: int = 400) -> dic
     t0 = time.perf_counter()
     res = engine.run([Request(r.id, tuple(p), (), params) for r, p in zip(rows, ids)])
     t_engine = time.perf_counter() - t0
-    eos = model.config.eos_token_id
+    eos = model.card.eos_token_id
     same = sum((s[:s.index(eos)] if eos in s else s) == r.token_ids for s, r in zip(single, res))
     return {"rows": len(rows), "prompt_tokens": sum(map(len, ids)) / len(ids), "generate_one_row_s": t_single,
             "engine_batch16_s": t_engine,

@@ -21,7 +21,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # bf
 
 
 def random_model(shape: str):
-    from illada_batch.model.config import PRESETS
+    from illada_batch.model.configs.llada import PRESETS
     from illada_batch.model.llada import LLaDA
 
     cfg = PRESETS[shape]

@@ -23,7 +23,7 @@ from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
 from illada_batch.model.checkpoint import INDEX_NAME, load_model
-from illada_batch.model.config import PRESETS
+from illada_batch.model.configs.llada import PRESETS
 from illada_batch.model.llada import LLaDA
 
 

@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from illada_batch.decoding.params import SamplingParams
-from illada_batch.decoding.sampler import confidence, gumbel_argmax, select_transfer, transfer_count
-from illada_batch.model.llada import LayerKV, LLaDA, isolated_prefix_mask
+from illada_batch.decoding.rules import rules_for
+from illada_batch.decoding.sampler import gumbel_argmax
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers.attention import LayerKV, isolated_prefix_mask
 
 
 @dataclass
@@ -136,7 +138,7 @@ class FullForward:
         self.prefix_kv, self.isolate_prefix = prefix_kv, isolate_prefix
         self.query_tokens = 0  # query positions run (padding included)
 
-    def block_logits(self, model: LLaDA, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
+    def block_logits(self, model: DiffusionLM, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
@@ -146,7 +148,7 @@ class FullForward:
         if params.cfg_scale > 0:  # the unconditional copy: the whole prompt masked
             prompt = valid.clone()
             prompt[:, L - params.gen_length:] = False
-            inputs = torch.cat([x, torch.where(prompt, model.config.mask_token_id, x)])  # [2b, L]
+            inputs = torch.cat([x, torch.where(prompt, model.card.mask_token_id, x)])  # [2b, L]
             attn, positions, index = torch.cat([attn, attn]), torch.cat([positions, positions]), torch.cat([cols, cols])
         self.query_tokens += inputs.numel()
         logits = model.run(inputs, attention_mask=attn, positions=positions, prefix_kv=self.prefix_kv,
@@ -157,11 +159,11 @@ class FullForward:
         return logits
 
 
-def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
+def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
     """One forward pass for the unfinished rows (through ``forward``, the cache; default:
     the whole sequence), then each row unmasks its chosen positions of the current block."""
-    cfg = model.config
-    mask_id, G, BL = cfg.mask_token_id, params.gen_length, params.block_length
+    card = model.card
+    mask_id, G, BL = card.mask_token_id, params.gen_length, params.block_length
     rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
     if len(rows) == 0:
         return
@@ -169,7 +171,7 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     cols = (L - G) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
     logits = (forward or FullForward()).block_logits(model, batch, rows, cols, params)  # [b, BL, V]
     if params.suppress_eos:
-        logits[..., cfg.eos_token_id] = -torch.inf
+        logits[..., card.eos_token_id] = -torch.inf
     gens = [batch.generators[i] for i in rows.tolist()]
     current = x.gather(1, cols)  # [b, BL]
     is_mask = current == mask_id
@@ -179,19 +181,19 @@ def denoise_step(model: LLaDA, batch: DecodeBatch, params: SamplingParams, forwa
     logits[..., mask_id] = -torch.inf
     tokens = gumbel_argmax(logits, params.temperature, gens)  # [b, BL]
     logits[..., mask_id] = mask_logit
-    conf = confidence(logits, tokens, params.remasking, gens)  # [b, BL] float32
+    rules = rules_for(params)
+    conf = rules.confidence(logits, tokens, params, gens)  # [b, BL] float32
     if params.zero_eos_confidence:
         eot = getattr(model.tokenizer, "eot_id", None)
-        stop = (tokens == cfg.eos_token_id) | ((tokens == eot) if eot is not None else False)
-        conf = torch.where(stop, torch.zeros_like(conf), conf)
+        stop = (tokens == card.eos_token_id) | ((tokens == eot) if eot is not None else False)
+        conf = torch.where(stop, torch.full_like(conf, rules.lowest), conf)
     conf = torch.where(is_mask, conf, -torch.inf)
-    count = transfer_count(is_mask.sum(-1), params.steps_per_block - batch.step[rows])  # [b]
     # A block ends after its scheduled steps whatever the scores (NaN logits, say): its last
     # step fills every position still masked (threshold: at most block_length steps).
     last = batch.step[rows] >= (params.steps_per_block if params.threshold is None else BL) - 1  # [b]
-    transfer = select_transfer(conf, count, params.threshold) | (is_mask & last[:, None])  # [b, BL]
+    transfer = rules.transfer(conf, is_mask, batch.step[rows], params, gens) | (is_mask & last[:, None])  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
-    _advance(batch, rows, params, mask_id, cfg.eos_token_id)
+    _advance(batch, rows, params, mask_id, card.eos_token_id)
 
 
 def _advance(batch: DecodeBatch, rows: Tensor, params: SamplingParams, mask_id: int, eos_id: int) -> None:
@@ -247,11 +249,11 @@ def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generat
 
 
 @torch.no_grad()
-def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
+def generate(model: DiffusionLM, prompt_ids: Tensor, attention_mask: Tensor | None = None, steps: int = 128,
              gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
              remasking: str = "low_confidence", seed: int | list[int] | None = None, early_stop: bool = False,
              **options) -> Tensor:
-    """LLaDA's reference ``generate()``: its call shape and its defaults (128 steps, no early
+    """DiffusionLM's reference ``generate()``: its call shape and its defaults (128 steps, no early
     stop: every response position is decoded), which differ from ``SamplingParams``' (the
     engine's and the job's). Prompt ids [B, Lp] (left padded, with an ``attention_mask`` when
     rows differ in length) -> ids [B, Lp + gen_length].
@@ -262,7 +264,7 @@ def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = N
     """
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
                             cfg_scale=cfg_scale, remasking=remasking, early_stop=early_stop, **options)
-    cfg = model.config
+    card = model.card
     B = prompt_ids.shape[0]
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
@@ -270,7 +272,7 @@ def generate(model: LLaDA, prompt_ids: Tensor, attention_mask: Tensor | None = N
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     else:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
-    batch = DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
+    batch = DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
                                      row_generators(seeds, model.device), model.device)
     while not bool(batch.done.all()):
         denoise_step(model, batch, params)

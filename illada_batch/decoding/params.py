@@ -21,6 +21,17 @@ class Remasking(str, enum.Enum):
     RANDOM = "random"
 
 
+class Alg(str, enum.Enum):
+    """Dream's rule for which masked positions a step fills (its reference ``alg``), over a
+    schedule of ``steps`` timesteps from 1 to ``eps``: a step from t to s fills the fraction
+    1 - s/t of what is still masked (all of it at the last step)."""
+
+    ORIGIN = "origin"  # each masked position independently, with probability 1 - s/t
+    MASKGIT_PLUS = "maskgit_plus"  # the most probable predictions
+    TOPK_MARGIN = "topk_margin"  # the largest margin between the top two probabilities
+    ENTROPY = "entropy"  # the lowest entropy
+
+
 class CacheMode(str, enum.Enum):
     """What an engine keeps between steps (see the engine's design note)."""
 
@@ -39,6 +50,11 @@ class CacheMode(str, enum.Enum):
     def shares_prefix(self) -> bool:
         """The prefix is encoded once, attending only to itself, and shared by every row."""
         return self in (CacheMode.PREFIX, CacheMode.PREFIX_BLOCKS)
+
+
+# The KV pages' budget when none is given (``Engine(kv_budget=None)``): a fraction of free
+# memory on a GPU, bytes on a CPU (whose free memory is the whole machine's).
+DEFAULT_KV_BUDGET = {"cuda": 0.1, "cpu": 256 * 2**20}
 
 
 def _setting(default, help: str, **bounds):
@@ -65,14 +81,21 @@ class SamplingParams:
                                       "fewer steps)")
     suppress_eos: bool = _setting(False, "forbid EOS: every sample runs to gen_length")
     zero_eos_confidence: bool = _setting(False, "EOS predictions get confidence 0, so they are unmasked last")
+    alg: Alg | None = _setting(None, "Dream's own sampler (origin, maskgit_plus, topk_margin, entropy): its "
+                                     "timestep schedule over each block's steps (one block = its reference); "
+                                     "unset = the block schedule with `remasking`")
+    alg_temp: float | None = _setting(None, "with alg: positions drawn from softmax(confidence / alg_temp) "
+                                            "instead of the most confident (more diverse, less accurate); "
+                                            "unset or 0 = the most confident", ge=0)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.remasking, Remasking):
-            try:
-                object.__setattr__(self, "remasking", Remasking(self.remasking))
-            except ValueError:
-                raise ParamsError(f"remasking: {self.remasking!r} is not one of "
-                                  f"{', '.join(m.value for m in Remasking)}") from None
+        for name, kind in (("remasking", Remasking), ("alg", Alg)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    raise ParamsError(f"{name}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
         problems = self.problems()
         if problems:
             raise ParamsError("; ".join(f"{name}: {msg}" for name, msg in problems))
@@ -107,6 +130,14 @@ class SamplingParams:
         elif self.steps % self.num_blocks:
             out.append(("steps", f"steps={self.steps} is not a multiple of the number of blocks ({self.num_blocks} = "
                                  f"gen_length / block_length)"))
+        if self.alg_temp is not None and self.alg is None:
+            out.append(("alg_temp", "needs alg (it tempers how Dream's sampler draws positions)"))
+        if self.alg is not None and self.threshold is not None:
+            out.append(("threshold", f"alg={self.alg.value} sets its own schedule; a threshold replaces it: "
+                                     f"set one of them"))
+        if self.alg is not None and self.remasking is not Remasking.LOW_CONFIDENCE:
+            out.append(("remasking", f"alg={self.alg.value} chooses the positions itself; remasking applies "
+                                     f"without alg"))
         if self.steps > self.gen_length:
             out.append(("steps", f"steps={self.steps} > gen_length={self.gen_length}: a step must unmask at least one "
                                  f"token"))
@@ -115,6 +146,7 @@ class SamplingParams:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["remasking"] = self.remasking.value
+        d["alg"] = None if self.alg is None else self.alg.value
         return d
 
 

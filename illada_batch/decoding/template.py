@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from illada_batch.errors import ParamsError
 
 MARKER = re.compile(r"\{(?:slot:(\d+)|([A-Za-z_][A-Za-z0-9_]*))\}")
+# what a slot marker written slightly wrong looks like ({slot: 3}, {Slot:3}, {slot:}, {slot:x}, { slot:3 })
+NEAR_MISS = re.compile(r"\{\s*slot\s*:[^{}]*\}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class ResponseTemplate:
                 pieces.append(Column(m.group(2)))
             at = m.end()
         pieces.append(text[at:])
+        for piece in pieces:
+            near = NEAR_MISS.search(piece) if isinstance(piece, str) else None
+            if near:
+                raise ParamsError(f"{near.group(0)} is not a slot marker: write {{slot:N}} (lowercase, no spaces, "
+                                  f"N a number of tokens)")
         if not any(isinstance(p, int) for p in pieces):
             raise ParamsError("no {slot:N} in the template: nothing to generate")
         return cls(tuple(p for p in pieces if p != ""))

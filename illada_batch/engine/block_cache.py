@@ -28,7 +28,8 @@ from torch import Tensor
 from illada_batch.decoding.loop import DecodeBatch
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
-from illada_batch.model.llada import LayerKV, LLaDA
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers.attention import LayerKV
 
 
 class BlockCacheForward:
@@ -39,7 +40,7 @@ class BlockCacheForward:
         self.kv, self.prefix_kv = kv, prefix_kv
         self.query_tokens = 0  # query positions run (padding included)
 
-    def block_logits(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor,
+    def block_logits(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor,
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         if params.cfg_scale > 0:
@@ -55,7 +56,7 @@ class BlockCacheForward:
             out[sel] = logits
         return out
 
-    def _refresh(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+    def _refresh(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
         """The rows' whole sequences: every position's K/V into their pages; block logits."""
         valid = batch.valid[rows]  # [h, L]
         first = int((~valid).sum(-1).min())  # left padding every one of these rows has
@@ -72,8 +73,12 @@ class BlockCacheForward:
         return model.run(x, attention_mask=valid, positions=positions, prefix_kv=self.prefix_kv,
                          logits_index=cols - first, kv_hook=store).logits  # [h, BL, V]
 
-    def _block_only(self, model: LLaDA, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
-        """The block's tokens against the rows' cached K/V, the block's own K/V fresh."""
+    def _block_only(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor) -> Tensor:
+        """The block's tokens against the rows' cached K/V, the block's own K/V fresh. With the
+        card's logit shift, the positions just before the block run too (their states predict
+        the block's first tokens), their K/V fresh as well."""
+        shift = model.card.logit_shift
+        cols = torch.cat([cols[:, :1] + torch.arange(-shift, 0, device=cols.device), cols], dim=1)  # [l, shift + BL]
         l, BL = cols.shape
         L, ps = batch.x.shape[1], self.kv.page_size
         length = batch.valid[rows].sum(-1)  # [l] tokens in each row
@@ -83,7 +88,7 @@ class BlockCacheForward:
         keys = torch.arange(T, device=cols.device)[None] < length[:, None]  # [l, T]
         arange_l = torch.arange(l, device=cols.device)[:, None]
 
-        def attend_cache(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [l, Hkv, BL, hd] fresh
+        def attend_cache(layer: int, k: Tensor, v: Tensor) -> LayerKV:  # k, v [l, Hkv, BL, hd] fresh (BL: queries)
             ck, cv = self.kv.gather(layer, table)  # [l, T, Hkv, hd] each, a copy
             ck[arange_l, block_tok] = k.transpose(1, 2).to(ck.dtype)  # the block's K/V are this step's
             cv[arange_l, block_tok] = v.transpose(1, 2).to(cv.dtype)
@@ -92,4 +97,4 @@ class BlockCacheForward:
         self.query_tokens += l * BL
         return model.run(batch.x[rows].gather(1, cols), attention_mask=keys[:, None, :].expand(l, BL, T),
                          positions=batch.positions[rows].gather(1, cols), prefix_kv=self.prefix_kv,
-                         kv_hook=attend_cache).logits  # [l, BL, V]
+                         kv_hook=attend_cache).logits[:, shift:]  # [l, block_length, V]

@@ -32,7 +32,8 @@ from illada_batch.engine.block_cache import BlockCacheForward
 from illada_batch.engine.kv_cache import KVCache
 from illada_batch.engine.pages import PagePool, PrefixPages, RowPages
 from illada_batch.engine.requests import Counters, Request, sample_seed
-from illada_batch.model.llada import LayerKV, LLaDA
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers.attention import LayerKV
 
 Waiting = deque[tuple[int, Request]]  # (the request's index in the run, the request)
 
@@ -59,7 +60,7 @@ class NoCache(_Plan):
         self.prefix_ids = prefix_ids
         self.forward = FullForward(isolate_prefix=isolate_prefix)
 
-    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: LLaDA) -> DecodeBatch:
+    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: DiffusionLM) -> DecodeBatch:
         return _batch(model, params, new, [list(self.prefix_ids) + list(r.prompt_ids) for _, r in new],
                       position_offset=0, prefix_lengths=[len(self.prefix_ids)] * len(new))
 
@@ -71,7 +72,7 @@ class SharedPrefix(_Plan):
         self.prefix_ids, self.prefix_pages, self.pool = prefix_ids, pages, pool
         self.forward = FullForward(prefix_kv=kv)
 
-    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: LLaDA) -> DecodeBatch:
+    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: DiffusionLM) -> DecodeBatch:
         return _batch(model, params, new, [list(r.prompt_ids) for _, r in new], position_offset=len(self.prefix_ids))
 
     def close(self) -> None:
@@ -102,7 +103,7 @@ class BlockCache(_Plan):
             taken.append(queue.popleft())
         return taken
 
-    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: LLaDA) -> DecodeBatch:
+    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: DiffusionLM) -> DecodeBatch:
         return _batch(model, params, new, [list(self.carried) + list(r.prompt_ids) for _, r in new],
                       position_offset=self.offset, page_tables=[list(self.row_pages[i].pages) for i, _ in new])
 
@@ -118,20 +119,20 @@ class BlockCache(_Plan):
 CachePlan = NoCache | SharedPrefix | BlockCache
 
 
-def _batch(model: LLaDA, params: SamplingParams, new: list[tuple[int, Request]], prompts: list[list[int]],
+def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Request]], prompts: list[list[int]],
            position_offset: int, prefix_lengths: list[int] | None = None,
            page_tables: list[list[int]] | None = None) -> DecodeBatch:
-    cfg = model.config
+    card = model.card
     seeds = [sample_seed(r.seed, r.request_id, r.sample_index) for _, r in new]
-    responses = [None if r.template is None else r.template.layout(params.gen_length, cfg.mask_token_id,
-                                                                    cfg.eos_token_id) for _, r in new]
-    return DecodeBatch.from_prompts(prompts, params, cfg.mask_token_id, cfg.pad_token_id,
+    responses = [None if r.template is None else r.template.layout(params.gen_length, card.mask_token_id,
+                                                                    card.eos_token_id) for _, r in new]
+    return DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
                                     row_generators(seeds, model.device), model.device, position_offset=position_offset,
                                     prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)],
                                     page_tables=page_tables, responses=responses)
 
 
-def choose_plan(model: LLaDA, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
+def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
                 kv: KVCache | None, model_key: str, counters: Counters) -> CachePlan:
     """The plan for one group. ``longest_row``: the most tokens one of its rows holds
     (prompt + gen_length, prefix excluded). The shared prefix comes from pages when the mode
@@ -142,7 +143,7 @@ def choose_plan(model: LLaDA, mode: CacheMode, prefix_ids: tuple[int, ...], long
         return BlockCache(prefix_ids, None, None, pool, kv)
     if not (mode.shares_prefix and prefix_ids):
         return NoCache(prefix_ids, isolate_prefix=False)
-    # LLaDA is bidirectional: a page's K/V depend on the whole prefix, not only on the
+    # DiffusionLM is bidirectional: a page's K/V depend on the whole prefix, not only on the
     # tokens before it, so the whole prefix goes into the page key. Pages are shared by
     # every row and every later run with this prefix, never across different prefixes.
     key = f"{model_key}:{hashlib.blake2b(repr(prefix_ids).encode(), digest_size=8).hexdigest()}"
@@ -161,7 +162,7 @@ def choose_plan(model: LLaDA, mode: CacheMode, prefix_ids: tuple[int, ...], long
     return SharedPrefix(prefix_ids, prefix_kv, pages, pool)
 
 
-def encode_isolated(model: LLaDA, prefix_ids: tuple[int, ...]) -> list[LayerKV]:
+def encode_isolated(model: DiffusionLM, prefix_ids: tuple[int, ...]) -> list[LayerKV]:
     """The prefix's K/V (per layer [P, Hkv, hd]), attending only to itself, without pages."""
     got: list[LayerKV] = []
 
@@ -173,7 +174,7 @@ def encode_isolated(model: LLaDA, prefix_ids: tuple[int, ...]) -> list[LayerKV]:
     return got
 
 
-def encode_prefix(model: LLaDA, kv: KVCache, pages: PrefixPages, prefix_ids: tuple[int, ...],
+def encode_prefix(model: DiffusionLM, kv: KVCache, pages: PrefixPages, prefix_ids: tuple[int, ...],
                   counters: Counters) -> list[LayerKV]:
     """Encode the prefix's pages that missed (attending only to the prefix), then read the
     whole prefix's K/V (per layer [P, Hkv, hd])."""

@@ -29,19 +29,20 @@ from typing import Iterable, Sequence
 import torch
 
 from illada_batch.decoding.loop import DecodeBatch, denoise_step
-from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.decoding.params import DEFAULT_KV_BUDGET, CacheMode, SamplingParams
+from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.engine.cache_plan import CachePlan, choose_plan
 from illada_batch.engine.kv_cache import KVCache, pages_for_budget
 from illada_batch.engine.pages import PagePool
 from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
 from illada_batch.errors import ParamsError
+from illada_batch.model.base import DiffusionLM
 from illada_batch.model.checkpoint import load_model
-from illada_batch.model.llada import LLaDA
 
 
 class Engine:
-    def __init__(self, model: LLaDA, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
+    def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
@@ -55,15 +56,15 @@ class Engine:
         self.kv: KVCache | None = None
         if self.cache is not CacheMode.OFF:
             if kv_budget is None:
-                kv_budget = 0.1 if model.device.type == "cuda" else 256 * 2**20
-            num_pages = pages_for_budget(model.config, kv_budget, page_size, model.dtype, model.device)
-            row_pages = -(-model.config.max_sequence_length // page_size)
+                kv_budget = DEFAULT_KV_BUDGET["cuda" if model.device.type == "cuda" else "cpu"]
+            num_pages = pages_for_budget(model.card, kv_budget, page_size, model.dtype, model.device)
+            row_pages = -(-model.card.max_sequence_length // page_size)
             if self.cache.block_cache and num_pages < row_pages:
-                raise ValueError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
-                                 f"{row_pages} for one row of the model's {model.config.max_sequence_length} tokens")
+                raise ParamsError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
+                                 f"{row_pages} for one row of the model's {model.card.max_sequence_length} tokens")
             if num_pages >= 1:  # below one page every group falls back to the cache off
                 self.pool = PagePool(num_pages, page_size)
-                self.kv = KVCache(model.config, num_pages, page_size, model.device, model.dtype)
+                self.kv = KVCache(model.card, num_pages, page_size, model.device, model.dtype)
         self.model_key = f"{getattr(model, 'name_or_path', 'model')}:{model.dtype}"
 
     @classmethod
@@ -87,7 +88,14 @@ class Engine:
         template = None
         if response_template is not None:
             try:
-                template = ResponseTemplate.parse(response_template).tokenize(tok.encode)
+                parsed = ResponseTemplate.parse(response_template)
+                if parsed.columns:
+                    raise ParamsError(f"{{{parsed.columns[0]}}} is a row column, which this call has none of: "
+                                      f"only {{slot:N}} markers")
+                problem = special_problem("its fixed text", response_template, tok.special_texts)
+                if problem:
+                    raise ParamsError(problem)
+                template = parsed.tokenize(tok.encode)
             except ParamsError as exc:
                 raise ParamsError(f"response_template: {exc}") from None
             if template.length > params.gen_length:
@@ -123,7 +131,12 @@ class Engine:
         return [results[i] for i in range(len(requests))]
 
     def _check(self, r: Request) -> str | None:
-        return request_problem(r, self.model.config.max_sequence_length)
+        if self.model.card.logit_shift and not r.prompt_ids and self.cache.shares_prefix:
+            # the response's first token is predicted by the prefix's last state, which the
+            # shared prefix's pages do not keep
+            return (f"empty prompt: this model predicts each token from the state before it, and cache "
+                    f"'{self.cache.value}' keeps no state of the shared prefix; give the row a prompt")
+        return request_problem(r, self.model.card.max_sequence_length, self.model.card.mask_token_id)
 
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
@@ -160,7 +173,7 @@ class Engine:
                 raise RuntimeError("no row fits the KV pages of an empty batch")
             return batch
         fresh = plan.new_rows(new, params, self.model)
-        return fresh if batch is None else batch.extend(fresh, self.model.config.pad_token_id)
+        return fresh if batch is None else batch.extend(fresh, self.model.card.pad_token_id)
 
     def _postprocess(self, plan: CachePlan, batch: DecodeBatch, params: SamplingParams,
                      results: dict[int, Result]) -> DecodeBatch | None:
@@ -173,22 +186,30 @@ class Engine:
         return batch.select(~batch.done) if not bool(batch.done.all()) else None
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:
-        eos = self.model.config.eos_token_id
+        eos = self.model.card.eos_token_id
         responses = batch.x[:, -params.gen_length:].tolist()
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():
             i, req, seed = batch.tags[row]
-            resp, slots = responses[row], None
-            if req.template is not None:  # fixed text as given, each slot up to its first EOS
-                text, slots, ids, stopped = req.template.read(resp, eos, self._decode)
-            else:
-                stopped = eos in resp
-                ids = resp[:resp.index(eos)] if stopped else resp
-                text = self._decode(ids)
-            results[i] = Result(req.request_id, req.sample_index, text, ids, nfe[row], "eos" if stopped else "length",
-                                None, seed, slots)
+            try:
+                results[i] = self._result(req, responses[row], eos, nfe[row], seed)
+            except Exception as exc:  # noqa: BLE001 - one row's failure is its error, never its batch's
+                results[i] = Result(req.request_id, req.sample_index, None, [], nfe[row], "error",
+                                    f"cannot read the response: {type(exc).__name__}: {exc}", seed)
+                continue
             self.counters.samples += 1
-            self.counters.tokens += len(ids)
+            self.counters.tokens += len(results[i].token_ids)
+
+    def _result(self, req: Request, resp: list[int], eos: int, steps: int, seed: int) -> Result:
+        slots = None
+        if req.template is not None:  # fixed text as given, each slot up to its first EOS
+            text, slots, ids, stopped = req.template.read(resp, eos, self._decode)
+        else:
+            stopped = eos in resp
+            ids = resp[:resp.index(eos)] if stopped else resp
+            text = self._decode(ids)
+        return Result(req.request_id, req.sample_index, text, ids, steps, "eos" if stopped else "length", None, seed,
+                      slots)
 
     def _decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None

@@ -15,12 +15,13 @@ from typing import Sequence
 import torch
 
 from illada_batch.engine.pages import PageId
-from illada_batch.model.config import LLaDAConfig
-from illada_batch.model.llada import LayerKV
+from illada_batch.model.family import FamilyCard
+from illada_batch.model.layers.attention import LayerKV
 
 
-def bytes_per_page(cfg: LLaDAConfig, page_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.n_layers * page_size * cfg.n_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+def bytes_per_page(card: FamilyCard, page_size: int, dtype: torch.dtype) -> int:
+    """K and V of ``page_size`` tokens over every layer (the card's KV bytes per token)."""
+    return page_size * card.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -29,19 +30,20 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def pages_for_budget(cfg: LLaDAConfig, budget: int | float, page_size: int, dtype: torch.dtype,
+def pages_for_budget(card: FamilyCard, budget: int | float, page_size: int, dtype: torch.dtype,
                      device: torch.device) -> int:
     """Pages that fit ``budget``: bytes when an int, a fraction of free device memory when a float."""
     if isinstance(budget, float):
         if not 0 < budget <= 1:
             raise ValueError(f"kv_budget={budget}: a float budget is a fraction of free memory in (0, 1]")
         budget = int(budget * free_memory_bytes(device))
-    return max(0, int(budget) // bytes_per_page(cfg, page_size, dtype))
+    return max(0, int(budget) // bytes_per_page(card, page_size, dtype))
 
 
 class KVCache:
-    def __init__(self, cfg: LLaDAConfig, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        shape = (cfg.n_layers, num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    def __init__(self, card: FamilyCard, num_pages: int, page_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        shape = (card.n_layers, num_pages, page_size, card.n_kv_heads, card.head_dim)
         self.page_size = page_size
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, pages, page_size, Hkv, hd]
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -61,8 +61,9 @@ def sample_seed(seed: int, request_id: str, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def request_problem(r: Request, max_len: int) -> str | None:
-    """Why a request cannot run on a model of context ``max_len`` (its result's error), or None."""
+def request_problem(r: Request, max_len: int, mask_id: int | None = None) -> str | None:
+    """Why a request cannot run on a model of context ``max_len`` (its result's error), or None.
+    ``mask_id``: a response template's fixed text must not hold it (the loop would fill it)."""
     total = len(r.prefix_ids) + len(r.prompt_ids) + r.params.gen_length
     if total > max_len:
         return (f"too long: prefix {len(r.prefix_ids)} + prompt {len(r.prompt_ids)} + gen_length "
@@ -72,4 +73,6 @@ def request_problem(r: Request, max_len: int) -> str | None:
     if r.template is not None and r.template.length > r.params.gen_length:
         return (f"response template: {r.template.length} tokens ({sum(map(len, r.template.fixed))} fixed + "
                 f"{sum(r.template.slots)} in slots) > gen_length {r.params.gen_length}")
+    if r.template is not None and mask_id is not None and any(mask_id in f for f in r.template.fixed):
+        return "response template: its fixed text holds the mask token (special token text in a value?)"
     return None

@@ -141,7 +141,8 @@ class Output:
         if other:
             raise FingerprintMismatch(
                 f"{self.root} already holds shards made with fingerprint {sorted(other)[0]} (this job: {fingerprint}): "
-                "the model, sampling parameters, template, prefix, seed, n or input changed. Refusing to mix "
+                "the model, its dtype, the backend, engine.cache, sampling parameters, template, prefix, seed, n or "
+                "input changed (or an older illada-batch made it, whose fingerprints differ). Refusing to mix "
                 "outputs: write to another output.url, or delete the old output.")
         for sid, m in sorted(manifests.items()):
             planned = plan.get(sid)

@@ -75,7 +75,7 @@ class _Job:
             raise OutputError("; ".join(problems))
         i = spec.input
         shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                                        i.text_column())
+                                        i.text_column(), note=self.log)
         plan = {s.shard_id: s.row_range() for s in shards}
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
             committed = out.trusted_manifests(self.fingerprint, plan, spec.n)
@@ -236,7 +236,7 @@ class _Job:
         run.replica_seconds = _busy_seconds(self.busy)
         summary = JobSummary(
             output=self.out_url, job=spec.name, fingerprint=self.fingerprint, model=spec.model.path,
-            backend=spec.backend, sampling=spec.sampling.model_dump(), n=spec.n, seed=spec.seed,
+            backend=spec.backend, sampling=spec.sampling.model_dump(), cache=spec.engine.cache.value, n=spec.n, seed=spec.seed,
             error_budget=spec.error_budget, shards=n_shards, shards_committed=len(manifests), failed=dict(self.failed),
             stopped=stopped, samples=sum(m.samples for m in manifests.values()),
             errors=sum(m.stats.errors for m in manifests.values()),

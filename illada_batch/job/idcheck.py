@@ -1,8 +1,8 @@
 """The duplicate-id check in bounded memory: the same result and messages as
 ``shards.mark_duplicate_ids``, with no set of every id in the driver.
 
-Pass 1 streams each file's id column (a batch at a time) and appends each id, as a key that
-keeps its type (``i:7`` and ``s:7`` differ, as 7 and "7" do), with its position in the input
+Pass 1 streams each file's id column (a batch at a time) and appends each id, as its
+canonical text (``ids.canonical_id``: 7 and "7" are one id), with its position in the input
 (its global row number: files in listing order, rows in file order) to one of B bucket files
 in local scratch storage, chosen by a hash of the key. Pass 2 reads one bucket at a time: an
 id's first row is its smallest position, and every later row with that id is a repeat. So
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import StorageUnavailable
 from illada_batch.job.formats import is_text, read_text
+from illada_batch.job.ids import canonical_id
 from illada_batch.job.shards import Shard, _relative
 from illada_batch.job.storage import filesystem, is_transient
 
@@ -77,11 +78,13 @@ def _id_batches(fs, path: str, id_column: str):
             yield batch.column(0)
 
 
-def _keys(ids: pa.Array) -> pa.Array:
-    """Ids as strings that keep their type: ``i:<int>`` or ``s:<text>``."""
-    if pa.types.is_integer(ids.type):
-        return pc.binary_join_element_wise("i:", pc.cast(ids, pa.string()), "")
-    return pc.binary_join_element_wise("s:", pc.cast(ids, pa.string()), "")
+def _keys(ids: pa.Array, column: str) -> pa.Array:
+    """Each id's canonical text (``ids.canonical_id``), null where the row has none: integers
+    and text cast at once, other types (bytes, unions) row by row."""
+    t = ids.type
+    if pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pc.cast(ids, pa.string())
+    return pa.array([canonical_id(v, column)[0] for v in ids.to_pylist()], pa.string())
 
 
 def _spill(fs, path: str, id_column: str, base: int, buckets: int, writers: dict, tmp: str) -> None:
@@ -89,9 +92,9 @@ def _spill(fs, path: str, id_column: str, base: int, buckets: int, writers: dict
     for ids in _id_batches(fs, path, id_column):
         seq = np.arange(row, row + len(ids), dtype=np.int64)
         row += len(ids)
-        valid = pc.is_valid(ids).to_numpy(zero_copy_only=False)  # null ids are left to the row check
-        keys = _keys(ids.filter(pa.array(valid)))
-        seq = seq[valid]
+        keys = _keys(ids, id_column)
+        valid = pc.is_valid(keys).to_numpy(zero_copy_only=False)  # rows without an id are left to the row check
+        keys, seq = keys.filter(pa.array(valid)), seq[valid]
         if not len(keys):
             continue
         bucket = np.fromiter((hash(k) % buckets for k in keys.to_pylist()), np.int64, len(keys))

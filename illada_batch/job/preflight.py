@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from illada_batch.errors import OutputError
+from illada_batch.job.model_fit import PAGE_TOKENS, context_problems, fixed_text_problems, kv_budget_problems
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
@@ -22,6 +23,8 @@ def model_problems(spec: JobSpec, replicas_here: bool = True) -> tuple[list[str]
     cluster given by address): a local path is the replicas' nodes' business, so what is
     missing here is only a note."""
     problems, notes = _model_problems(spec)
+    if not problems:
+        problems = model_fit_problems(spec)
     if not replicas_here and "://" not in spec.model.path:
         return [], notes + [f"{p} on this machine (the replicas' nodes may have it)" for p in problems]
     return problems, notes
@@ -44,10 +47,43 @@ def _model_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
         if not (local / "config.json").is_file():
             return [f"model.path: {local} holds no config.json (is it a model directory?)"], []
         return [], []
-    if (SHIPPED_MODELS / path).is_dir():
+    if local_model_dir(spec) is not None:
         return [], []
     names = ", ".join(sorted(p.name for p in SHIPPED_MODELS.iterdir() if p.is_dir())) if SHIPPED_MODELS.is_dir() else ""
     return [f"model.path: {local} is no directory, and {path!r} is not a shipped model ({names or 'none'})"], []
+
+
+def local_model_dir(spec: JobSpec) -> Path | None:
+    """The model's directory on this machine (a local path or a shipped name), or None."""
+    path = spec.model.path
+    if "://" in path and not path.startswith("file://"):
+        return None
+    local = Path(spec.resolve(path.removeprefix("file://"))).expanduser()
+    return local if local.is_dir() else SHIPPED_MODELS / path if (SHIPPED_MODELS / path).is_dir() else None
+
+
+def model_fit_problems(spec: JobSpec) -> list[str]:
+    """What the model's tokenizer and config.json, where this machine has them, say would fail
+    every row or every replica (``job/model_fit.py``)."""
+    from illada_batch.errors import ConfigError
+    from illada_batch.model import registry
+    from illada_batch.model.tokenizer import Tokenizer
+
+    directory = local_model_dir(spec)
+    if directory is None or not (directory / "tokenizer.json").is_file():
+        return []
+    tok = Tokenizer(directory)
+    problems = fixed_text_problems(spec, tok)
+    if spec.backend != "diffusion":
+        return problems
+    try:
+        family, config = registry.parse(directory / "config.json")
+        card = family.card(config)
+    except ConfigError:
+        return problems  # the replica's own load says what is wrong with it
+    bits = 32 if spec.model.dtype == "float32" or (spec.model.dtype == "auto" and not spec.resources.num_gpus) else 16
+    return (problems + context_problems(spec, tok, card.max_sequence_length)
+            + kv_budget_problems(spec, PAGE_TOKENS * card.kv_bytes_per_token(bits // 8), card.max_sequence_length))
 
 
 def output_problems(url: str, storage_options: dict) -> list[str]:

@@ -69,6 +69,7 @@ def generate_dataset(ds, batch_size: int = 64, **fields):
     ``batch_size``: rows handed to a replica per call; the engine batches inside it
     (``engine.max_batch_size``), so larger only means fewer, longer calls."""
     spec = dataset_spec(**fields)
+    _refuse_if_no_node_fits(spec)
     _warn_if_no_cpu_left(spec)
     threads = str(max(1, int(spec.resources.num_cpus)))
     env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
@@ -76,6 +77,20 @@ def generate_dataset(ds, batch_size: int = 64, **fields):
     return ds.map_batches(DatasetReplica, fn_constructor_args=(spec.model_dump_json(),), batch_format="pyarrow",
                           batch_size=batch_size, concurrency=spec.replicas, num_cpus=spec.resources.num_cpus,
                           num_gpus=spec.resources.num_gpus, runtime_env=env)
+
+
+def _refuse_if_no_node_fits(spec: JobSpec) -> None:
+    """A replica no node can hold would wait forever (Ray Data waits for actors in silence):
+    refuse it at once, as a job does, on a Ray this process runs (``RAY_ADDRESS`` unset; a
+    cluster given by address may autoscale)."""
+    import os
+
+    import ray
+
+    from illada_batch.job.pool import check_fits
+
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_fits({"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus})
 
 
 def _warn_if_no_cpu_left(spec: JobSpec) -> None:

@@ -104,6 +104,7 @@ class JobSummary:
     model: str | None = None
     backend: str | None = None
     sampling: dict = field(default_factory=dict)
+    cache: str | None = None  # engine.cache: how the tokens were computed (None: a summary written before it was kept)
     n: int = 1
     seed: int | None = None
     error_budget: float = 0.0  # the fraction of samples allowed an error for exit code 0

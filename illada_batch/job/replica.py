@@ -23,9 +23,10 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 
-from illada_batch.errors import CheckpointError, InputError, StorageUnavailable
+from illada_batch.errors import CheckpointError, InputError, SpecError, StorageUnavailable
 from illada_batch.job.commit import Output
 from illada_batch.job.metrics import ReplicaMetrics
+from illada_batch.job.model_fit import fixed_text_problems
 from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.rows import output_table, render_rows
 from illada_batch.job.shards import Shard, read_shard
@@ -90,7 +91,7 @@ def build_engine(spec: JobSpec):
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
     e = spec.engine
-    budget = None if e.kv_budget is None else int(e.kv_budget) if e.kv_budget > 1 else float(e.kv_budget)
+    budget = e.budget()
     if spec.backend == "vllm":
         from illada_batch.engine.vllm_engine import VLLMEngine
         from illada_batch.model.checkpoint import resolve_model_path
@@ -127,18 +128,26 @@ class RowGenerator:
 
             self.chat_wrap, prefix = chat_wrap, head
         self.prefix_ids = tuple(self.tok.encode(prefix)) if prefix else ()
-        self.model_name = self.spec.model.path
+        problems = fixed_text_problems(self.spec, self.tok)  # a model given by URL is first seen here
+        if problems:
+            raise SpecError("; ".join(problems))
+        card = getattr(getattr(self.engine, "model", None), "card", None)  # the diffusion engine's family card
+        self.model_name = self.spec.model.path if card is None else f"{card.family}:{self.spec.model.path}"
 
     def generate_rows(self, table: pa.Table, duplicates: tuple[tuple[int, str], ...] = ()) -> tuple[pa.Table, float]:
         """The output rows for ``table``'s rows, and the seconds the engine took."""
         from illada_batch.engine.requests import Request
 
-        rows = render_rows(self.spec, table, self.chat_wrap, duplicates)
+        rows = render_rows(self.spec, table, self.chat_wrap, duplicates, self.tok.special_texts)
         requests, keys = [], []
         for i, row in enumerate(rows):
             if row.error is None:
-                prompt_ids = tuple(self.tok.encode(row.prompt))
-                template = row.response.tokenize(self.tok.encode) if row.response is not None else None
+                try:
+                    prompt_ids = tuple(self.tok.encode(row.prompt))
+                    template = row.response.tokenize(self.tok.encode) if row.response is not None else None
+                except Exception as exc:  # noqa: BLE001 - nothing one row holds may fail its shard
+                    row.error = f"cannot tokenize the row: {type(exc).__name__}: {exc}"
+                    continue
                 for j in range(self.spec.n):
                     requests.append(Request(str(row.row_id), prompt_ids, self.prefix_ids, self.params, j, self.spec.seed,
                                             template))

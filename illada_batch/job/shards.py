@@ -6,7 +6,7 @@ A shard is the unit of work, retry and commit: a row range of one input file, cu
 and its first row, so it is stable across runs as long as the input is unchanged.
 
 Duplicate ids across shards: :func:`mark_duplicate_ids` reads the id column of every
-file (in input order) and gives each shard the rows whose id an earlier row already has,
+file (in input order; ids compare by their text, ``ids.py``, so ``3`` and ``"3"`` are one) and gives each shard the rows whose id an earlier row already has,
 so that row becomes an error row wherever it lands, and an (id, sample) key is generated
 once however the input is sharded.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
@@ -23,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from illada_batch.errors import InputError, StorageUnavailable
-from illada_batch.job.formats import is_text, kind, read_text, read_text_rows
+from illada_batch.job.formats import KINDS, is_text, kind, read_text, read_text_rows
+from illada_batch.job.ids import canonical_id
 from illada_batch.job.records import RowRange
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
@@ -50,13 +52,22 @@ class Shard:
         return cls(**{**d, "duplicates": tuple((int(k), str(w)) for k, w in d.get("duplicates", ()))})
 
 
-def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+def list_files(url: str, storage_options: dict,
+               note: Callable[[str], None] = lambda _: None) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """The input's files; a directory's files that are not prompt files by their name are
+    skipped, and ``note`` says which."""
     fs, path = filesystem(url, storage_options)
     with storage_errors(f"input.url {url}"):
         if any(ch in path for ch in "*?["):
             files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
-            files, root = sorted(f for f in fs.find(path) if kind(f)), path
+            listed = sorted(fs.find(path))
+            files, root = [f for f in listed if kind(f)], path
+            skipped = [_relative(f, root) for f in listed if not kind(f)]
+            if skipped:
+                shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+                note(f"input.url {url}: skipped {len(skipped)} file(s) that are not prompt files by their name "
+                     f"({', '.join(KINDS)}, optionally .gz, .bz2 or .xz): {shown}")
         elif fs.exists(path):
             files, root = [path], path.rsplit("/", 1)[0]
         else:
@@ -68,12 +79,14 @@ def list_files(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
 
 def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
                 id_column: str | None = None, prompt_column: str | None = None,
-                ) -> tuple[list[Shard], list[tuple[str, str]]]:
+                note: Callable[[str], None] = lambda _: None) -> tuple[list[Shard], list[tuple[str, str]]]:
     """Shards of every readable input file, from Parquet footers only (text files are parsed);
-    and (file, error) for the rest.
+    and (file, error) for the rest. ``note`` hears of skipped files and files without rows.
     ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats);
-    ``prompt_column`` text (a column of numbers would fail every row of its file)."""
-    fs, root, files = list_files(url, storage_options)
+    ``prompt_column`` text (a column of numbers would fail every row of its file). A text
+    file's column of mixed types (JSON Lines) passes when one of its types does: each odd
+    value becomes an error row."""
+    fs, root, files = list_files(url, storage_options, note)
     shards, bad = [], []
     for path in files:
         try:
@@ -94,9 +107,17 @@ def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[
                                          f"nothing was started") from None
             bad.append((path, f"{path}: not a readable {kind(path) or 'Parquet'} file ({type(exc).__name__}: {exc})"))
             continue
+        if rows == 0:  # an empty file, a header only: nothing to generate, not a failure a re-run "retries"
+            note(f"{path}: no rows, nothing to generate")
+            continue
         missing = [c for c in columns if c not in schema.names]
         if missing:
             bad.append((path, f"{path}: missing column(s) {', '.join(missing)} (has {', '.join(schema.names)})"))
+            continue
+        repeated = [c for c in columns if len(schema.get_all_field_indices(c)) > 1]
+        if repeated:
+            bad.append((path, f"{path}: column(s) {', '.join(map(repr, repeated))} appear more than once in the "
+                              f"header (has {', '.join(schema.names)})"))
             continue
         if id_column is not None and not _scalar_id(schema.field(id_column).type):
             bad.append((path, f"{path}: column {id_column!r} (the row id) is {schema.field(id_column).type}; "
@@ -124,13 +145,19 @@ def _relative(path: str, root: str) -> str:
 
 
 def _text_like(t: pa.DataType) -> bool:
-    """Strings, bytes (decoded per row) or all nulls (each row an error of its own)."""
+    """Strings, bytes (decoded per row) or all nulls (each row an error of its own); or a
+    union with one of them (a text file's mixed column: the other values are error rows)."""
+    if pa.types.is_union(t):
+        return any(_text_like(f.type) for f in t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
         pa.types.is_large_binary(t) or pa.types.is_null(t)
 
 
 def _scalar_id(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    """Integers or text (``ids.canonical_id`` reads them per row), or a union with one of them."""
+    if pa.types.is_union(t):
+        return any(_scalar_id(f.type) for f in t)
+    return pa.types.is_integer(t) or _text_like(t)
 
 
 def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_column: str,
@@ -149,9 +176,11 @@ def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_
     def read_ids(path: str):
         try:
             if is_text(path):
-                return read_text(fs, path).column(id_column).to_pylist()
-            with fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=[id_column]).column(0).to_pylist()
+                ids = read_text(fs, path).column(id_column).to_pylist()
+            else:
+                with fs.open(path, "rb") as f:
+                    ids = pq.read_table(f, columns=[id_column]).column(0).to_pylist()
+            return [canonical_id(v, id_column)[0] for v in ids]
         except Exception as exc:  # noqa: BLE001 - corrupt data pages behind a good footer
             error = StorageUnavailable if is_transient(exc) else InputError
             return error(f"{path}: cannot read column {id_column!r} ({type(exc).__name__}: {exc})")

@@ -106,6 +106,9 @@ class _SamplingBase(_Strict):
         return self
 
 
+# Sampling settings added after outputs existed: left out of the fingerprint while unset, so
+# older outputs keep theirs.
+
 # `sampling:` in a job spec: every field, default, bound and help text comes from SamplingParams.
 SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_fields())
 
@@ -116,7 +119,33 @@ class EngineSpec(_Strict):
     # prefix+blocks: both (fastest; the prefix attends only to itself, an approximation for LLaDA 1.x)
     cache: CacheMode = CacheMode.PREFIX
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
-    kv_budget: float | None = Field(None, gt=0)  # prefix cache: bytes (> 1) or fraction of free device memory (<= 1); default 10% on GPU, 256 MiB on CPU
+    # the KV pages (prefixes; each row's K/V in the block modes): bytes (an integer, 268435456) or a fraction of
+    # the device's free memory (a float, 0.1; 1.0 = all of it); default 10% on GPU, 256 MiB on CPU. More pages
+    # keep more prefixes and rows at once: speed only, never the tokens
+    kv_budget: int | float | None = None
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_off(cls, v):
+        return "off" if v is False else v  # YAML reads an unquoted `off` as false
+
+    @field_validator("kv_budget", mode="before")
+    @classmethod
+    def _kv_budget(cls, v):
+        if isinstance(v, bool):
+            raise ValueError(f"{str(v).lower()} is no budget: give bytes (an integer, e.g. 268435456) or a fraction "
+                             f"of the device's free memory (e.g. 0.1; 1.0 = all of it)")
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be > 0, got {v!r}")
+        if isinstance(v, int) and v == 1:
+            raise ValueError("1 is ambiguous: write 1.0 for all of the device's free memory, or a number of bytes")
+        return v
+
+    def budget(self) -> int | float | None:
+        """The KV budget as the engine takes it: bytes (int), a fraction of free memory
+        (float), or None (the engine's default for its device)."""
+        v = self.kv_budget
+        return v if v is None or (isinstance(v, float) and v <= 1) else int(v)
 
 
 class OutputSpec(_Strict):
@@ -224,18 +253,21 @@ class JobSpec(_Strict):
         # a field the row cannot fill would fail every row: refuse it here, naming the choices
         if self.input.messages_column:
             return self  # chat messages are rendered by the chat template, not by `template`
-        import string
-
         known = {"prompt", *self.input.variables}
-        used = {re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(self.template)
-                if name is not None}
-        unknown = sorted(f for f in used - known if f)
+        unknown = sorted(self.template_columns() - known)
         if unknown:
             raise ValueError(f"template: {{{unknown[0]}}} is neither {{prompt}} nor one of input.variables "
                              f"({', '.join(self.input.variables) or 'none'}): add the column to input.variables")
         return self
 
     # --- derived ---------------------------------------------------------------------
+
+    def template_columns(self) -> set[str]:
+        """The row columns ``template`` reads (``{prompt}``, ``{topic}``, ``{topic[0]}`` -> topic)."""
+        import string
+
+        return {re.split(r"[.\[]", name, maxsplit=1)[0] for _, name, _, _ in string.Formatter().parse(self.template)
+                if name} - {""}
 
     def output_url(self, date: str | None = None) -> str:
         date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
@@ -279,16 +311,33 @@ class JobSpec(_Strict):
             raise SpecError(f"prefix.file: {url} not found") from None
 
     def fingerprint(self) -> str:
-        """What makes outputs comparable: model, sampling, template, prefix, seed, n, input."""
-        parts = {
-            "backend": self.backend, "model": self.model.path, "model_sha256": self.model.sha256,
-            "sampling": self.sampling.model_dump(), "template": self.template, "chat": self.chat,
-            "prefix_sha256": hashlib.sha256(self.prefix_text().encode()).hexdigest(), "seed": self.seed, "n": self.n,
-            "input": self.input.model_dump(exclude={"storage_options"}),
-        }
-        if self.response_template is not None:  # absent otherwise: older outputs keep their fingerprint
-            parts["response_template"] = self.response_template
+        """What makes outputs comparable: every field that can change a token or an output
+        column (model, dtype, backend, cache mode, sampling, template, prefix text, seed, n,
+        input), that is every field but the ``TOKEN_NEUTRAL`` ones, so a new field is in it
+        until someone shows it cannot change a token. A field left unset (None) is left out,
+        so a setting added later does not change the fingerprints of outputs made before it."""
+        parts = _without(self.model_dump(mode="json"), TOKEN_NEUTRAL)
+        parts["prefix"] = hashlib.sha256(self.prefix_text().encode()).hexdigest()  # the text, from a file or not
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# The fields that cannot change a token or an output column, left out of the fingerprint: a
+# resume may change them. Where and how the job runs (output, replicas, resources, retries,
+# timeouts, credentials); how rows are batched and cached in memory (a sample's tokens do not
+# depend on its batch neighbours, nor on how many pages the budget holds: tests/test_engine.py
+# and tests/test_block_cache.py hold it); shard_rows (a resume checks each shard's rows
+# instead); the exit code's error_budget. `prefix` enters as the hash of its text.
+TOKEN_NEUTRAL = frozenset({
+    "name", "base_dir", "output", "replicas", "resources", "shard_rows", "max_retries", "retry_backoff_s",
+    "error_budget", "placement_timeout_s", "stall_warning_s", "model.storage_options", "input.storage_options",
+    "engine.max_batch_size", "engine.kv_budget", "prefix",
+})
+
+
+def _without(d: dict, paths: frozenset[str], at: str = "") -> dict:
+    """``d`` without the dotted ``paths`` and without unset (None) values."""
+    return {k: _without(v, paths, f"{at}{k}.") if isinstance(v, dict) else v
+            for k, v in d.items() if f"{at}{k}" not in paths and v is not None}
 
 
 class _AnyKeys(dict):

@@ -1,9 +1,9 @@
-"""Load and save LLaDA checkpoints: a Hugging Face-style directory with ``config.json``,
+"""Load and save checkpoints of any registered family: a Hugging Face-style directory with ``config.json``,
 ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``),
 ``tokenizer.json`` and ``tokenizer_config.json``.
 
-safetensors only: nothing is ever unpickled. Loading streams tensor by tensor into a model
-built on the meta device, so peak memory is about one model copy. Missing, unexpected or
+The family comes from ``registry.family_of(config.json)``. safetensors only: nothing is ever
+unpickled. Loading streams tensor by tensor into the family's model built on the meta device, so peak memory is about one model copy. Missing, unexpected or
 mis-shaped tensors are refused by name.
 """
 
@@ -16,15 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from illada_batch.errors import CheckpointError
-from illada_batch.model.config import ConfigError, LLaDAConfig
-from illada_batch.model.llada import LLaDA
+from illada_batch.errors import CheckpointError, ConfigError
+from illada_batch.model import registry
+from illada_batch.model.base import DiffusionLM
 from illada_batch.model.tokenizer import Tokenizer
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the shipped models
 INDEX_NAME = "model.safetensors.index.json"
-
-
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -61,8 +59,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> LLaDA:
-    """Load a LLaDA checkpoint; ``model.config`` and ``model.tokenizer`` come with it.
+               dtype: torch.dtype | None = None) -> DiffusionLM:
+    """Load a checkpoint of any registered family; ``model.config``, ``model.card`` and
+    ``model.tokenizer`` come with it.
 
     device defaults to CUDA when available; dtype to bfloat16 on CUDA and float32 on CPU.
     """
@@ -70,20 +69,21 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        cfg = LLaDAConfig.from_file(directory / "config.json")
+        family, cfg = registry.parse(directory / "config.json")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     with torch.device("meta"):
-        model = LLaDA(cfg)
+        model = registry.model_class(family)(cfg)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     files = _weight_files(directory)
     unexpected = sorted(set(files) - set(expected))
     if unexpected:
         raise CheckpointError(f"{directory}: unexpected tensor(s) {', '.join(unexpected[:5])}"
-                              f"{' ...' if len(unexpected) > 5 else ''} (not part of a LLaDA model with this config)")
+                              f"{' ...' if len(unexpected) > 5 else ''} (not part of a {family.name} model with this config)")
     missing = sorted(set(expected) - set(files))
     if missing:
-        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        shown = ", ".join(f"{name} {expected[name]}" for name in missing[:5])
+        raise CheckpointError(f"{directory}: missing tensor(s) {shown}{' ...' if len(missing) > 5 else ''}")
     by_file: dict[Path, list[str]] = {}
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
@@ -108,7 +108,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
     return model
 
 
-def save_checkpoint(model: LLaDA, directory: str | Path, max_shard_bytes: int | None = None,
+def save_checkpoint(model: DiffusionLM, directory: str | Path, max_shard_bytes: int | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write ``config.json`` and safetensors weights (sharded when ``max_shard_bytes`` is set)."""
     directory = Path(directory)

@@ -37,6 +37,13 @@ class Tokenizer:
     def token_id(self, text: str) -> int | None:
         return self._tok.token_to_id(text)
 
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The text of every special token (``<|mdm_mask|>``, ``<|endoftext|>`` ...): ``encode``
+        reads such text as the token itself, wherever it stands in a string."""
+        added = self._tok.get_added_tokens_decoder().values()
+        return tuple(sorted({t.content for t in added if t.special}, key=lambda t: (-len(t), t)))
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

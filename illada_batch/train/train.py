@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from illada_batch.model.checkpoint import save_checkpoint
-from illada_batch.model.config import PRESETS
+from illada_batch.model.configs.llada import PRESETS
 from illada_batch.model.llada import LLaDA, isolated_prefix_mask
 from illada_batch.model.tokenizer import Tokenizer
 from illada_batch.tasks import suite as tasks

@@ -8,11 +8,10 @@ name instead of being silently ignored.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 from illada_batch.errors import ConfigError
+from illada_batch.model.family import Family, FamilyCard
 
 
 @dataclass(frozen=True)
@@ -89,17 +88,6 @@ class LLaDAConfig:
         except TypeError as exc:  # pragma: no cover - defensive
             raise ConfigError(f"{source}: {exc}") from exc
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "LLaDAConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found (a LLaDA checkpoint directory needs config.json)") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
-
     def to_dict(self) -> dict:
         out = {
             "architectures": ["LLaDAModelLM"],
@@ -126,3 +114,31 @@ PRESETS: dict[str, LLaDAConfig] = {
                         vocab_size=2048, embedding_size=2048, rope_theta=10000.0,
                         mask_token_id=2, eos_token_id=1, pad_token_id=1, max_sequence_length=1024),
 }
+
+
+def parameters(cfg: LLaDAConfig) -> int:
+    """Every weight: embedding, per layer two norms, q/k/v/o and the SwiGLU MLP, final norm, head."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
+    per_layer = 2 * d + attn + 3 * d * cfg.mlp_hidden_size
+    head = 0 if cfg.weight_tying else cfg.embedding_size * d
+    return cfg.embedding_size * d + cfg.n_layers * per_layer + d + head
+
+
+def card(cfg: LLaDAConfig) -> FamilyCard:
+    n = parameters(cfg)
+    return FamilyCard(family="llada", mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id,
+                      pad_token_id=cfg.pad_token_id, vocab_size=cfg.embedding_size,
+                      max_sequence_length=cfg.max_sequence_length, n_layers=cfg.n_layers,
+                      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, parameters=n, active_parameters=n)
+
+
+def matches(raw) -> bool:
+    """LLaDA 1.x: ``model_type`` llada, no experts (LLaDA-MoE shares the model_type)."""
+    return (raw.get("model_type") == "llada" and not raw.get("num_experts")
+            and "LLaDAMoEModelLM" not in (raw.get("architectures") or ()))
+
+
+FAMILY = Family(name="llada", matches=matches, config=LLaDAConfig.from_dict, card=card,
+                model="illada_batch.model.llada:LLaDA",
+                describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)")

@@ -1,0 +1,69 @@
+"""What the model's own files say about a job spec, before any row is generated: fixed
+text (``template``, ``response_template``, the prefix) holding a special token's text, a
+response template whose fixed text and slots alone exceed ``gen_length``, a prefix and
+template longer than the model's context, a ``kv_budget`` the block cache modes cannot run
+in. Each would fail every row (or every replica start); each problem is one line naming the
+spec field. ``validate`` and ``run`` ask before any cluster work (``preflight``), a replica
+again when it starts, with the tokenizer it loaded (a model given by URL is only seen
+there); torch-free.
+"""
+
+from __future__ import annotations
+
+from illada_batch.decoding.params import DEFAULT_KV_BUDGET
+from illada_batch.decoding.special_text import special_problem
+from illada_batch.decoding.template import ResponseTemplate
+from illada_batch.errors import ParamsError
+from illada_batch.job.spec import JobSpec
+
+PAGE_TOKENS = 16  # the engine's page size (``Engine(page_size=16)``, the size replicas build)
+
+
+def fixed_text_problems(spec: JobSpec, tok) -> list[str]:
+    """Problems of the spec's fixed text for tokenizer ``tok`` (``encode``, ``special_texts``)."""
+    specials = tok.special_texts
+    prefix_field = "prefix.text" if spec.prefix.text is not None else f"prefix.file ({spec.prefix.file})"
+    texts = [("template", spec.template), (prefix_field, spec.prefix_text())]
+    if spec.response_template is not None:
+        texts.append(("response_template", spec.response_template))
+    problems = [p for field, text in texts if (p := special_problem(field, text, specials))]
+    if problems or spec.response_template is None:
+        return problems
+    try:
+        parsed = ResponseTemplate.parse(spec.response_template)
+    except ParamsError:
+        return problems  # the spec refused it already
+    least = parsed.render({c: "" for c in parsed.columns}).tokenize(tok.encode)
+    if least.length > spec.sampling.gen_length:
+        fixed = sum(map(len, least.fixed))
+        problems.append(f"response_template: its fixed text is {fixed} tokens and its slots {sum(least.slots)}: "
+                        f"{least.length} > sampling.gen_length {spec.sampling.gen_length}, so every row would be "
+                        f"an error")
+    return problems
+
+
+def context_problems(spec: JobSpec, tok, max_sequence_length: int) -> list[str]:
+    """The prefix, the template's fixed text and ``gen_length`` alone longer than the model's context."""
+    fixed = spec.template.format_map({c: "" for c in spec.template_columns() | {"prompt"}}) \
+        if not spec.input.messages_column else ""
+    least = len(tok.encode(spec.prefix_text())) + len(tok.encode(fixed)) + spec.sampling.gen_length
+    if least > max_sequence_length:
+        return [f"sampling.gen_length: the prefix and template alone with gen_length {spec.sampling.gen_length} "
+                f"are {least} tokens > the model's {max_sequence_length}, so every row would be an error"]
+    return []
+
+
+def kv_budget_problems(spec: JobSpec, page_bytes: int, max_sequence_length: int) -> list[str]:
+    """A budget in bytes too small for one row of the model's longest sequence in a block
+    cache mode (a fraction of device memory is only known on the device)."""
+    budget = spec.engine.budget()
+    if budget is None and not spec.resources.num_gpus:
+        budget = DEFAULT_KV_BUDGET["cpu"]
+    if not spec.engine.cache.block_cache or not isinstance(budget, int):
+        return []
+    need = -(-max_sequence_length // PAGE_TOKENS)
+    if budget // page_bytes < need:
+        return [f"engine.kv_budget: {budget:,} bytes hold {budget // page_bytes} pages of {PAGE_TOKENS} tokens; cache "
+                f"'{spec.engine.cache.value}' needs {need} ({need * page_bytes:,} bytes) for one row of the model's "
+                f"{max_sequence_length} tokens"]
+    return []

@@ -1,0 +1,111 @@
+"""``DiffusionLM``: the one forward every family shares (gpt-fast's habit: the family file
+holds only its modules; this holds the loop over them).
+
+A family subclass builds its modules under its checkpoint's tensor names, sets
+``self.config`` and ``self.card`` (``family.FamilyCard``), and provides ``embed(ids)``,
+``blocks`` (layers called as ``block(x, cos, sin, mask, prefix, kv_hook)``), ``final_norm``,
+``head_weight``, ``rotary_dim`` and ``rope_theta``. The engine, the caches and the sampler
+call ``run`` (and read ``card``), never a family's modules.
+
+Beyond a plain forward, two hooks serve the caches without a second code path:
+``prefix_kv`` (K/V of a shared prefix that every row's queries also attend to) and
+``kv_hook`` (per layer, sees this call's K/V and returns the K/V the queries attend to: the
+caller stores them in pages, or returns cached K/V with this call's written in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from illada_batch.model.family import FamilyCard
+from illada_batch.model.layers.attention import LayerKV, additive_mask
+from illada_batch.model.layers.rope import rope_cos_sin
+
+# (layer, k, v) with this call's k, v [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries
+# attend to [B, Hkv, T, hd], T the attention mask's key length.
+KVHook = Callable[[int, Tensor, Tensor], LayerKV]
+
+
+@dataclass
+class ForwardOut:
+    logits: Tensor | None  # [B, L or K, vocab]; None when return_logits=False
+    hidden: Tensor | None = None  # [B, L, d] before the final norm, when return_logits=False
+
+
+class DiffusionLM(nn.Module):
+    """``model(input_ids, attention_mask=None) -> logits [B, L, V]``."""
+
+    config: object
+    card: FamilyCard
+    tokenizer = None  # set by load_model when the checkpoint has one
+    rotary_dim: int
+    rope_theta: float
+
+    # --- what a family provides -----------------------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> Iterable[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def head_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head_weight.dtype
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.run(input_ids, attention_mask=attention_mask).logits
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None = None, positions: Tensor | None = None,
+            prefix_kv: list[LayerKV] | None = None, logits_index: Tensor | None = None,
+            return_logits: bool = True, kv_hook: KVHook | None = None) -> ForwardOut:
+        """The one forward.
+
+        input_ids [B, L]. attention_mask: [B, L] key padding (True/1 = real token) or a full
+        [B, L, T] boolean mask (True = may attend; T = L, or the key length ``kv_hook``
+        returns). positions [B, L]: RoPE positions, default ``arange(L)``. prefix_kv:
+        per-layer K/V of a prefix every row also attends to (positions then continue after
+        it). logits_index [B, K]: compute logits only at these positions.
+        return_logits=False: the hidden states instead of logits. With the card's
+        ``logit_shift`` 1, position i's logits come from hidden state i-1 (position 0's from 0).
+        """
+        B, L = input_ids.shape
+        P = 0 if prefix_kv is None else prefix_kv[0][0].shape[0]
+        if positions is None:
+            positions = torch.arange(P, P + L, device=input_ids.device).expand(B, L)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta)
+        mask = additive_mask(attention_mask, B, L, self.dtype)
+        x = self.embed(input_ids)  # [B, L, d]
+        for i, block in enumerate(self.blocks):
+            hook = None if kv_hook is None else (lambda k, v, i=i: kv_hook(i, k, v))
+            x = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], hook)
+        if not return_logits:
+            return ForwardOut(logits=None, hidden=x)
+        if self.card.logit_shift:
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # [B, L, d]
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
+        return ForwardOut(logits=self.logits(x))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final norm and output head: hidden [..., d] -> logits [..., vocab]."""
+        return F.linear(self.final_norm(hidden), self.head_weight)

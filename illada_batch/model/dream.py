@@ -1,0 +1,85 @@
+"""The Dream architecture, and nothing else (the forward lives in ``base.py``, its logit
+shift in the card, generation in ``decoding/loop.py``).
+
+Dream-7B is Qwen2.5's transformer without a causal mask: RMSNorm in float32, RoPE
+(non-interleaved halves, ``rope_theta`` from the config), q/k/v projections with biases and
+an o projection without, grouped-query attention, SwiGLU, an untied head. Module names
+reproduce Dream's tensor names (``model.layers.0.self_attn.q_proj.bias``) so
+``state_dict()`` is the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.configs.dream import DreamConfig, card
+from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend
+from illada_batch.model.layers.mlp import GatedMLP
+from illada_batch.model.layers.norms import RMSNorm
+from illada_batch.model.layers.rope import apply_rope
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=True)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=True)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        cfg = self.cfg
+        B, L, _ = h.shape
+        q = self.q_proj(h).view(B, L, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(h).view(B, L, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = self.v_proj(h).view(B, L, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attend(q, k, v, mask, prefix, kv_hook))  # [B, L, d]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, kv_hook)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Dream(DiffusionLM):
+    """``model(input_ids, attention_mask=None) -> logits [B, L, V]``, already shifted (the card's
+    ``logit_shift``: position i from hidden state i-1)."""
+
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.config, self.card = cfg, card(cfg)
+        self.rotary_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.model.norm(hidden)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -1,0 +1,72 @@
+"""What a family declares (``Family``) and the facts everything above the model reads
+(``FamilyCard``). Torch-free: the driver side and ``validate`` read cards without torch.
+
+Nothing outside ``model/`` looks at a family's name or its config fields: the engine, the
+cache plans, the sampler, ``bench``, ``validate`` and the job ask ``model.card`` (or
+``registry.card_of(directory)``) for ids, attention kind, logit shift and KV sizes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+class AttentionKind(str, enum.Enum):
+    """How a family attends at generation."""
+
+    BIDIRECTIONAL = "bidirectional"  # every position to every position (LLaDA 1.x, LLaDA-MoE, Dream)
+    BLOCK_CAUSAL = "block-causal"  # its own block and the blocks before it (LLaDA 2.x), blocks aligned at 0
+
+
+@dataclass(frozen=True)
+class FamilyCard:
+    """The facts of one loaded checkpoint that the engine, sampler, caches and job read."""
+
+    family: str  # the registry's name, e.g. "llada", "llada-moe"
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    vocab_size: int  # rows of the output head (ids at or above it are never produced)
+    max_sequence_length: int  # the longest [prefix | prompt | response] the engine admits
+    attention: AttentionKind = AttentionKind.BIDIRECTIONAL
+    attention_block: int | None = None  # block size when attention is BLOCK_CAUSAL
+    logit_shift: int = 0  # 1: position i's token is predicted by hidden state i-1 (Dream)
+    # K/V geometry, for pages and kv_budget: every layer stores K and V of n_kv_heads x head_dim.
+    n_layers: int = 0
+    n_kv_heads: int = 0
+    head_dim: int = 0
+    parameters: int = 0  # every weight, embeddings and head included
+    active_parameters: int = 0  # the weights one token's forward reads (MoE: top-k experts only)
+    # Sampler: the SamplingParams defaults this family's reference uses, and the settings
+    # only this family honours (the spec refuses them for other families).
+    sampler_defaults: tuple[tuple[str, Any], ...] = ()
+    sampler_settings: frozenset[str] = frozenset()
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token over every layer, at ``dtype_bytes`` per element."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return dict(self.sampler_defaults)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registry entry: how a config.json is recognised and what is built from it.
+
+    ``matches(raw)`` sees the parsed config.json; ``config(raw, source)`` returns the
+    family's frozen config (refusing contradictions by field name, as ``ConfigError``);
+    ``card(config)`` its ``FamilyCard``; ``model`` is ``"module:Class"`` of the torch model
+    (imported only when a model is built, as vLLM's registry does), whose ``__init__``
+    takes the config.
+    """
+
+    name: str
+    matches: Callable[[Mapping[str, Any]], bool]
+    config: Callable[[Mapping[str, Any], str], Any]
+    card: Callable[[Any], FamilyCard]
+    model: str
+    describe: str = ""  # how it is recognised, for the "unknown family" message

@@ -1,0 +1,123 @@
+"""The LLaDA-MoE architecture (LLaDA-MoE-7B-A1B), and nothing else.
+
+Bidirectional, Llama-style: RMSNorm in float32; separate q/k/v/o projections (bias when
+``attention_bias``; clamped to ``clip_qkv`` when set); optional q/k RMSNorm over head_dim
+(one weight shared by the heads) before RoPE, with partial rotary; GQA. Each layer's MLP is
+dense (``moe_layer_freq[i] == 0``) or a mixture of experts (softmax router, bias in the
+weights, top-k without renormalisation: ``layers/moe.py``) with an optional shared expert
+beside it. Module names are the checkpoint's tensor names (``model.layers.0.self_attn.q_proj
+.weight``, ``model.layers.1.mlp.experts.3.down_proj.weight``, ``lm_head.weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.configs.llada_moe import LLaDAMoEConfig, card
+from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend
+from illada_batch.model.layers.mlp import GatedMLP
+from illada_batch.model.layers.moe import Experts, RouterSpec, Score, route
+from illada_batch.model.layers.norms import RMSNorm
+from illada_batch.model.layers.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLaDAMoEConfig) -> None:
+        super().__init__()
+        d, hd, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.cfg = cfg
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=bias)
+        if cfg.qk_layernorm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        cfg = self.cfg
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, cfg.num_attention_heads, cfg.head_dim)  # [B, L, H, hd]
+        k = self.k_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)  # [B, L, Hkv, hd]
+        v = self.v_proj(x).view(B, L, cfg.num_key_value_heads, cfg.head_dim)  # [B, L, Hkv, hd]
+        if cfg.qk_layernorm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or Hkv, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attend(q, k, v, mask, prefix, kv_hook))  # [B, L, d]
+
+
+class SparseMoE(nn.Module):
+    """``gate`` (a Linear to expert logits), ``experts``, and ``expert_bias`` when configured."""
+
+    def __init__(self, cfg: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.spec = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, score=Score.SOFTMAX,
+                               bias_in_weights=True, renormalize=False)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
+        if cfg.moe_router_enable_expert_bias:
+            self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, d]
+        weights, ids = route(self.gate(flat), self.spec, self.expert_bias)  # [N, k] float32, [N, k]
+        return self.experts(flat, weights, ids).view(x.shape)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LLaDAMoEConfig, index: int) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        moe = cfg.is_moe(index)
+        self.mlp = SparseMoE(cfg) if moe else GatedMLP(d, cfg.dense_intermediate_size)
+        if moe and cfg.shared_expert_intermediate_size:
+            self.shared_expert = GatedMLP(d, cfg.shared_expert_intermediate_size)
+        else:
+            self.shared_expert = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, prefix, kv_hook)
+        h = self.post_attention_layernorm(x)
+        out = self.mlp(h)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(h)
+        return x + out
+
+
+class LLaDAMoE(DiffusionLM):
+    def __init__(self, cfg: LLaDAMoEConfig) -> None:
+        super().__init__()
+        self.config, self.card = cfg, card(cfg)
+        self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.model.norm(hidden)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

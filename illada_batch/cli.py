@@ -164,7 +164,7 @@ def cmd_validate(args) -> int:
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
-    print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
+    print(f"  model     {spec.model.path} ({spec.backend}), {_replicas_text(spec)} replica(s)")
     if family:
         print(f"  family    {family}")
     print(f"  output    {spec.output_url(args.date)}")
@@ -269,6 +269,11 @@ def cmd_render(args) -> int:
     else:
         print(run_id(args.spec, args.date, args.set))
     return 0
+
+
+def _replicas_text(spec) -> str:
+    lo, hi = spec.replica_range
+    return f"{lo}" if lo == hi else f"{lo} to {hi}"
 
 
 def cmd_bench(args) -> int:

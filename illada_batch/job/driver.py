@@ -148,8 +148,9 @@ class _Job:
                                    max_restarts=0, max_task_retries=0, runtime_env=env).remote(
                 spec_json, self.out_url, self.fingerprint)
 
-        pool = ReplicaPool(new_replica, min(spec.replicas, len(todo)), request, spec.placement_timeout_s,
-                           spec.max_retries + 1, self.log)
+        lo, hi = spec.replica_range
+        pool = ReplicaPool(new_replica, min(hi, len(todo)), request, spec.placement_timeout_s,
+                           spec.max_retries + 1, self.log, needed=lo, can_grow=can_grow)
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
@@ -165,6 +166,8 @@ class _Job:
                         shard, attempt = item
                         inflight[pool.handle(r).process.remote(shard.to_dict())] = (r, shard, attempt)
                         load[r] += 1
+                if not queue and lo < hi:  # a range: replicas with no shard left stop, so the cluster may shrink
+                    pool.retire_idle({r for r, _, _ in inflight.values()})
                 if time.time() - last_gauges >= 1.0:
                     last_gauges = time.time()
                     self.metrics.replicas(len(pool.slots), pool.placed(), len({r for r, _, _ in inflight.values()}),

@@ -77,3 +77,21 @@ def test_a_node_added_mid_job_gets_the_replicas_waiting_for_it(growing_cluster, 
     assert not any("not placed within" in m for m in logs), logs
     assert len(_pids(out)) == 2, ("the replica on the added node committed shards too", logs)
     assert_exactly_once(read_output(fsspec.filesystem("file"), str(out)), ids, n=1)
+
+
+def test_a_replica_range_is_read_its_mistakes_named_and_kuberay_follows_it():
+    import pytest as _pytest
+
+    from illada_batch.errors import SpecError
+    from illada_batch.job.render import _cluster_spec
+
+    base = {"name": "r", "input": {"url": "/tmp/in.parquet"}, "output": {"url": "/tmp/out"}}
+    spec = spec_from_dict({**base, "replicas": {"min": 2, "max": 6}})
+    assert spec.replica_range == (2, 6) and spec_from_dict({**base, "replicas": 3}).replica_range == (3, 3)
+    group = _cluster_spec(spec, "img")["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (2, 6)
+    for bad, says in (({"min": 3, "max": 2}, "max (2) is below min (3)"), ({"min": 1}, "replicas.max"),
+                      (0, "at least 1 replica"), ("x", "a number of replicas or a range")):
+        with _pytest.raises(SpecError, match="replicas") as err:
+            spec_from_dict({**base, "replicas": bad})
+        assert says in str(err.value)

@@ -188,8 +188,8 @@ class JobSpec(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     # model copies; each pulls shards when free. A range ({min: 1, max: 64}, as ray.data.llm's concurrency):
     # the driver asks for up to max; on a cluster that may grow, those beyond min that Ray cannot place yet
-    # wait as demand for the autoscaler instead of being given up after placement_timeout_s. A number n: {n, n}
-    replicas: ReplicaRange = Field(default_factory=lambda: ReplicaRange(min=1, max=1))
+    # wait as demand for the autoscaler instead of being given up after placement_timeout_s
+    replicas: typing.Union[int, ReplicaRange] = 1
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shard_rows: int = Field(256, ge=1)  # rows per shard: the unit of retry and commit
     max_retries: int = Field(3, ge=0)  # tries per shard after the first, before it is recorded as failed
@@ -208,13 +208,27 @@ class JobSpec(_Strict):
 
     @field_validator("replicas", mode="before")
     @classmethod
-    def _replicas_number(cls, v):
-        return {"min": v, "max": v} if isinstance(v, int) and not isinstance(v, bool) else v
+    def _replicas_number_or_range(cls, v):
+        """One message per mistake (a union's would list each alternative's)."""
+        if isinstance(v, ReplicaRange):
+            return v
+        if isinstance(v, dict):
+            try:
+                return ReplicaRange.model_validate(v)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'range'}: {e['msg']}"
+                                           for e in exc.errors())) from None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected a number of replicas or a range {{min: 1, max: 64}}, got {v!r}")
+        if v < 1:
+            raise ValueError(f"at least 1 replica, got {v}")
+        return v
 
     @property
     def replica_range(self) -> tuple[int, int]:
         """(fewest replicas the job needs, most it asks for)."""
-        return self.replicas.min, self.replicas.max
+        r = self.replicas
+        return (r, r) if isinstance(r, int) else (r.min, r.max)
 
     @field_validator("backend")
     @classmethod

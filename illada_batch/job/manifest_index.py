@@ -23,6 +23,7 @@ from illada_batch.job.records import Manifest
 SEGMENT_MANIFESTS = 1000  # manifests per index segment
 SEGMENT_SECONDS = 60.0  # or a segment at least this often while manifests arrive
 READ_BATCH = 256  # manifests fetched at once (the store's GETs run concurrently)
+SEGMENT_BATCH = 8  # segments fetched at once (about 0.7 MB each)
 
 
 def read_json_files(fs, paths: list[str]) -> list[dict]:
@@ -55,8 +56,10 @@ class IndexWriter:
 
     def flush(self) -> None:
         if self.pending:
-            lines = [json.dumps({"md5": hashlib.md5(body).hexdigest(), "manifest": json.loads(body)})
-                     for body in (m.to_json() for m in self.pending)]
+            # one line per manifest: shard id, MD5 of the manifest's bytes, the manifest (a reader
+            # parses only the manifests the listing confirms)
+            lines = [f"{m.shard_id}\t{hashlib.md5(body).hexdigest()}\t{body.decode()}"
+                     for m, body in ((m, m.to_json()) for m in self.pending)]
             name = f"{time.time():017.6f}-{uuid.uuid4().hex[:8]}.jsonl"
             self.out.store.put(self.out.key("_index", name), ("\n".join(lines) + "\n").encode())
             self.pending = []
@@ -68,19 +71,21 @@ def read_manifests(fs, root: str, unindexed: list | None = None) -> dict[str, Ma
     read (and appended to ``unindexed``, for a writer to index them: a resume compacts what a
     crashed run left unindexed)."""
     try:
-        listed = {f["name"]: f for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
+        listed = {f["name"]: _etag(f) for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
     except FileNotFoundError:
         return {}
-    hashed = any(_etag(f) for f in listed.values())  # else the index cannot be checked: not used
+    fs.invalidate_cache(f"{root}/_manifest")  # the listing's details are not kept for the run
+    hashed = any(listed.values())  # else the index cannot be checked: not used
     indexed = _index_entries(fs, root) if hashed else {}
     manifests, unread = {}, []
-    for name, info in listed.items():
+    for name, etag in listed.items():
         sid = name.rsplit("/", 1)[-1][:-len(".json")]
-        entry = indexed.get(sid)
-        if entry is not None and entry[0] == _etag(info):
-            manifests[sid] = Manifest.from_json(entry[1])
+        entry = indexed.pop(sid, None)
+        if entry is not None and entry[0] == etag:
+            manifests[sid] = Manifest.from_json(json.loads(entry[1]))
         else:
             unread.append(name)
+    del indexed
     for body in read_json_files(fs, unread):
         manifests[body["shard_id"]] = m = Manifest.from_json(body)
         if unindexed is not None and hashed:
@@ -88,21 +93,21 @@ def read_manifests(fs, root: str, unindexed: list | None = None) -> dict[str, Ma
     return manifests
 
 
-def _index_entries(fs, root: str) -> dict[str, tuple[str, dict]]:
-    """shard id -> (md5, manifest body) from every segment, later segments first-class."""
+def _index_entries(fs, root: str) -> dict[str, tuple[str, str]]:
+    """shard id -> (md5, manifest JSON) from every segment, a later segment's entry first."""
     try:
         segments = sorted(f for f in fs.ls(f"{root}/_index", detail=False) if f.endswith(".jsonl"))
     except FileNotFoundError:
         return {}
-    entries: dict[str, tuple[str, dict]] = {}
-    for i in range(0, len(segments), READ_BATCH):
-        chunk = segments[i:i + READ_BATCH]
-        bodies = fs.cat(chunk)
+    entries: dict[str, tuple[str, str]] = {}
+    for i in range(0, len(segments), SEGMENT_BATCH):
+        chunk = segments[i:i + SEGMENT_BATCH]
+        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
         for seg in chunk:
-            for line in bodies[seg].decode().splitlines():
+            for line in bodies.pop(seg).decode().splitlines():
                 if line:
-                    e = json.loads(line)
-                    entries[e["manifest"]["shard_id"]] = (e["md5"], e["manifest"])
+                    sid, md5, body = line.split("\t", 2)
+                    entries[sid] = (md5, body)
     return entries
 
 

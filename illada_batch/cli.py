@@ -297,6 +297,10 @@ def cmd_bench(args) -> int:
         unknown = [g for g in given if g not in known]
         if unknown:
             raise UserError(f"{name} {unknown[0]!r}: not one of {', '.join(known)}")
+    if args.roofline:  # a model of each cache mode on a GPU, from the engine's counted schedule (runs on a CPU)
+        from illada_batch.bench.roofline import roofline
+
+        return roofline(args.roofline, args.model_shape or "llada-8b", args.out)
     if args.model_shape:
         import torch
 
@@ -310,7 +314,7 @@ def cmd_bench(args) -> int:
         return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
 
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches)
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp)
 
 
 def main(argv=None) -> int:
@@ -401,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")
     p.add_argument("--random-weights", action="store_true")
+    p.add_argument("--roofline", default=None, choices=["h100", "h200", "a100"],
+                   help="predict each cache mode's steps on this GPU from the engine's counted schedule (a model)")
     p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"],
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
@@ -410,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, default=4, help="--only scale: input rows per shard")
     p.add_argument("--ids", default="", help="--only scale: also the duplicate-id check's memory on these id counts "
                    "(e.g. 10000000); --shards '' for this alone")
+    p.add_argument("--tp", type=_positive, default=1,
+                   help="--only wide: each of N tensor-parallel ranks' peak memory against 1/N of the weights")
     p.add_argument("--cache", default=",".join(_cache_modes()),
                    help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)

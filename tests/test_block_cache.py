@@ -18,13 +18,17 @@ from collections import deque
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from illada_batch.decoding.loop import FullForward
 from illada_batch.decoding.params import CacheMode, SamplingParams
+from illada_batch.engine.block_cache import BlockCacheForward
 from illada_batch.engine.cache_plan import BlockCache, encode_isolated
 from illada_batch.engine.diffusion import Engine, Request
 from illada_batch.engine.kv_cache import KVCache, bytes_per_page
 from illada_batch.engine.pages import PagePool
+from illada_batch.model.layers.traffic import Traffic, counting
 
 MODES = ["blocks", "prefix+blocks"]
 PAGE = 16
@@ -105,6 +109,49 @@ def test_block_only_forward_equals_the_full_forward(model, mode, light):
             stale = plan.forward.block_logits(model, batch, rows, cols, params)
             now = FullForward(prefix_kv=shared).block_logits(model, batch, rows, cols, params)
         assert torch.equal(stale[r], mixed[r]) and not torch.allclose(now[r], mixed[r], atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_block_only_step_copies_no_row_cache(model, mode):
+    """The block's fresh K/V go into the row's pages and attention reads them there: no
+    K/V is gathered, concatenated, scattered or repeated (a copy of a row's cache would be).
+    With a logit shift (Dream) the positions just before the block run and are written too."""
+    batch, params, plan, shared, cols = _batch_mid_decode(model, mode, seed=7)
+    rows, layers = torch.arange(6), model.card.n_layers
+    run = params.block_length + model.card.logit_shift  # query positions per row
+    with torch.no_grad():
+        plan.forward.block_logits(model, batch, rows, cols, params)  # refresh: every row's K/V into pages
+        batch.step[:] = 1
+        with counting(Traffic()) as traffic:
+            plan.forward.block_logits(model, batch, rows, cols, params)
+    step = traffic.current
+    assert dict(step.copied) == {}
+    assert step.kv_written == 6 * run * layers  # only the block's own K/V
+    assert step.kv_read >= int(batch.valid.sum()) * layers and step.query_tokens == 6 * run
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix(model, data):
+    """Rows of any lengths and blocks, any of them refreshing, any subset of the batch, pages
+    anywhere in the pool (a permuted pool: rows of one or many runs of pages): the paged
+    block-only step gives the gathered path's logits (within fp32 rounding of a different
+    summation order: runs merged by log-sum-exp), and copies nothing."""
+    mode = data.draw(st.sampled_from(MODES))
+    batch, params, plan, shared, cols = _batch_mid_decode(model, mode, seed=data.draw(st.integers(0, 2**16)))
+    batch.page_table = torch.tensor(data.draw(st.permutations(range(64))))[batch.page_table]
+    rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, 5), min_size=1))))
+    light = data.draw(st.lists(st.booleans(), min_size=6, max_size=6))
+    gathered = BlockCacheForward(plan.forward.kv, shared, paged=False)
+    with torch.no_grad():
+        batch.step[:] = 0
+        plan.forward.block_logits(model, batch, torch.arange(6), cols, params)  # every row's K/V into pages
+        batch.step[:] = torch.tensor(light, dtype=torch.long)
+        want = gathered.block_logits(model, batch, rows, cols[rows], params)
+        with counting(Traffic()) as traffic:
+            got = plan.forward.block_logits(model, batch, rows, cols[rows], params)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert "gather" not in traffic.current.copied and "scatter" not in traffic.current.copied
 
 
 # ------------------------------------------------------------------ 2. the DualCache oracle

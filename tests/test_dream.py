@@ -12,6 +12,10 @@ import pytest
 import torch
 from dream_oracle import DreamOracle, oracle_diffusion_generate, shifted
 from oracle import left_pad, oracle_generate
+from test_block_cache import (  # noqa: F401  (run on this model: the logit shift)
+    test_a_block_only_step_copies_no_row_cache,
+    test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix,
+)
 
 from illada_batch import generate
 from illada_batch.decoding.loop import DecodeBatch, FullForward, denoise_step, row_generators

@@ -50,3 +50,49 @@ def test_a_job_on_the_tiny_llada_moe_runs_end_to_end(family_checkpoint, tmp_path
     table = read_output(fs, str(tmp_path / "out"))
     assert_exactly_once(table, ids, n=2)
     assert set(table.column("model").to_pylist()) == {f"llada-moe:{family_checkpoint('llada-moe')}"}
+
+
+@pytest.mark.parametrize("family, extra, words", [
+    ("llada2", {"engine": {"cache": "prefix"}}, "engine.cache: 'prefix' assumes bidirectional attention"),
+    ("llada2", {"engine": {"cache": "blocks"}}, "llada2 is block-causal"),
+    ("llada", {"sampling": {"steps": 2, "gen_length": 2, "block_length": 2, "alg": "entropy"}},
+     "sampling.alg: a setting of the dream family's sampler; this model is llada"),
+    ("dream", {"sampling": {"steps": 2, "gen_length": 2, "block_length": 2, "editing_threshold": 0.9}},
+     "sampling.editing_threshold: a setting of the llada2 family's sampler; this model is dream"),
+])
+def test_validate_refuses_what_the_models_family_cannot_honour(family_checkpoint, tmp_path, capsys, family, extra,
+                                                                  words):
+    """The card decides, before any cluster work: a block-causal family refuses the cache
+    modes that assume bidirectional attention; a sampler setting of another family is named
+    with both families."""
+    code, out = validate(spec_file(tmp_path, model={"path": str(family_checkpoint(family))}, **extra), capsys=capsys)
+    assert code == 1 and words in out, out
+
+
+def test_a_setting_left_unset_takes_the_familys_own_default(family_checkpoint):
+    """LLaDA 2.x decodes with its block schedule unless told otherwise; LLaDA 1.x keeps the spread."""
+    from illada_batch.decoding.params import SamplingParams, TransferRule
+    from illada_batch.model.registry import card_of
+
+    params = SamplingParams(steps=4, gen_length=8, block_length=4)
+    assert card_of(family_checkpoint("llada2")).resolve(params).transfer_rule is TransferRule.BLOCK_SCHEDULE
+    assert card_of(family_checkpoint("llada")).resolve(params).transfer_rule is None  # the loop's spread
+    told = SamplingParams(steps=4, gen_length=8, block_length=4, transfer_rule="spread")
+    assert card_of(family_checkpoint("llada2")).resolve(told).transfer_rule is TransferRule.SPREAD
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, engine", [("llada2", {"cache": "off"}), ("dream", {"cache": "blocks"})])
+def test_a_job_on_each_familys_tiny_checkpoint_runs_end_to_end(family_checkpoint, tmp_path, ray_cluster, family,
+                                                                engine):
+    fs = fsspec.filesystem("file")
+    (tmp_path / "in").mkdir()
+    ids = [f"r{i}" for i in range(6)]
+    write_prompts(fs, str(tmp_path / "in" / "a.parquet"), ids, [f"prompt number {i}" for i in range(6)])
+    spec = spec_from_dict(job_dict(str(tmp_path / "in"), str(tmp_path / "out"), None, n=2, engine=engine,
+                                   model={"path": str(family_checkpoint(family))}))
+    report = run_job(spec, show_progress=False, log=lambda *_: None)
+    assert report.exit_code() == 0
+    table = read_output(fs, str(tmp_path / "out"))
+    assert_exactly_once(table, ids, n=2)
+    assert set(table.column("model").to_pylist()) == {f"{family}:{family_checkpoint(family)}"}

@@ -20,7 +20,11 @@ from hypothesis import strategies as st
 from oracle import left_pad, oracle_generate
 from oracle_llada_moe import oracle_logits
 from safetensors.torch import load_file
-from test_block_cache import test_block_only_forward_equals_the_full_forward  # noqa: F401  (run on this model)
+from test_block_cache import (  # noqa: F401  (run on this model: GQA)
+    test_a_block_only_step_copies_no_row_cache,
+    test_block_only_forward_equals_the_full_forward,
+    test_paged_attention_logits_equal_the_gathered_path_for_any_batch_mix,
+)
 
 from illada_batch import generate
 from illada_batch.engine.diffusion import Engine

@@ -103,6 +103,9 @@ def test_manifests_of_the_first_format_are_still_read_and_checked(tmp_path):
     (tmp_path / "_manifest" / "abc-000000000.json").write_text(json.dumps(old))
     out = Output(*filesystem(str(tmp_path), {}))
     plan = {"abc-000000000": RowRange("in/a.parquet", 100, "1", 0, 8)}
+    assert out.trusted_manifests("fp", plan, samples_per_row=2) == {}, "its data file is missing: not trusted"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "part-abc-000000000-1.parquet").write_bytes(b"x")  # no size recorded: only there
     (m,) = out.trusted_manifests("fp", plan, samples_per_row=2).values()
     assert (m.samples, m.stats.errors, m.stats.tokens, m.stats.pid, m.rows) == (16, 1, 40, 7, None)
     with pytest.raises(RowRangeMismatch, match="it holds 16 samples, the plan's shard 8"):

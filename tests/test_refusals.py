@@ -180,12 +180,13 @@ OTHER = {
     "sampling.gen_length": 64, "sampling.block_length": 16, "sampling.temperature": 0.5, "sampling.cfg_scale": 1.0,
     "sampling.remasking": "random", "sampling.threshold": 0.9, "sampling.early_stop": False,
     "sampling.suppress_eos": True, "sampling.zero_eos_confidence": True, "engine.cache": "blocks",
-    "engine.max_batch_size": 3, "engine.kv_budget": 0.5, "n": 2, "seed": 1, "output.url": "elsewhere",
+    "engine.max_batch_size": 3, "engine.kv_budget": 0.5, "engine.tensor_parallel_size": 2, "n": 2, "seed": 1, "output.url": "elsewhere",
     "output.storage_options": {"anon": True}, "replicas": 2, "resources.num_gpus": 1, "resources.num_cpus": 2,
     "shard_rows": 7, "max_retries": 1, "retry_backoff_s": 1.0, "error_budget": 0.1, "placement_timeout_s": 5.0,
     "stall_warning_s": 5.0, "base_dir": "/elsewhere", "sampling.alg": "entropy", "sampling.alg_temp": 0.5,
+    "sampling.transfer_rule": "block_schedule", "sampling.editing_threshold": 0.8, "sampling.max_post_steps": 3,
 }
-NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}}  # a field valid only beside another
+NEEDS = {"sampling.alg_temp": {"sampling.alg": "entropy"}, "sampling.max_post_steps": {"sampling.editing_threshold": 0.8}}  # a field valid only beside another
 
 
 def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_path):

@@ -92,7 +92,7 @@ SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the 
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
-         caches: list[str] | None = None) -> int:
+         caches: list[str] | None = None, tp: int = 1) -> int:
     """The benchmark's sections (``only``, default ``SECTIONS``) for the cache modes ``caches``
     (default every mode); prints each table and writes the JSON report to ``out_path``."""
     from illada_batch.decoding.params import CacheMode
@@ -104,7 +104,8 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
     model = load_model(model_name)
     report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
-    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("batching", _batching),
+    wide = _wide if tp == 1 else (lambda model, rows, caches: _wide_tp(tp, caches))
+    for name, section in (("modes", _modes), ("long", _long), ("wide", wide), ("batching", _batching),
                           ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(model, rows, caches)
@@ -141,6 +142,14 @@ def _wide(model, rows: int, caches: list[str]):  # not in the default set: a 3.8
 
     out = bench_wide(caches)
     print(wide_report(out), flush=True)
+    return out
+
+
+def _wide_tp(tp: int, caches: list[str]):  # each rank's peak memory against 1/N of the weights
+    from illada_batch.bench.wide_tp import bench_wide_tp, report
+
+    out = bench_wide_tp(tp, caches[0])
+    print(report(out), flush=True)
     return out
 
 

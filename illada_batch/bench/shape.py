@@ -3,7 +3,9 @@ model's shape with random weights (no accuracy), 512-token shared prefix and 32-
 prompts of random ids, gen_length 32 (fixed steps and threshold 0.9), batch 1, 16 and 64,
 on whatever device is here (bf16 and SDPA on CUDA): tokens/s, peak memory, and model FLOP
 utilisation (the forwards' matrix FLOPs over ``--peak-tflops``, default the GPU's bf16
-dense peak when known). Prepared for a GPU; not yet run on one."""
+dense peak when known), and beside each run's measured time per step the roofline's
+(``bench/roofline.py``: the run's own counted steps priced at the GPU's published peak and
+bandwidth). Prepared for a GPU; not yet run on one."""
 
 from __future__ import annotations
 
@@ -45,6 +47,25 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
+def measured_vs_roofline(modes: list[dict], cfg) -> str:
+    """Each run's measured ms per step beside the roofline's for the same counted steps."""
+    from illada_batch.bench.roofline import DEVICES, predict
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    device = next((d for key, d in DEVICES.items() if key.upper() in name), None)
+    if device is None:
+        return f"no roofline for this device ({name or 'CPU'}): it knows {', '.join(DEVICES)}"
+    lines = [f"measured vs roofline on {device.name} (bf16):"]
+    for r in modes:
+        tokens = r["tokens_per_s"] * r["seconds"]
+        p = predict(r["_traffic"], cfg, device, int(tokens))
+        lines.append(f"{r['cache']:<14}{r['decoding']:<10} batch {r['batch']:>3}: measured "
+                     f"{r['seconds'] / r['forward_passes'] * 1e3:8.2f} ms/step, roofline "
+                     f"{p['seconds'] / max(1, p['steps']) * 1e3:8.2f} ms/step ({p['tokens_per_s']:.0f} tok/s predicted, "
+                     f"{r['tokens_per_s']:.0f} measured)")
+    return "\n".join(lines)
+
+
 def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | None = None,
                 out_path: str = "bench.json") -> int:
     """The modes table at ``shape`` with random weights (a GPU for llada-8b); writes ``out_path``."""
@@ -73,6 +94,7 @@ def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | Non
     for r in modes:
         mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         print(f"{r['cache']:<14}{r['decoding']:<10} batch {r['batch']:>3}: {r['model_tflops']:.2f} TFLOP/s, MFU {mfu}")
+    print(measured_vs_roofline(modes, model.config))
     with open(out_path, "w") as f:
         json.dump({"shape": shape, "device": str(model.device), "modes": strip(modes)}, f, indent=2)
     return 0

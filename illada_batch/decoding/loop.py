@@ -15,6 +15,19 @@ loops it over one batch; the engine loops it while refilling finished rows. The 
 a parameter (``forward``: how a step's logits for the current block are computed), never a
 second loop. Logits are computed for the current block's positions only (the only ones a
 step reads), which gives the same tokens as full logits.
+
+Block-causal families (LLaDA 2.x) align blocks at position 0, not at the response's start:
+a row's decoding window then starts at its prompt's last block boundary and ends at a block
+boundary past ``gen_length``. The window holds the prompt's partial last block as fixed
+tokens (``lead``, never unmasked or edited, as a template's fixed text), the response, and the
+last block's tail past ``gen_length`` (masked and decoded, as the reference does; a row
+whose prompt ends on a boundary gets a fixed filler block instead, never decoded). Every
+window is ``gen_length + block_length`` wide, so rows of any prompt length share a batch;
+the loop reads blocks, masks and EOS inside the window, and ``responses`` cuts each row's
+``gen_length`` tokens out of it. A family's sampler rules are data of ``SamplingParams``
+(``transfer_rule``; LLaDA 2.1's ``editing_threshold`` and ``max_post_steps``), not a second
+loop: with editing, a row stays in a block after it is unmasked while its passes edit (at
+most ``max_post_steps``), and its EOS ends generation only once its block is complete.
 """
 
 from __future__ import annotations
@@ -26,8 +39,9 @@ from torch import Tensor
 
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.decoding.rules import rules_for
-from illada_batch.decoding.sampler import gumbel_argmax
+from illada_batch.decoding.sampler import edits, gumbel_argmax
 from illada_batch.model.base import DiffusionLM
+from illada_batch.model.family import AttentionKind
 from illada_batch.model.layers.attention import LayerKV, isolated_prefix_mask
 
 
@@ -46,9 +60,19 @@ class DecodeBatch:
     # Block cache: each row's K/V pages in its token order (its first real token first),
     # right-padded with page 0 (never read: masked); None without a block cache.
     page_table: Tensor | None = None  # [B, max pages]
-    # Each response position's slot: 0 everywhere for a row without a template (its whole
-    # response is one slot); a template's slot index, -1 on its fixed text and EOS tail.
-    slot: Tensor | None = None  # [B, gen_length]
+    # Each window position's slot: 0 everywhere for a row without a template (its whole
+    # response is one slot); a template's slot index, -1 on its fixed text and EOS tail (and
+    # on a block-causal row's prompt tokens and filler block).
+    slot: Tensor | None = None  # [B, W]
+    # Block-causal rows: the prompt tokens at the start of the window; 0 otherwise.
+    lead: Tensor | None = None  # [B]
+    post: Tensor | None = None  # [B] editing passes since the current block was unmasked
+
+    @property
+    def window(self) -> int:
+        """W, the decoding window's width: the last W columns (gen_length, or gen_length +
+        block_length for block-causal rows)."""
+        return self.slot.shape[1]
 
     @property
     def size(self) -> int:
@@ -59,23 +83,26 @@ class DecodeBatch:
                      generators: list[torch.Generator], device: torch.device, position_offset: int = 0,
                      prefix_lengths: list[int] | None = None, tags: list | None = None,
                      page_tables: list[list[int]] | None = None,
-                     responses: list[tuple[list[int], list[int]] | None] | None = None) -> "DecodeBatch":
+                     responses: list[tuple[list[int], list[int]] | None] | None = None,
+                     aligned: bool = False) -> "DecodeBatch":
         """``responses``: per row None (all masked) or a template's (first response ids,
-        slot per position), from ``TokenTemplate.layout``."""
-        B, G = len(prompts), params.gen_length
-        L = max(len(p) for p in prompts) + G
+        slot per position), from ``TokenTemplate.layout``. ``aligned``: blocks aligned at
+        position 0 (block-causal families; see the design note)."""
+        B = len(prompts)
+        windows = [_window(p, params, mask_id, pad_id, position_offset, aligned, None if not responses else responses[i])
+                   for i, p in enumerate(prompts)]
+        prompts = [p[:len(p) - lead] for p, (lead, _, _) in zip(prompts, windows)]
+        W = len(windows[0][1])
+        L = max(len(p) for p in prompts) + W
         x = torch.full((B, L), pad_id, dtype=torch.long)
         valid = torch.zeros((B, L), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            x[i, L - G - len(p):L - G] = torch.tensor(p, dtype=torch.long)
-            valid[i, L - G - len(p):] = True
-        x[:, L - G:] = mask_id
-        slot = torch.zeros((B, G), dtype=torch.long)
-        for i, r in enumerate(responses or []):
-            if r is not None:
-                x[i, L - G:], slot[i] = torch.tensor(r[0], dtype=torch.long), torch.tensor(r[1], dtype=torch.long)
+        slot = torch.zeros((B, W), dtype=torch.long)
+        for i, (p, (_, ids, slots)) in enumerate(zip(prompts, windows)):
+            x[i, L - W - len(p):L - W] = torch.tensor(p, dtype=torch.long)
+            valid[i, L - W - len(p):] = True
+            x[i, L - W:], slot[i] = torch.tensor(ids, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + position_offset
-        pad = L - G - torch.tensor([len(p) for p in prompts])
+        pad = L - W - torch.tensor([len(p) for p in prompts])
         prefix_end = pad + torch.tensor(prefix_lengths) if prefix_lengths else torch.zeros(B, dtype=torch.long)
         def zeros() -> Tensor:
             return torch.zeros(B, dtype=torch.long, device=device)
@@ -86,10 +113,21 @@ class DecodeBatch:
             for i, t in enumerate(page_tables):
                 table[i, :len(t)] = torch.tensor(t, dtype=torch.long)
             table = table.to(device)
-        block = first_masked_block(x[:, L - G:] == mask_id, params).to(device)  # [B] a template may skip blocks
+        block = first_masked_block(x[:, L - W:] == mask_id, params).to(device)  # [B] a template may skip blocks
+        lead = torch.tensor([w[0] for w in windows], dtype=torch.long, device=device)
         return cls(x.to(device), valid.to(device), positions.to(device), prefix_end.to(device), block,
                    zeros(), zeros(), torch.zeros(B, dtype=torch.bool, device=device),
-                   list(generators), list(tags) if tags is not None else list(range(B)), table, slot.to(device))
+                   list(generators), list(tags) if tags is not None else list(range(B)), table, slot.to(device),
+                   lead, zeros())
+
+    def responses(self, params: SamplingParams) -> list[list[int]]:
+        """Each row's ``gen_length`` response tokens, cut out of its window."""
+        window, lead = self.x[:, -self.window:].tolist(), self.lead.tolist()
+        return [w[s:s + params.gen_length] for w, s in zip(window, lead)]
+
+    def response_slots(self, params: SamplingParams) -> list[list[int]]:
+        slot, lead = self.slot.tolist(), self.lead.tolist()
+        return [w[s:s + params.gen_length] for w, s in zip(slot, lead)]
 
     def select(self, keep: Tensor) -> "DecodeBatch":
         """The rows where ``keep`` [B] is True, with left padding trimmed to the longest."""
@@ -100,8 +138,8 @@ class DecodeBatch:
         return DecodeBatch(self.x[idx, trim], valid[:, trim], self.positions[idx, trim], self.prefix_end[idx] - first,
                            self.block[idx], self.step[idx], self.nfe[idx], self.done[idx],
                            [self.generators[i] for i in idx.tolist()], [self.tags[i] for i in idx.tolist()],
-                           None if self.page_table is None else self.page_table[idx],
-                           None if self.slot is None else self.slot[idx])
+                           None if self.page_table is None else self.page_table[idx], self.slot[idx], self.lead[idx],
+                           self.post[idx])
 
     def extend(self, other: "DecodeBatch", pad_id: int) -> "DecodeBatch":
         """Both batches' rows, left-padded to a common length."""
@@ -121,11 +159,36 @@ class DecodeBatch:
             cat([self.prefix_end + L - self.x.shape[1], other.prefix_end + L - other.x.shape[1]]),
             cat([self.block, other.block]), cat([self.step, other.step]), cat([self.nfe, other.nfe]),
             cat([self.done, other.done]), self.generators + other.generators, self.tags + other.tags, table,
-            None if self.slot is None else cat([self.slot, other.slot]))
+            cat([self.slot, other.slot]), cat([self.lead, other.lead]), cat([self.post, other.post]))
 
-    def attention_mask(self, isolate_prefix: bool) -> Tensor:
-        """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself."""
-        return isolated_prefix_mask(self.valid, self.prefix_end) if isolate_prefix else self.valid
+    def attention_mask(self, isolate_prefix: bool, causal_block: int | None = None) -> Tensor:
+        """[B, L] key padding, or [B, L, L] when each row's prefix attends only to itself or
+        attention is block-causal (``causal_block``: a position sees the blocks of that size,
+        aligned at position 0, up to its own)."""
+        mask = isolated_prefix_mask(self.valid, self.prefix_end) if isolate_prefix else self.valid
+        if causal_block is None:
+            return mask
+        blk = self.positions // causal_block  # [B, L]
+        sees = blk[:, None, :] <= blk[:, :, None]  # [B, L(q), L(k)]
+        return (mask if mask.dim() == 3 else mask[:, None, :]) & sees
+
+
+def _window(prompt: list[int], params: SamplingParams, mask_id: int, pad_id: int, position_offset: int,
+            aligned: bool, response: tuple[list[int], list[int]] | None) -> tuple[int, list[int], list[int]]:
+    """A row's decoding window: (lead, token ids, slots). Not aligned: the response (all
+    masked, or a template's layout). Aligned: the prompt's last ``lead`` tokens (fixed, slot
+    -1), the response, then the last block's tail (masked, in the response's last slot) or,
+    when the prompt ends on a block boundary, a filler block (fixed, never decoded)."""
+    G, BL = params.gen_length, params.block_length
+    ids, slots = response if response is not None else ([mask_id] * G, [0] * G)
+    if not aligned:
+        return 0, list(ids), list(slots)
+    lead = (position_offset + len(prompt)) % BL
+    if lead:
+        tail, tail_slots = [mask_id] * (BL - lead), [max(slots[-1], 0)] * (BL - lead)
+    else:
+        tail, tail_slots = [pad_id] * BL, [-1] * BL
+    return lead, prompt[len(prompt) - lead:] + list(ids) + tail, [-1] * lead + list(slots) + tail_slots
 
 
 class FullForward:
@@ -142,12 +205,13 @@ class FullForward:
                      params: SamplingParams) -> Tensor:
         """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
         x, valid, L = batch.x[rows], batch.valid[rows], batch.x.shape[1]
-        attn = batch.attention_mask(self.isolate_prefix)[rows]  # [b, L] or [b, L, L]
+        attn = batch.attention_mask(self.isolate_prefix, causal_block(model, params))[rows]  # [b, L] or [b, L, L]
         positions, index = batch.positions[rows], cols  # [b, L], [b, BL]
         inputs = x
         if params.cfg_scale > 0:  # the unconditional copy: the whole prompt masked
             prompt = valid.clone()
-            prompt[:, L - params.gen_length:] = False
+            col = torch.arange(L, device=x.device)
+            prompt &= col[None] < (L - batch.window + batch.lead[rows])[:, None]
             inputs = torch.cat([x, torch.where(prompt, model.card.mask_token_id, x)])  # [2b, L]
             attn, positions, index = torch.cat([attn, attn]), torch.cat([positions, positions]), torch.cat([cols, cols])
         self.query_tokens += inputs.numel()
@@ -163,12 +227,12 @@ def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams,
     """One forward pass for the unfinished rows (through ``forward``, the cache; default:
     the whole sequence), then each row unmasks its chosen positions of the current block."""
     card = model.card
-    mask_id, G, BL = card.mask_token_id, params.gen_length, params.block_length
+    mask_id, W, BL = card.mask_token_id, batch.window, params.block_length
     rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
     if len(rows) == 0:
         return
     x, L = batch.x[rows], batch.x.shape[1]
-    cols = (L - G) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
+    cols = (L - W) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
     logits = (forward or FullForward()).block_logits(model, batch, rows, cols, params)  # [b, BL, V]
     if params.suppress_eos:
         logits[..., card.eos_token_id] = -torch.inf
@@ -187,37 +251,62 @@ def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams,
         eot = getattr(model.tokenizer, "eot_id", None)
         stop = (tokens == card.eos_token_id) | ((tokens == eot) if eot is not None else False)
         conf = torch.where(stop, torch.full_like(conf, rules.lowest), conf)
+    edited = torch.zeros_like(is_mask)
+    if params.editing:  # LLaDA 2.1: decoded tokens (not fixed text, not the prompt) may be replaced
+        editable = ~is_mask & (batch.slot[rows].gather(1, cols - (L - W)) >= 0)  # [b, BL]
+        edited = edits(tokens, current, conf, editable, params.editing_threshold)  # [b, BL]
     conf = torch.where(is_mask, conf, -torch.inf)
     # A block ends after its scheduled steps whatever the scores (NaN logits, say): its last
     # step fills every position still masked (threshold: at most block_length steps).
-    last = batch.step[rows] >= (params.steps_per_block if params.threshold is None else BL) - 1  # [b]
-    transfer = rules.transfer(conf, is_mask, batch.step[rows], params, gens) | (is_mask & last[:, None])  # [b, BL]
+    last = batch.step[rows] >= rules.last_step(params) - 1  # [b]
+    fill = rules.transfer(conf, is_mask, batch.step[rows], params, gens)  # [b, BL]
+    transfer = fill | (is_mask & last[:, None]) | edited  # [b, BL]
     batch.x[rows[:, None], cols] = torch.where(transfer, tokens, current)
-    _advance(batch, rows, params, mask_id, card.eos_token_id)
+    _advance(batch, rows, params, mask_id, card.eos_token_id, is_mask.any(-1), edited.any(-1))
 
 
-def _advance(batch: DecodeBatch, rows: Tensor, params: SamplingParams, mask_id: int, eos_id: int) -> None:
+def _advance(batch: DecodeBatch, rows: Tensor, params: SamplingParams, mask_id: int, eos_id: int,
+             had_masks: Tensor, edited: Tensor) -> None:
     """Count the step; with early stop, end each slot at its EOS; move each row to its first
-    block still masked (a block with nothing masked completes at once): done past the last."""
-    G = params.gen_length
+    block still masked (a block with nothing masked completes at once): done past the last.
+    With editing (LLaDA 2.1), a row stays in its block after it is unmasked while its passes
+    edit, at most ``max_post_steps`` passes; its slots end at EOS only when it leaves the block.
+    had_masks, edited [b]: this step began with masked positions in the block, replaced tokens."""
+    W = batch.window
     batch.nfe[rows] += 1
     batch.step[rows] += 1
-    resp = batch.x[rows, -G:]  # [b, G]
+    resp = batch.x[rows, -W:]  # [b, W]
+    stay = torch.zeros_like(had_masks)
+    if params.editing:
+        post = batch.post[rows] + (~had_masks).long()  # [b] passes that began unmasked
+        still = (resp.view(len(rows), -1, params.block_length) == mask_id).any(-1).gather(
+            1, batch.block[rows][:, None]).squeeze(1)  # [b]
+        stay = torch.where(had_masks, still | (params.max_post_steps > 0), edited & (post < params.max_post_steps))
+        batch.post[rows] = torch.where(stay, post, 0)
     if params.early_stop:
-        slot = batch.slot[rows] if batch.slot is not None else torch.zeros_like(resp)  # [b, G]
-        resp = end_slots_at_eos(resp, slot, mask_id, eos_id)
-        batch.x[rows, -G:] = resp
-    block = first_masked_block(resp == mask_id, params)  # [b]
+        ended = end_slots_at_eos(resp, batch.slot[rows], mask_id, eos_id)
+        resp = torch.where(stay[:, None], resp, ended)
+        batch.x[rows, -W:] = resp
+    block = torch.where(stay, batch.block[rows], first_masked_block(resp == mask_id, params))  # [b]
     batch.step[rows] = torch.where(block == batch.block[rows], batch.step[rows], 0)
     batch.block[rows] = block
-    batch.done[rows] = block >= params.num_blocks
+    batch.done[rows] = block >= W // params.block_length
 
 
 def first_masked_block(is_mask: Tensor, params: SamplingParams) -> Tensor:
-    """[B] index of each row's first block with a masked position; ``num_blocks`` if none.
-    is_mask [B, gen_length]."""
-    has = is_mask.view(is_mask.shape[0], params.num_blocks, params.block_length).any(-1)  # [B, blocks]
-    return torch.where(has.any(-1), has.float().argmax(-1), params.num_blocks)
+    """[B] index of each row's first block with a masked position; the number of blocks if
+    none. is_mask [B, W], W the window (a multiple of block_length)."""
+    has = is_mask.view(is_mask.shape[0], -1, params.block_length).any(-1)  # [B, blocks]
+    return torch.where(has.any(-1), has.float().argmax(-1), has.shape[1])
+
+
+def causal_block(model: DiffusionLM, params: SamplingParams) -> int | None:
+    """The block size of the model's block-causal attention (its card's, or the sampler's
+    block_length when the card leaves it to the sampler); None when it is bidirectional."""
+    card = model.card
+    if card.attention is not AttentionKind.BLOCK_CAUSAL:
+        return None
+    return card.attention_block or params.block_length
 
 
 def end_slots_at_eos(resp: Tensor, slot: Tensor, mask_id: int, eos_id: int) -> Tensor:
@@ -265,6 +354,7 @@ def generate(model: DiffusionLM, prompt_ids: Tensor, attention_mask: Tensor | No
     params = SamplingParams(steps=steps, gen_length=gen_length, block_length=block_length, temperature=temperature,
                             cfg_scale=cfg_scale, remasking=remasking, early_stop=early_stop, **options)
     card = model.card
+    params = card.resolve(params)  # the family's own defaults for settings left unset
     B = prompt_ids.shape[0]
     mask = torch.ones_like(prompt_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     prompts = [row[m].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
@@ -273,8 +363,9 @@ def generate(model: DiffusionLM, prompt_ids: Tensor, attention_mask: Tensor | No
     else:
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
     batch = DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
-                                     row_generators(seeds, model.device), model.device)
+                                     row_generators(seeds, model.device), model.device,
+                                     aligned=causal_block(model, params) is not None)
     while not bool(batch.done.all()):
         denoise_step(model, batch, params)
-    out = torch.cat([prompt_ids.to(model.device), batch.x[:, -gen_length:]], dim=1)
-    return out
+    response = torch.tensor(batch.responses(params), dtype=torch.long, device=model.device)  # [B, gen_length]
+    return torch.cat([prompt_ids.to(model.device), response], dim=1)

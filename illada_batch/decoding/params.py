@@ -32,6 +32,18 @@ class Alg(str, enum.Enum):
     ENTROPY = "entropy"  # the lowest entropy
 
 
+class TransferRule(str, enum.Enum):
+    """How many masked positions a step of a block unmasks (a family's rule; its card's default)."""
+
+    # LLaDA 1.x: the block's masked positions spread evenly over its steps left (ceil); under a
+    # threshold every prediction at or above it, and at least one.
+    SPREAD = "spread"
+    # LLaDA 2.0: step k unmasks n_k, ``block_length`` spread over the block's steps (the first
+    # ``block_length % steps`` get one more), capped at what is masked; under a threshold every
+    # prediction above it when there are at least n_k of them, else the n_k most confident.
+    BLOCK_SCHEDULE = "block_schedule"
+
+
 class CacheMode(str, enum.Enum):
     """What an engine keeps between steps (see the engine's design note)."""
 
@@ -87,9 +99,18 @@ class SamplingParams:
     alg_temp: float | None = _setting(None, "with alg: positions drawn from softmax(confidence / alg_temp) "
                                             "instead of the most confident (more diverse, less accurate); "
                                             "unset or 0 = the most confident", ge=0)
+    transfer_rule: TransferRule | None = _setting(None, "how many positions a step unmasks: spread (LLaDA 1.x, "
+                                                        "LLaDA-MoE, Dream) or block_schedule (LLaDA 2.0); unset = "
+                                                        "the model family's own rule")
+    editing_threshold: float | None = _setting(None, "LLaDA 2.1 token editing: a decoded token of the current block "
+                                                     "is replaced when the new prediction differs with probability "
+                                                     "above this; one token unmasked per step at least (steps is "
+                                                     "ignored); unset = no editing", gt=0, le=1)
+    max_post_steps: int = _setting(16, "LLaDA 2.1: at most this many editing passes after a block is unmasked "
+                                       "(more = more revisions, more forwards)", ge=0)
 
     def __post_init__(self) -> None:
-        for name, kind in (("remasking", Remasking), ("alg", Alg)):
+        for name, kind in (("remasking", Remasking), ("alg", Alg), ("transfer_rule", TransferRule)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
                 try:
@@ -107,6 +128,11 @@ class SamplingParams:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+    @property
+    def editing(self) -> bool:
+        """LLaDA 2.1's rule: decoded tokens may be replaced; one token a step at least, steps ignored."""
+        return self.editing_threshold is not None
 
     def problems(self) -> list[tuple[str, str]]:
         """Every (field, what is wrong) at once: bounds first, then how the fields fit together."""
@@ -135,6 +161,9 @@ class SamplingParams:
         if self.alg is not None and self.threshold is not None:
             out.append(("threshold", f"alg={self.alg.value} sets its own schedule; a threshold replaces it: "
                                      f"set one of them"))
+        if self.alg is not None and (self.editing_threshold is not None or self.transfer_rule is TransferRule.BLOCK_SCHEDULE):
+            out.append(("alg", f"alg={self.alg.value} is Dream's sampler; transfer_rule and editing_threshold are "
+                               f"LLaDA 2.x's: set one family's settings"))
         if self.alg is not None and self.remasking is not Remasking.LOW_CONFIDENCE:
             out.append(("remasking", f"alg={self.alg.value} chooses the positions itself; remasking applies "
                                      f"without alg"))
@@ -147,7 +176,13 @@ class SamplingParams:
         d = asdict(self)
         d["remasking"] = self.remasking.value
         d["alg"] = None if self.alg is None else self.alg.value
+        d["transfer_rule"] = None if self.transfer_rule is None else self.transfer_rule.value
         return d
+
+
+# Settings added after outputs were first written: a fingerprint leaves them out at their
+# default, so those outputs keep theirs.
+LATER_SETTINGS = ("transfer_rule", "editing_threshold", "max_post_steps")
 
 
 def settings() -> list:

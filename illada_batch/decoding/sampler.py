@@ -51,12 +51,22 @@ def confidence(logits: Tensor, tokens: Tensor, remasking: Remasking,
                         for g in generators])  # [B, K]
 
 
-def select_transfer(conf: Tensor, count: Tensor, threshold: float | None) -> Tensor:
+def block_schedule_count(step: Tensor, masked: Tensor, block_length: int, steps: int) -> Tensor:
+    """LLaDA 2.0's count for step ``step`` [B] of a block: ``block_length`` spread over
+    ``steps`` (``block_length // steps``, one more for the first ``block_length % steps``
+    steps), capped at the ``masked`` [B] positions left. Its steps sum to block_length, so a
+    block whose prompt fills part of it is unmasked in fewer steps."""
+    n = block_length // steps + (step < block_length % steps).long()  # [B]
+    return torch.minimum(n, masked)
+
+
+def select_transfer(conf: Tensor, count: Tensor, threshold: float | None, floor: bool = False) -> Tensor:
     """Which positions to unmask [B, K] bool.
 
     conf [B, K] with -inf where nothing may be unmasked. Fixed schedule: the ``count[b]``
     most confident. Threshold: every position with conf >= threshold, and at least the
-    most confident one.
+    most confident one; with ``floor`` (LLaDA 2.x) every position with conf > threshold, and
+    at least the ``count[b]`` most confident.
     """
     order = conf.argsort(dim=-1, descending=True, stable=True)  # [B, K]
     rank = torch.empty_like(order)
@@ -64,4 +74,12 @@ def select_transfer(conf: Tensor, count: Tensor, threshold: float | None) -> Ten
     allowed = torch.isfinite(conf)
     if threshold is None:
         return allowed & (rank < count[:, None])
+    if floor:
+        return allowed & ((conf > threshold) | (rank < count[:, None]))
     return allowed & ((conf >= threshold) | (rank == 0))
+
+
+def edits(tokens: Tensor, current: Tensor, conf: Tensor, editable: Tensor, threshold: float) -> Tensor:
+    """LLaDA 2.1's token editing [B, K] bool: an ``editable`` decoded position whose new
+    prediction ``tokens`` differs from ``current`` with confidence above ``threshold``."""
+    return editable & (tokens != current) & (conf > threshold)

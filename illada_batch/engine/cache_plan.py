@@ -26,7 +26,7 @@ from collections import deque
 
 import torch
 
-from illada_batch.decoding.loop import DecodeBatch, FullForward, row_generators
+from illada_batch.decoding.loop import DecodeBatch, FullForward, causal_block, row_generators
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.engine.block_cache import BlockCacheForward
 from illada_batch.engine.kv_cache import KVCache
@@ -84,11 +84,11 @@ class BlockCache(_Plan):
     prefix's shared K/V (rows then carry ``[prompt]``); None: rows carry the prefix."""
 
     def __init__(self, prefix_ids: tuple[int, ...], shared_kv: list[LayerKV] | None, prefix_pages: PrefixPages | None,
-                 pool: PagePool, kv: KVCache) -> None:
+                 pool: PagePool, kv: KVCache, paged: bool = True) -> None:
         self.prefix_ids, self.pool, self.prefix_pages = prefix_ids, pool, prefix_pages
         self.carried = () if shared_kv is not None else prefix_ids  # the prefix tokens each row carries
         self.offset = len(prefix_ids) - len(self.carried)  # positions before a row's first token
-        self.forward = BlockCacheForward(kv, shared_kv)
+        self.forward = BlockCacheForward(kv, shared_kv, paged)
         self.row_pages: dict[int, RowPages] = {}
 
     def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
@@ -129,18 +129,21 @@ def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Requ
     return DecodeBatch.from_prompts(prompts, params, card.mask_token_id, card.pad_token_id,
                                     row_generators(seeds, model.device), model.device, position_offset=position_offset,
                                     prefix_lengths=prefix_lengths, tags=[(i, r, s) for (i, r), s in zip(new, seeds)],
-                                    page_tables=page_tables, responses=responses)
+                                    page_tables=page_tables, responses=responses,
+                                    aligned=causal_block(model, params) is not None)
 
 
 def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
-                kv: KVCache | None, model_key: str, counters: Counters) -> CachePlan:
+                kv: KVCache | None, model_key: str, counters: Counters,
+                paged: bool = True) -> CachePlan:
     """The plan for one group. ``longest_row``: the most tokens one of its rows holds
     (prompt + gen_length, prefix excluded). The shared prefix comes from pages when the mode
     shares it and it fits the pool (a block cache also needs room for one row beside it);
     otherwise the cache off with the prefix isolated (``prefix``), or the prefix's K/V
-    encoded for this group alone (``prefix+blocks``): either way the same numbers."""
+    encoded for this group alone (``prefix+blocks``): either way the same numbers. ``paged``:
+    the block cache reads pages in place (False: copies them, ``BlockCacheForward``)."""
     if mode is CacheMode.BLOCKS or (mode.block_cache and not prefix_ids):
-        return BlockCache(prefix_ids, None, None, pool, kv)
+        return BlockCache(prefix_ids, None, None, pool, kv, paged)
     if not (mode.shares_prefix and prefix_ids):
         return NoCache(prefix_ids, isolate_prefix=False)
     # DiffusionLM is bidirectional: a page's K/V depend on the whole prefix, not only on the
@@ -154,11 +157,11 @@ def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...]
     if pages is None:  # does not fit the budget
         counters.prefix_fallbacks += 1
         if mode.block_cache:
-            return BlockCache(prefix_ids, encode_isolated(model, prefix_ids), None, pool, kv)
+            return BlockCache(prefix_ids, encode_isolated(model, prefix_ids), None, pool, kv, paged)
         return NoCache(prefix_ids, isolate_prefix=True)
     prefix_kv = encode_prefix(model, kv, pages, prefix_ids, counters)
     if mode.block_cache:
-        return BlockCache(prefix_ids, prefix_kv, pages, pool, kv)
+        return BlockCache(prefix_ids, prefix_kv, pages, pool, kv, paged)
     return SharedPrefix(prefix_ids, prefix_kv, pages, pool)
 
 

@@ -39,19 +39,35 @@ from illada_batch.engine.requests import Counters, Request, Result, request_prob
 from illada_batch.errors import ParamsError
 from illada_batch.model.base import DiffusionLM
 from illada_batch.model.checkpoint import load_model
+from illada_batch.model.family import AttentionKind
+from illada_batch.model.layers.traffic import Traffic, counting
 
 
 class Engine:
     def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
-                 kv_budget: int | float | None = None, page_size: int = 16) -> None:
+                 kv_budget: int | float | None = None, page_size: int = 16, paged: bool = True,
+                 tensor_parallel_size: int = 1) -> None:
         """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
         on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
         with the cache off, prefixes isolated (what the cache computes); the block cache
-        modes need room for one row of the model's longest sequence."""
-        self.model, self.cache, self.max_batch_size = model, CacheMode(cache), max_batch_size
+        modes need room for one row of the model's longest sequence. ``paged=False``: the block
+        cache's block-only steps copy each row's K/V out of the pages (the reference path).
+        ``tensor_parallel_size``: the ranks ``model`` is split over (``model.tp``); each rank's
+        ``kv_budget`` holds the K/V of its own KV heads (``engine/tensor_parallel.py``)."""
+        ranks = 1 if model.tp is None else model.tp.size
+        if ranks != tensor_parallel_size:
+            raise ParamsError(f"tensor_parallel_size={tensor_parallel_size}, but the model is split over {ranks} "
+                              "rank(s): build it with Engine.from_pretrained(..., tensor_parallel_size=N)")
+        self.peers = None  # rank 0 of a tensor-parallel replica: the other ranks (tensor_parallel.Peers)
+        self.model, self.cache, self.max_batch_size, self.paged = model, CacheMode(cache), max_batch_size, paged
+        if self.cache is not CacheMode.OFF and model.card.attention is AttentionKind.BLOCK_CAUSAL:
+            raise ParamsError(f"cache '{self.cache.value}': this model ({model.card.family}) attends block-causally, "
+                              "and the cache modes assume bidirectional attention (an isolated prefix, K/V refreshed "
+                              "per block); its exact block cache is a later issue: use cache 'off'")
         self.tokenizer = model.tokenizer
         self.counters = Counters()
+        self.traffic = Traffic()  # what each step computed, read, wrote and copied (model/layers/traffic.py)
         self.pool: PagePool | None = None
         self.kv: KVCache | None = None
         if self.cache is not CacheMode.OFF:
@@ -69,8 +85,20 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cache: CacheMode | str = CacheMode.PREFIX, device=None, dtype=None,
-                        **kwargs) -> "Engine":
+                        tensor_parallel_size: int = 1, **kwargs) -> "Engine":
+        """``tensor_parallel_size`` N > 1: this process is rank 0 of N, the others local
+        processes (one thread each under ``ILLADA_THREADS``); ``close()`` ends them."""
+        if tensor_parallel_size > 1:
+            from illada_batch.engine.tensor_parallel import start_local
+
+            return start_local(str(path), tensor_parallel_size, device, dtype, dict(cache=cache, **kwargs))
         return cls(load_model(path, device=device, dtype=dtype), cache=cache, **kwargs)
+
+    def close(self) -> None:
+        """End a tensor-parallel replica's other ranks (nothing to do otherwise)."""
+        if self.peers is not None:
+            self.peers.close()
+            self.peers = None
 
     # --- the text API -----------------------------------------------------------------
 
@@ -113,6 +141,20 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> list[Result]:
         requests = list(requests)
+        if self.peers is None:
+            return self._run(requests)
+        from illada_batch.engine.tensor_parallel import agree
+
+        try:
+            self.peers.send(requests)  # every rank runs the same schedule over them
+            results = self._run(requests)
+            agree(results)
+        except Exception as exc:
+            getattr(self.peers, "broken", lambda exc: None)(exc)  # a rank gone takes the replica down
+            raise
+        return results
+
+    def _run(self, requests: list[Request]) -> list[Result]:
         results: dict[int, Result] = {}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
@@ -141,9 +183,16 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
                    results: dict[int, Result]) -> None:
+        with counting(self.traffic):
+            self._run_counted(prefix_ids, params, todo, results)
+
+    def _run_counted(self, prefix_ids: tuple[int, ...], params: SamplingParams, todo: list[tuple[int, Request]],
+                     results: dict[int, Result]) -> None:
+        params = self.model.card.resolve(params)  # the family's own defaults for settings left unset
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
-                           self.counters)
+                           self.counters, self.paged)
+        self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)
         # Rows of similar length share a batch (less padding); a row's tokens do not depend on
@@ -157,6 +206,7 @@ class Engine:
                 self.counters.pages_in_use_peak = max(self.counters.pages_in_use_peak, in_use)
             denoise_step(self.model, batch, params, plan.forward)
             self.counters.forward_passes += 1
+            self.traffic.end_step()
             batch = self._postprocess(plan, batch, params, results)
         self._sync()
         self.counters.seconds["decode"] += time.perf_counter() - t0
@@ -187,7 +237,7 @@ class Engine:
 
     def _finish(self, batch: DecodeBatch, params: SamplingParams, results: dict[int, Result]) -> None:
         eos = self.model.card.eos_token_id
-        responses = batch.x[:, -params.gen_length:].tolist()
+        responses = batch.responses(params)
         nfe = batch.nfe.tolist()
         for row in batch.done.nonzero().squeeze(-1).tolist():
             i, req, seed = batch.tags[row]

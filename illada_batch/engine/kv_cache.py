@@ -16,6 +16,7 @@ import torch
 
 from illada_batch.engine.pages import PageId
 from illada_batch.model.family import FamilyCard
+from illada_batch.model.layers import traffic
 from illada_batch.model.layers.attention import LayerKV
 
 
@@ -73,11 +74,15 @@ class KVCache:
         k_flat, v_flat = self._flat()
         k_flat[layer, slots] = k.to(self.k.dtype)
         v_flat[layer, slots] = v.to(self.v.dtype)
+        counted = traffic.step()
+        if counted is not None:
+            counted.kv_written += len(slots)
 
     def read(self, pages: Sequence[PageId], num_tokens: int) -> list[LayerKV]:
         """Per-layer K/V ([num_tokens, Hkv, hd] each) of the first ``num_tokens`` positions."""
         slots = self.slots(pages, 0, num_tokens)
         k_flat, v_flat = self._flat()
+        traffic.copied("gather", num_tokens * self.k.shape[0])
         return [(k_flat[layer, slots], v_flat[layer, slots]) for layer in range(self.k.shape[0])]
 
     def gather(self, layer: int, tables: torch.Tensor) -> LayerKV:
@@ -86,4 +91,5 @@ class KVCache:
         B, n = tables.shape
         k = self.k[layer][tables]  # [B, n, page_size, Hkv, hd]
         v = self.v[layer][tables]
+        traffic.copied("gather", B * n * self.page_size)
         return k.view(B, n * self.page_size, *k.shape[3:]), v.view(B, n * self.page_size, *v.shape[3:])

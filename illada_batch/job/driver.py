@@ -28,16 +28,16 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
-from illada_batch.job.idcheck import mark_duplicate_ids_bounded as mark_duplicate_ids
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
-from illada_batch.job.shards import Shard, plan_shards
+from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, storage_errors
+from illada_batch.job.tp_ranks import Placements
 
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
@@ -73,13 +73,23 @@ class _Job:
         problems = output_problems(self.out_url, spec.output.storage_options)
         if problems:
             raise OutputError("; ".join(problems))
+        with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read"):
+            manifests, unreadable = out.read_manifests()
+            foreign = out.foreign_files(manifests)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputError(f"output.url {self.out_url} holds files this job did not write ({shown}): refusing to "
+                              "write there, since nothing of yours is ever overwritten or removed; choose an empty "
+                              "or new folder")
         i = spec.input
         shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
-                                        i.text_column(), note=self.log)
+                                        i.text_column(), note=self.log, exclude=self._output_inside_input())
         plan = {s.shard_id: s.row_range() for s in shards}
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read", keep=(FingerprintMismatch,)):
-            committed = out.trusted_manifests(self.fingerprint, plan, spec.n)
+            committed, redo = out.resume_state(self.fingerprint, plan, spec.n, manifests, unreadable)
             previous = out.summary()
+        for sid, why in sorted(redo.items()):
+            self.log(f"shard {sid} is not committed: {why}; it is generated again")
         todo = [s for s in shards if s.shard_id not in committed]
         if (not todo and not bad_files and previous is not None and previous.fingerprint == self.fingerprint
                 and previous.error_budget == spec.error_budget and previous.complete):
@@ -89,8 +99,9 @@ class _Job:
             self.log(summary_table(previous))
             return previous
         if i.check_duplicate_ids and todo:  # only when there is work: it reads a column of every file
-            shards, unreadable = mark_duplicate_ids(i.url, i.storage_options, shards, i.id_column)
-            bad_files += unreadable
+            shards, unreadable_ids = mark_duplicate_ids(i.url, i.storage_options, shards, i.id_column,
+                                                        committed=committed)
+            bad_files += unreadable_ids
             todo = [s for s in shards if s.shard_id not in committed]
             repeats = sum(len(s.duplicates) for s in todo)
             if repeats:
@@ -123,7 +134,15 @@ class _Job:
         finally:
             stop.set()
             beat.join()
-            out.release_lock(self.owner)
+            try:
+                out.release_lock(self.owner)
+            except OutputError as exc:
+                self.log(f"{exc}: _LOCK.json is left behind (a next run takes it over once this process is gone)")
+
+    def _output_inside_input(self) -> str | None:
+        """The output's path when it shares the input's filesystem (then it is never input)."""
+        in_fs, _ = filesystem(self.spec.input.url, self.spec.input.storage_options)
+        return self.out.root if type(in_fs) is type(self.out.fs) else None
 
     def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
         spec = self.spec
@@ -134,7 +153,8 @@ class _Job:
         else:
             from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
 
-        request = {"CPU": spec.resources.num_cpus, "GPU": spec.resources.num_gpus}
+        ranks = spec.engine.tensor_parallel_size  # a replica is N ranks on one node, each with `resources`
+        request = {"CPU": spec.resources.num_cpus * ranks, "GPU": spec.resources.num_gpus * ranks}
         if not can_grow:
             check_fits(request)
         spec_json = spec.model_dump_json()
@@ -143,14 +163,21 @@ class _Job:
         env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
                             "TOKENIZERS_PARALLELISM": "false"}}
 
+        placed = Placements(ranks, spec.resources.num_cpus, spec.resources.num_gpus) if ranks > 1 else None
+
         def new_replica():
-            return Replica.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
-                                   max_restarts=0, max_task_retries=0, runtime_env=env).remote(
+            handle = Replica.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
+                                     max_restarts=0, max_task_retries=0, runtime_env=env,
+                                     **(placed.options() if placed else {})).remote(
                 spec_json, self.out_url, self.fingerprint)
+            if placed:
+                placed.made(handle)
+            return handle
 
         lo, hi = spec.replica_range
         pool = ReplicaPool(new_replica, min(hi, len(todo)), request, spec.placement_timeout_s,
-                           spec.max_retries + 1, self.log, needed=lo, can_grow=can_grow)
+                           spec.max_retries + 1, self.log, end=placed.end if placed else ray.kill, needed=lo,
+                           can_grow=can_grow)
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
@@ -198,7 +225,7 @@ class _Job:
             m = ray.get(ref)
         except RayTaskError as exc:  # raised inside process(): a bad shard, or a bug
             cause = cause_of(exc)
-            if isinstance(cause, FATAL):
+            if isinstance(cause, (*FATAL, OutputError)):  # the same on every try: stop once
                 raise JobStopped(f"a replica stopped the job: {cause}") from None
             retries = 0 if type(cause).__name__ == "ShardError" else self.spec.max_retries
             self._retry_or_fail(queue, shard, attempt, f"{type(cause).__name__}: {cause}", retries)
@@ -230,17 +257,31 @@ class _Job:
             self.log(f"{where} failed after {attempt + 1} tries: {error}")
 
     def _finish(self, n_shards: int, stopped: str | None = None) -> JobSummary:
+        """The summary, from the output; written there unless the output refuses writes
+        (then, when the job was stopped, the caller raises its one line)."""
+        try:
+            return self._summarise(n_shards, stopped)
+        except OutputError as exc:
+            if stopped is None:
+                raise
+            self.log(f"{exc}: the summary was not written")
+            return JobSummary(output=self.out_url, job=self.spec.name, stopped=stopped)
+
+    def _summarise(self, n_shards: int, stopped: str | None) -> JobSummary:
         spec, out, run = self.spec, self.out, self.run_stats
         self.index.flush()
-        manifests = out.manifests()
-        out.clear_failures(keep=self.failed)
+        manifests, unreadable = out.read_manifests()
         run.orphans_removed = out.remove_orphans(manifests)
+        bad = out.untrusted(manifests, unreadable)
+        manifests = {sid: m for sid, m in manifests.items() if sid not in bad}
+        out.clear_failures(keep=self.failed)
         run.wall_seconds = time.time() - self.t0
         run.replica_seconds = _busy_seconds(self.busy)
         summary = JobSummary(
             output=self.out_url, job=spec.name, fingerprint=self.fingerprint, model=spec.model.path,
-            backend=spec.backend, sampling=spec.sampling.model_dump(), cache=spec.engine.cache.value, n=spec.n, seed=spec.seed,
-            error_budget=spec.error_budget, shards=n_shards, shards_committed=len(manifests), failed=dict(self.failed),
+            backend=spec.backend, sampling=spec.sampling.model_dump(), cache=spec.engine.cache.value, n=spec.n,
+            seed=spec.seed, error_budget=spec.error_budget, shards=n_shards, shards_committed=len(manifests),
+            failed={**bad, **self.failed},
             stopped=stopped, samples=sum(m.samples for m in manifests.values()),
             errors=sum(m.stats.errors for m in manifests.values()),
             tokens=sum(m.stats.tokens for m in manifests.values()), this_run=run, host=socket.gethostname(),
@@ -298,17 +339,22 @@ def status(output_url: str, storage_options: dict | None = None) -> JobSummary:
     out = Output(*filesystem(output_url, storage_options or {}))
     with storage_errors(f"output {output_url}", OutputError, "cannot read"):
         summary = out.summary()
-        if summary is not None:
-            return summary
-        manifests = out.manifests()
-        failures = out.failures()
-    fingerprints = sorted({m.fingerprint for m in manifests.values()})
-    return JobSummary(output=output_url, fingerprint=", ".join(fingerprints) or None,
-                      shards_committed=len(manifests),
-                      failed={sid: rec.get("error", "?") for sid, rec in failures.items()},
-                      samples=sum(m.samples for m in manifests.values()),
-                      errors=sum(m.stats.errors for m in manifests.values()),
-                      tokens=sum(m.stats.tokens for m in manifests.values()))
+        manifests, unreadable = out.read_manifests()
+        bad = out.untrusted(manifests, unreadable)  # a lost or damaged data file: that shard is not committed
+        failures = {} if summary is not None else out.failures()
+    if summary is not None and not bad:
+        return summary
+    manifests = {sid: m for sid, m in manifests.items() if sid not in bad}
+    if summary is None:
+        fingerprints = sorted({m.fingerprint for m in manifests.values()})
+        summary = JobSummary(output=output_url, fingerprint=", ".join(fingerprints) or None,
+                             failed={sid: rec.get("error", "?") for sid, rec in failures.items()})
+    summary.failed = {**summary.failed, **bad}
+    summary.shards_committed = len(manifests)
+    summary.samples = sum(m.samples for m in manifests.values())
+    summary.errors = sum(m.stats.errors for m in manifests.values())
+    summary.tokens = sum(m.stats.tokens for m in manifests.values())
+    return summary
 
 
 def dumps(obj) -> str:

@@ -26,17 +26,6 @@ READ_BATCH = 256  # manifests fetched at once (the store's GETs run concurrently
 SEGMENT_BATCH = 8  # segments fetched at once (about 0.7 MB each)
 
 
-def read_json_files(fs, paths: list[str]) -> list[dict]:
-    """The JSON bodies of ``paths``, fetched ``READ_BATCH`` at a time (concurrently on an
-    async store such as S3), in the order given."""
-    out = []
-    for i in range(0, len(paths), READ_BATCH):
-        chunk = paths[i:i + READ_BATCH]
-        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
-        out += [json.loads(bodies[p]) for p in chunk]
-    return out
-
-
 class IndexWriter:
     """What the driver keeps of the manifests it received: their bodies' hashes, written out
     as index segments. Holds at most one segment's manifests between writes."""
@@ -66,14 +55,14 @@ class IndexWriter:
         self.last = time.time()
 
 
-def read_manifests(fs, root: str, unindexed: list | None = None) -> dict[str, Manifest]:
-    """Every committed manifest under ``root``: index entries the listing confirms, the rest
-    read (and appended to ``unindexed``, for a writer to index them: a resume compacts what a
-    crashed run left unindexed)."""
+def read_manifests(fs, root: str, unindexed: list | None = None) -> tuple[dict[str, Manifest], dict[str, str]]:
+    """(every readable manifest under ``root``, {shard id: why its manifest cannot be read}):
+    index entries the listing confirms, the rest read (and appended to ``unindexed``, for a
+    writer to index them: a resume compacts what a crashed run left unindexed)."""
     try:
         listed = {f["name"]: _etag(f) for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
     except FileNotFoundError:
-        return {}
+        return {}, {}
     fs.invalidate_cache(f"{root}/_manifest")  # the listing's details are not kept for the run
     hashed = any(listed.values())  # else the index cannot be checked: not used
     indexed = _index_entries(fs, root) if hashed else {}
@@ -86,11 +75,27 @@ def read_manifests(fs, root: str, unindexed: list | None = None) -> dict[str, Ma
         else:
             unread.append(name)
     del indexed
-    for body in read_json_files(fs, unread):
-        manifests[body["shard_id"]] = m = Manifest.from_json(body)
+    bad = {}
+    for name, raw in _fetch(fs, unread):
+        sid = name.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            m = Manifest.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:  # empty, truncated, not a manifest
+            bad[sid] = f"_manifest/{sid}.json cannot be read ({type(exc).__name__}: {exc or 'empty'})"
+            continue
+        manifests[m.shard_id] = m
         if unindexed is not None and hashed:
             unindexed.append(m)
-    return manifests
+    return manifests, bad
+
+
+def _fetch(fs, paths: list[str]):
+    """(path, bytes) of each file, ``READ_BATCH`` fetched at once (concurrently on an async store)."""
+    for i in range(0, len(paths), READ_BATCH):
+        chunk = paths[i:i + READ_BATCH]
+        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
+        for p in chunk:
+            yield p, bodies[p]
 
 
 def _index_entries(fs, root: str) -> dict[str, tuple[str, str]]:

@@ -2,7 +2,7 @@
 text (``template``, ``response_template``, the prefix) holding a special token's text, a
 response template whose fixed text and slots alone exceed ``gen_length``, a prefix and
 template longer than the model's context, a ``kv_budget`` the block cache modes cannot run
-in. Each would fail every row (or every replica start); each problem is one line naming the
+in, a cache mode or a sampling setting the model's family cannot honour. Each would fail every row (or every replica start); each problem is one line naming the
 spec field. ``validate`` and ``run`` ask before any cluster work (``preflight``), a replica
 again when it starts, with the tokenizer it loaded (a model given by URL is only seen
 there); torch-free.
@@ -10,12 +10,13 @@ there); torch-free.
 
 from __future__ import annotations
 
-from illada_batch.decoding.params import DEFAULT_KV_BUDGET
+from illada_batch.decoding.params import DEFAULT_KV_BUDGET, SamplingParams
 from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.errors import ParamsError
 from illada_batch.job.spec import JobSpec
 
+SAMPLING_DEFAULTS = {f: getattr(SamplingParams(), f) for f in SamplingParams.__dataclass_fields__}
 PAGE_TOKENS = 16  # the engine's page size (``Engine(page_size=16)``, the size replicas build)
 
 
@@ -67,3 +68,28 @@ def kv_budget_problems(spec: JobSpec, page_bytes: int, max_sequence_length: int)
                 f"'{spec.engine.cache.value}' needs {need} ({need * page_bytes:,} bytes) for one row of the model's "
                 f"{max_sequence_length} tokens"]
     return []
+
+
+def tp_problems(spec: JobSpec, problem: str | None) -> list[str]:
+    """``engine.tensor_parallel_size`` against the model (``problem``: ``family.tp_problem``'s
+    line for it), and against a backend that does not split models."""
+    n = spec.engine.tensor_parallel_size
+    if n > 1 and spec.backend != "diffusion":
+        return [f"engine.tensor_parallel_size: {n} ranks need backend 'diffusion' (backend '{spec.backend}' "
+                f"runs one device per replica here)"]
+    return [f"engine.tensor_parallel_size: {problem}"] if problem else []
+
+
+def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
+    """What the model's family card refuses: a cache mode its attention cannot honour, and a
+    sampling setting that only another family honours (``owners``: setting -> family)."""
+    problems = []
+    if card.attention.value == "block-causal" and spec.engine.cache.value != "off":
+        problems.append(f"engine.cache: '{spec.engine.cache.value}' assumes bidirectional attention (a prefix that "
+                        f"attends only to itself, K/V refreshed per block); {card.family} is block-causal, so it "
+                        f"runs with cache 'off' for now")
+    for name, owner in sorted(owners.items()):
+        if owner != card.family and getattr(spec.sampling, name, None) not in (None, SAMPLING_DEFAULTS.get(name)):
+            problems.append(f"sampling.{name}: a setting of the {owner} family's sampler; this model is "
+                            f"{card.family}")
+    return problems

@@ -59,8 +59,9 @@ class _Slot:
 
 class ReplicaPool:
     def __init__(self, make, count: int, request: dict, placement_timeout_s: float, max_start_failures: int,
-                 log, needed: int | None = None, can_grow: bool = False) -> None:
-        self.make, self.timeout, self.log = make, placement_timeout_s, log
+                 log, end=ray.kill, needed: int | None = None, can_grow: bool = False) -> None:
+        """``end(handle)``: how a replica is ended (a tensor-parallel one removes its placement group too)."""
+        self.make, self.timeout, self.log, self.end = make, placement_timeout_s, log, end
         self.needed = count if needed is None else min(needed, count)  # fewer placed than this: reported
         self.can_grow = can_grow
         self.waiting: set[int] = set()  # replicas beyond ``needed`` left pending as demand (said once each)
@@ -160,11 +161,11 @@ class ReplicaPool:
             self._give_up(i, why)
             return
         self.log(f"replica {i + 1} failed to start ({error}); starting a new one")
-        ray.kill(slot.handle)
+        self.end(slot.handle)
         self.slots[i] = self._new(failures)
 
     def _give_up(self, i: int, why: str) -> None:
-        ray.kill(self.slots[i].handle)  # a pending actor would otherwise take the resources later
+        self.end(self.slots[i].handle)  # a pending actor would otherwise take the resources later
         self.slots[i] = None
         self.gone.append(why)
 
@@ -179,7 +180,7 @@ class ReplicaPool:
             except (GetTimeoutError, RayActorError, RayTaskError):
                 pass
         for i in idle:
-            ray.kill(self.slots[i].handle)
+            self.end(self.slots[i].handle)
             self.slots[i] = None
         if idle:
             self.log(f"no shard left for {len(idle)} replica(s): stopped")
@@ -188,7 +189,7 @@ class ReplicaPool:
         """The replica died while working: a new actor takes its place."""
         slot = self.slots[i]
         if slot is not None:
-            ray.kill(slot.handle)
+            self.end(slot.handle)
             self.slots[i] = self._new()
 
     def close(self, graceful: bool) -> None:
@@ -201,7 +202,7 @@ class ReplicaPool:
             except (GetTimeoutError, RayActorError, RayTaskError):
                 pass
         for s in live:
-            ray.kill(s.handle)
+            self.end(s.handle)
 
 
 def _has_a_worker(handle) -> bool:

@@ -9,7 +9,14 @@ import os
 from pathlib import Path
 
 from illada_batch.errors import OutputError
-from illada_batch.job.model_fit import PAGE_TOKENS, context_problems, fixed_text_problems, kv_budget_problems
+from illada_batch.job.model_fit import (
+    PAGE_TOKENS,
+    context_problems,
+    family_problems,
+    fixed_text_problems,
+    kv_budget_problems,
+    tp_problems,
+)
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
@@ -75,15 +82,19 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
     tok = Tokenizer(directory)
     problems = fixed_text_problems(spec, tok)
     if spec.backend != "diffusion":
-        return problems
+        return problems + tp_problems(spec, None)
     try:
         family, config = registry.parse(directory / "config.json")
         card = family.card(config)
     except ConfigError:
         return problems  # the replica's own load says what is wrong with it
+    ranks = spec.engine.tensor_parallel_size
     bits = 32 if spec.model.dtype == "float32" or (spec.model.dtype == "auto" and not spec.resources.num_gpus) else 16
-    return (problems + context_problems(spec, tok, card.max_sequence_length)
-            + kv_budget_problems(spec, PAGE_TOKENS * card.kv_bytes_per_token(bits // 8), card.max_sequence_length))
+    page_bytes = PAGE_TOKENS * card.kv_bytes_per_token(bits // 8) // ranks  # a rank holds its own KV heads' pages
+    return (problems + tp_problems(spec, registry.tp_problem(family, config, ranks))
+            + family_problems(spec, card, registry.setting_owners())
+            + context_problems(spec, tok, card.max_sequence_length)
+            + kv_budget_problems(spec, page_bytes, card.max_sequence_length))
 
 
 def output_problems(url: str, storage_options: dict) -> list[str]:

@@ -65,6 +65,13 @@ class Manifest:
     committed_at: float
     rows: RowRange | None  # None only in manifests written before row ranges existed
     stats: ShardStats
+    # the data file as written: a status or resume finds it with this size (and, on S3, the ETag
+    # the store gave it) or does not trust the shard; None in manifests written before they were
+    data_size: int | None = None
+    data_etag: str | None = None
+    # offsets of the shard's rows written as error rows because another shard's row has their
+    # id: these rows do not hold their id in the output (the next run's duplicate check)
+    duplicate_rows: tuple[int, ...] = ()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -77,7 +84,8 @@ class Manifest:
             return cls(body["shard_id"], body["data_key"], stats["samples"], body["sha256"], body["fingerprint"],
                        body["committed_at"], None, ShardStats(**stats))
         return cls(**{**body, "rows": RowRange(**body["rows"]) if body.get("rows") else None,
-                      "stats": ShardStats(**body["stats"])})
+                      "stats": ShardStats(**body["stats"]),
+                      "duplicate_rows": tuple(int(k) for k in body.get("duplicate_rows", ()))})
 
 
 @dataclass

@@ -26,7 +26,7 @@ import ray
 from illada_batch.errors import CheckpointError, InputError, SpecError, StorageUnavailable
 from illada_batch.job.commit import Output
 from illada_batch.job.metrics import ReplicaMetrics
-from illada_batch.job.model_fit import fixed_text_problems
+from illada_batch.job.model_fit import family_problems, fixed_text_problems
 from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.rows import output_table, render_rows
 from illada_batch.job.shards import Shard, read_shard
@@ -101,6 +101,13 @@ def build_engine(spec: JobSpec):
     from illada_batch.engine.diffusion import Engine
 
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.model.dtype]
+    if e.tensor_parallel_size > 1:
+        from illada_batch.job.tp_ranks import start_ranks
+        from illada_batch.model.checkpoint import resolve_model_path
+
+        return start_ranks(str(resolve_model_path(fetch_model(spec))), e.tensor_parallel_size, spec.resources.num_cpus,
+                           spec.resources.num_gpus, dtype,
+                           dict(cache=e.cache, max_batch_size=e.max_batch_size, kv_budget=budget))
     return Engine.from_pretrained(fetch_model(spec), cache=e.cache, dtype=dtype, max_batch_size=e.max_batch_size,
                                   kv_budget=budget)
 
@@ -132,6 +139,12 @@ class RowGenerator:
         if problems:
             raise SpecError("; ".join(problems))
         card = getattr(getattr(self.engine, "model", None), "card", None)  # the diffusion engine's family card
+        if card is not None:
+            from illada_batch.model.registry import setting_owners
+
+            problems = family_problems(self.spec, card, setting_owners())
+            if problems:
+                raise SpecError("; ".join(problems))
         self.model_name = self.spec.model.path if card is None else f"{card.family}:{self.spec.model.path}"
 
     def generate_rows(self, table: pa.Table, duplicates: tuple[tuple[int, str], ...] = ()) -> tuple[pa.Table, float]:
@@ -202,7 +215,8 @@ class ShardReplica(RowGenerator):
         tokens = sum(out.column("num_tokens").to_pylist())
         stats = ShardStats(out.num_rows, errors, tokens, gen_seconds, time.time() - t0, t0, os.uname().nodename,
                            os.getpid())
-        return self.out.write_shard(shard.shard_id, shard.row_range(), out, self.fingerprint, stats)
+        return self.out.write_shard(shard.shard_id, shard.row_range(), out, self.fingerprint, stats,
+                                    duplicate_rows=[k for k, _ in shard.duplicates])
 
 
 # Two calls at once: the driver keeps two shards in flight per replica, so the next shard's

@@ -6,9 +6,11 @@ A shard is the unit of work, retry and commit: a row range of one input file, cu
 and its first row, so it is stable across runs as long as the input is unchanged.
 
 Duplicate ids across shards: :func:`mark_duplicate_ids` reads the id column of every
-file (in input order; ids compare by their text, ``ids.py``, so ``3`` and ``"3"`` are one) and gives each shard the rows whose id an earlier row already has,
-so that row becomes an error row wherever it lands, and an (id, sample) key is generated
-once however the input is sharded.
+file (ids compare by their text, ``ids.py``, so ``3`` and ``"3"`` are one) and gives each
+shard the rows whose id another row already holds: first the rows of shards already
+committed in the output (whatever their place in the listing), then the others in input
+order. That row becomes an error row wherever it lands, and an (id, sample) key is
+generated once however the input is sharded and whatever files are added later.
 """
 
 from __future__ import annotations
@@ -52,16 +54,17 @@ class Shard:
         return cls(**{**d, "duplicates": tuple((int(k), str(w)) for k, w in d.get("duplicates", ()))})
 
 
-def list_files(url: str, storage_options: dict,
-               note: Callable[[str], None] = lambda _: None) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """The input's files; a directory's files that are not prompt files by their name are
-    skipped, and ``note`` says which."""
+def list_files(url: str, storage_options: dict, note: Callable[[str], None] = lambda _: None,
+               exclude: str | None = None) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """(filesystem, root, files): the input's files; a directory's files that are not prompt
+    files by their name are skipped, and ``note`` says which; files under the folder
+    ``exclude`` (the job's own output, when it lies inside its input) are never listed."""
     fs, path = filesystem(url, storage_options)
     with storage_errors(f"input.url {url}"):
         if any(ch in path for ch in "*?["):
             files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
         elif fs.isdir(path):
-            listed = sorted(fs.find(path))
+            listed = [f for f in sorted(fs.find(path)) if not _under(f, exclude)]
             files, root = [f for f in listed if kind(f)], path
             skipped = [_relative(f, root) for f in listed if not kind(f)]
             if skipped:
@@ -72,21 +75,27 @@ def list_files(url: str, storage_options: dict,
             files, root = [path], path.rsplit("/", 1)[0]
         else:
             raise InputError(f"input.url {url}: no such file or directory")
+    files = [f for f in files if not _under(f, exclude)]
     if not files:
         raise InputError(f"input.url {url}: no Parquet, JSON Lines or CSV files found")
     return fs, root, files
 
 
+def _under(path: str, folder: str | None) -> bool:
+    return folder is not None and (path == folder or path.startswith(folder.rstrip("/") + "/"))
+
+
 def plan_shards(url: str, storage_options: dict, shard_rows: int, columns: list[str],
                 id_column: str | None = None, prompt_column: str | None = None,
-                note: Callable[[str], None] = lambda _: None) -> tuple[list[Shard], list[tuple[str, str]]]:
+                note: Callable[[str], None] = lambda _: None, exclude: str | None = None,
+                ) -> tuple[list[Shard], list[tuple[str, str]]]:
     """Shards of every readable input file, from Parquet footers only (text files are parsed);
     and (file, error) for the rest. ``note`` hears of skipped files and files without rows.
     ``id_column`` must hold strings or integers (see :func:`mark_duplicate_ids` for repeats);
     ``prompt_column`` text (a column of numbers would fail every row of its file). A text
     file's column of mixed types (JSON Lines) passes when one of its types does: each odd
-    value becomes an error row."""
-    fs, root, files = list_files(url, storage_options, note)
+    value becomes an error row. Files under ``exclude`` (the output) are not input."""
+    fs, root, files = list_files(url, storage_options, note, exclude)
     shards, bad = [], []
     for path in files:
         try:
@@ -161,12 +170,15 @@ def _scalar_id(t: pa.DataType) -> bool:
 
 
 def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_column: str,
-                       threads: int = 8) -> tuple[list[Shard], list[tuple[str, str]]]:
-    """``shards`` (from :func:`plan_shards` on ``url``) with each row whose id an earlier row
-    of the input already has (files in listing order, rows in file order) listed in its
-    shard's ``duplicates``; and (file, error) for files whose id column cannot be read (their
-    shards are dropped). Null ids are left to the row check. Reads one column of every file:
-    the driver's only full pass."""
+                       threads: int = 8, committed: dict | None = None) -> tuple[list[Shard], list[tuple[str, str]]]:
+    """``shards`` (from :func:`plan_shards` on ``url``) with each row whose id another row
+    holds first listed in its shard's ``duplicates``; and (file, error) for files whose id
+    column cannot be read (their shards are dropped). Ids are held first by the rows of the
+    ``committed`` shards ({shard id: Manifest}; the rows a manifest lists in
+    ``duplicate_rows`` hold nothing), then by the other rows, files in listing order, rows
+    in file order. Null ids are left to the row check. Reads one column of every file: the
+    driver's only full pass."""
+    committed = committed or {}
     fs, _ = filesystem(url, storage_options)
     by_file: dict[str, list[Shard]] = {}
     for s in shards:
@@ -188,6 +200,15 @@ def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_
     with ThreadPoolExecutor(max(1, min(threads, len(by_file)))) as pool:
         columns = list(pool.map(read_ids, by_file))
     first: dict = {}  # id -> (shard id, "row R of FILE")
+    for (path, file_shards), ids in zip(by_file.items(), columns):
+        if isinstance(ids, Exception):
+            continue
+        for s in (s for s in file_shards if s.shard_id in committed):  # committed ids win
+            skip = set(committed[s.shard_id].duplicate_rows)
+            for k, row_id in enumerate(ids[s.row_start:s.row_start + s.num_rows]):
+                if row_id is not None and k not in skip and row_id not in first:
+                    first[row_id] = (s.shard_id, f"row {s.row_start + k} of {_relative(path, root)}, "
+                                                 f"already in the output in shard {s.shard_id}")
     out, bad = [], []
     for (path, file_shards), ids in zip(by_file.items(), columns):
         if isinstance(ids, StorageUnavailable):
@@ -197,6 +218,9 @@ def mark_duplicate_ids(url: str, storage_options: dict, shards: list[Shard], id_
             continue
         name = _relative(path, root)
         for s in file_shards:
+            if s.shard_id in committed:  # not generated again: its rows hold their ids already
+                out.append(s)
+                continue
             dups = []
             for k, row_id in enumerate(ids[s.row_start:s.row_start + s.num_rows]):
                 if row_id is None:

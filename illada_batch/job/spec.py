@@ -123,6 +123,11 @@ class EngineSpec(_Strict):
     # the device's free memory (a float, 0.1; 1.0 = all of it); default 10% on GPU, 256 MiB on CPU. More pages
     # keep more prefixes and rows at once: speed only, never the tokens
     kv_budget: int | float | None = None
+    # ranks one replica is split over (tensor parallelism: heads, MLP columns and vocabulary split Megatron-style,
+    # one device each, placed together on one node). 1: one device per replica (fastest when the model fits one);
+    # N: a model N times larger per replica, at the cost of two all-reduces per layer. Must divide the model's
+    # heads, KV heads and MLP width (config.json); each rank's kv_budget holds its own KV heads' pages
+    tensor_parallel_size: int = Field(1, ge=1)
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -348,6 +353,13 @@ class JobSpec(_Strict):
         except FileNotFoundError:
             raise SpecError(f"prefix.file: {url} not found") from None
 
+    def _sampling_identity(self) -> dict:
+        """The sampling settings, those added later left out at their default (older outputs
+        keep their fingerprint)."""
+        dump = self.sampling.model_dump(mode="json")
+        defaults = SamplingSpec().model_dump(mode="json")
+        return {k: v for k, v in dump.items() if k not in params_mod.LATER_SETTINGS or v != defaults[k]}
+
     def fingerprint(self) -> str:
         """What makes outputs comparable: every field that can change a token or an output
         column (model, dtype, backend, cache mode, sampling, template, prefix text, seed, n,
@@ -355,6 +367,7 @@ class JobSpec(_Strict):
         until someone shows it cannot change a token. A field left unset (None) is left out,
         so a setting added later does not change the fingerprints of outputs made before it."""
         parts = _without(self.model_dump(mode="json"), TOKEN_NEUTRAL)
+        parts["sampling"] = _without(self._sampling_identity(), frozenset())
         parts["prefix"] = hashlib.sha256(self.prefix_text().encode()).hexdigest()  # the text, from a file or not
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -363,12 +376,13 @@ class JobSpec(_Strict):
 # resume may change them. Where and how the job runs (output, replicas, resources, retries,
 # timeouts, credentials); how rows are batched and cached in memory (a sample's tokens do not
 # depend on its batch neighbours, nor on how many pages the budget holds: tests/test_engine.py
-# and tests/test_block_cache.py hold it); shard_rows (a resume checks each shard's rows
+# and tests/test_block_cache.py hold it), nor on how many ranks a replica is split over
+# (tests/test_tensor_parallel.py); shard_rows (a resume checks each shard's rows
 # instead); the exit code's error_budget. `prefix` enters as the hash of its text.
 TOKEN_NEUTRAL = frozenset({
     "name", "base_dir", "output", "replicas", "resources", "shard_rows", "max_retries", "retry_backoff_s",
     "error_budget", "placement_timeout_s", "stall_warning_s", "model.storage_options", "input.storage_options",
-    "engine.max_batch_size", "engine.kv_budget", "prefix",
+    "engine.max_batch_size", "engine.kv_budget", "engine.tensor_parallel_size", "prefix",
 })
 
 

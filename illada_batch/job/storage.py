@@ -86,6 +86,14 @@ class Store:
         if self.is_s3:
             self.fs.put_tags(key, {ORPHAN_TAG: "false"}, mode="o")
 
+    def etag(self, key: str) -> str | None:
+        """The store's checksum of ``key`` (S3's ETag, whatever its encryption makes of it), or
+        None where it has none (local files: their size is what a reader checks)."""
+        if not self.is_s3:
+            return None
+        tag = self.fs.info(key, refresh=True).get("ETag")
+        return str(tag).strip('"') if tag else None
+
     def create_exclusive(self, key: str, data: bytes) -> None:
         """Write ``key`` only if it does not exist (FileExistsError otherwise): a conditional
         PUT on S3, O_EXCL locally; elsewhere a write that is read back after a pause."""

@@ -23,12 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from illada_batch.model.family import FamilyCard
+from illada_batch.model.layers import traffic
 from illada_batch.model.layers.attention import LayerKV, additive_mask
+from illada_batch.model.layers.linear import TPGroup, vocab_parallel_logits
+from illada_batch.model.layers.paged_attention import PagedKV
 from illada_batch.model.layers.rope import rope_cos_sin
 
 # (layer, k, v) with this call's k, v [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries
-# attend to [B, Hkv, T, hd], T the attention mask's key length.
-KVHook = Callable[[int, Tensor, Tensor], LayerKV]
+# attend to [B, Hkv, T, hd], T the attention mask's key length; or the rows' pages
+# (``PagedKV``, its own mask: then the call passes no attention_mask).
+KVHook = Callable[[int, Tensor, Tensor], LayerKV | PagedKV]
 
 
 @dataclass
@@ -43,6 +47,7 @@ class DiffusionLM(nn.Module):
     config: object
     card: FamilyCard
     tokenizer = None  # set by load_model when the checkpoint has one
+    tp: TPGroup | None = None  # this rank's place in a tensor-parallel replica (layers/linear.py), if sharded
     rotary_dim: int
     rope_theta: float
 
@@ -95,17 +100,28 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rope_theta)
         mask = additive_mask(attention_mask, B, L, self.dtype)
         x = self.embed(input_ids)  # [B, L, d]
+        layers = 0
         for i, block in enumerate(self.blocks):
             hook = None if kv_hook is None else (lambda k, v, i=i: kv_hook(i, k, v))
             x = block(x, cos, sin, mask, None if prefix_kv is None else prefix_kv[i], hook)
+            layers += 1
+        counted = traffic.step()  # the step's forwards, layers and query tokens (model/layers/traffic.py)
+        if counted is not None:
+            counted.forwards, counted.layers, counted.query_tokens = counted.forwards + 1, layers, \
+                counted.query_tokens + B * L
         if not return_logits:
             return ForwardOut(logits=None, hidden=x)
         if self.card.logit_shift:
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # [B, L, d]
         if logits_index is not None:
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
+        if counted is not None:
+            counted.logit_positions += x.shape[0] * x.shape[1]
         return ForwardOut(logits=self.logits(x))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """Final norm and output head: hidden [..., d] -> logits [..., vocab]."""
+        """Final norm and output head: hidden [..., d] -> logits [..., vocab] (on every rank
+        when sharded: each rank's vocabulary rows, gathered)."""
+        if self.tp is not None:
+            return vocab_parallel_logits(self.final_norm(hidden), self.head_weight, self.card.vocab_size, self.tp)
         return F.linear(self.final_norm(hidden), self.head_weight)

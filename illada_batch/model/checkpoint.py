@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from illada_batch.errors import CheckpointError, ConfigError
 from illada_batch.model import registry
 from illada_batch.model.base import DiffusionLM
+from illada_batch.model.family import tp_problem
+from illada_batch.model.layers.linear import TPGroup
 from illada_batch.model.tokenizer import Tokenizer
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the shipped models
@@ -59,11 +61,13 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 def load_model(name_or_path: str | Path, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> DiffusionLM:
+               dtype: torch.dtype | None = None, tp: TPGroup | None = None) -> DiffusionLM:
     """Load a checkpoint of any registered family; ``model.config``, ``model.card`` and
     ``model.tokenizer`` come with it.
 
     device defaults to CUDA when available; dtype to bfloat16 on CUDA and float32 on CPU.
+    ``tp``: load this rank's shard of a tensor-parallel replica: each split tensor is read as
+    its slice only (``safe_open(...).get_slice``), never whole.
     """
     directory = resolve_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -72,8 +76,12 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
         family, cfg = registry.parse(directory / "config.json")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
+    if tp is not None:
+        problem = tp_problem(family, cfg, tp.size)
+        if problem:
+            raise CheckpointError(f"{directory}: {problem}")
     with torch.device("meta"):
-        model = registry.model_class(family)(cfg)
+        model = registry.model_class(family)(cfg) if tp is None else registry.model_class(family)(cfg, tp=tp)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     files = _weight_files(directory)
     unexpected = sorted(set(files) - set(expected))
@@ -93,12 +101,9 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
             if absent:
                 raise CheckpointError(f"{f.name}: the index says it holds {', '.join(absent[:5])}, but it does not")
             for name in names:
-                tensor = handle.get_tensor(name)
-                if tuple(tensor.shape) != expected[name]:
-                    raise CheckpointError(f"{f.name}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                          f"config.json implies {expected[name]}")
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
+                tensor = _read(handle, name, module, expected[name], f.name)
                 setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
                 del tensor
     model.eval()
@@ -106,6 +111,23 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
         model.tokenizer = Tokenizer(directory)
     model.name_or_path = str(directory)
     return model
+
+
+def _read(handle, name: str, module: torch.nn.Module, expected: tuple[int, ...], fname: str) -> torch.Tensor:
+    """The tensor ``name``, or only this rank's slice of it when ``module`` is split
+    (``layers/linear.py``: ``tp_dim``, ``tp_range``, ``full_shape``)."""
+    full = getattr(module, "full_shape", None)
+    if full is None:
+        tensor = handle.get_tensor(name)
+        shape, implied = tuple(tensor.shape), expected
+    else:
+        piece = handle.get_slice(name)
+        shape, implied = tuple(piece.get_shape()), tuple(full)
+        start, stop = module.tp_range
+        tensor = piece[start:stop] if module.tp_dim == 0 else piece[:, start:stop]
+    if shape != implied:
+        raise CheckpointError(f"{fname}: tensor {name} has shape {shape}, config.json implies {implied}")
+    return tensor
 
 
 def save_checkpoint(model: DiffusionLM, directory: str | Path, max_shard_bytes: int | None = None,

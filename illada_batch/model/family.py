@@ -8,6 +8,7 @@ cache plans, the sampler, ``bench``, ``validate`` and the job ask ``model.card``
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -52,6 +53,12 @@ class FamilyCard:
     def defaults(self) -> dict[str, Any]:
         return dict(self.sampler_defaults)
 
+    def resolve(self, params):
+        """``params`` (SamplingParams) with each setting left unset (None) that this family
+        has a default for set to it (LLaDA 2.x: ``transfer_rule: block_schedule``)."""
+        unset = {k: v for k, v in self.sampler_defaults if getattr(params, k, 0) is None}
+        return dataclasses.replace(params, **unset) if unset else params
+
 
 @dataclass(frozen=True)
 class Family:
@@ -70,3 +77,19 @@ class Family:
     card: Callable[[Any], FamilyCard]
     model: str
     describe: str = ""  # how it is recognised, for the "unknown family" message
+    settings: frozenset[str] = frozenset()  # SamplingParams fields only this family honours
+    # Tensor parallelism: config.json field -> its value, for each count a TP size must
+    # divide (heads, KV heads, MLP width, experts); None: the family's layers are not split yet.
+    tp_splits: Callable[[Any], dict[str, int]] | None = None
+
+
+def tp_problem(family: Family, config: Any, size: int) -> str | None:
+    """Why ``size`` ranks cannot split this model (one line naming the config.json field), or None."""
+    if size == 1:
+        return None
+    if family.tp_splits is None:
+        return f"the {family.name} family does not run tensor-parallel yet (tensor_parallel_size={size})"
+    for name, value in family.tp_splits(config).items():
+        if value % size:
+            return f"config.json field {name!r}={value} does not divide by tensor_parallel_size={size}"
+    return None

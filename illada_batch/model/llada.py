@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from illada_batch.model.base import DiffusionLM, ForwardOut, KVHook
 from illada_batch.model.configs.llada import LLaDAConfig, card
 from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend, isolated_prefix_mask
+from illada_batch.model.layers.linear import TPGroup, column, embedding, head, local_card, row
 from illada_batch.model.layers.mlp import swiglu
 from illada_batch.model.layers.norms import RMSNorm
 from illada_batch.model.layers.rope import apply_rope
@@ -23,28 +24,32 @@ __all__ = ["LLaDA", "Block", "ForwardOut", "KVHook", "LayerKV", "isolated_prefix
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LLaDAConfig) -> None:
+    """With ``tp``: this rank's heads and KV heads (column-parallel q/k/v, row-parallel
+    attn_out) and MLP columns (column-parallel ff_proj/up_proj, row-parallel ff_out)."""
+
+    def __init__(self, cfg: LLaDAConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
+        d, hd, n = cfg.d_model, cfg.head_dim, 1 if tp is None else tp.size
         self.cfg = cfg
+        self.n_heads, self.n_kv_heads = cfg.n_heads // n, cfg.n_kv_heads // n  # this rank's
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
-        self.attn_out = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.ff_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
+        self.q_proj = column(d, cfg.n_heads * hd, tp, "n_heads")
+        self.k_proj = column(d, cfg.n_kv_heads * hd, tp, "n_kv_heads")
+        self.v_proj = column(d, cfg.n_kv_heads * hd, tp, "n_kv_heads")
+        self.attn_out = row(cfg.n_heads * hd, d, tp, "n_heads")
+        self.ff_proj = column(d, cfg.mlp_hidden_size, tp, "mlp_hidden_size")
+        self.up_proj = column(d, cfg.mlp_hidden_size, tp, "mlp_hidden_size")
+        self.ff_out = row(cfg.mlp_hidden_size, d, tp, "mlp_hidden_size")
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 prefix: LayerKV | None, kv_hook: LayerKVHook | None) -> Tensor:
         cfg = self.cfg
         B, L, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, L, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, L, hd]
-        k = self.k_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
-        v = self.v_proj(h).view(B, L, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        q = self.q_proj(h).view(B, L, self.n_heads, cfg.head_dim).transpose(1, 2)  # [B, H, L, hd]
+        k = self.k_proj(h).view(B, L, self.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = self.v_proj(h).view(B, L, self.n_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, L, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         x = x + self.attn_out(attend(q, k, v, mask, prefix, kv_hook))  # [B, L, d]
         h = self.ff_norm(x)
@@ -54,18 +59,18 @@ class Block(nn.Module):
 class LLaDA(DiffusionLM):
     """``model(input_ids, attention_mask=None) -> logits [B, L, V]``."""
 
-    def __init__(self, cfg: LLaDAConfig) -> None:
+    def __init__(self, cfg: LLaDAConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.config, self.card = cfg, card(cfg)
+        self.config, self.card, self.tp = cfg, local_card(card(cfg), tp), tp
         self.rotary_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.model = nn.Module()
         self.model.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.embedding_size, cfg.d_model),
-            blocks=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
+            wte=embedding(cfg.embedding_size, cfg.d_model, tp),
+            blocks=nn.ModuleList(Block(cfg, tp) for _ in range(cfg.n_layers)),
             ln_f=RMSNorm(cfg.d_model, cfg.rms_norm_eps),
         ))
         if not cfg.weight_tying:
-            self.model.transformer.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+            self.model.transformer.ff_out = head(cfg.d_model, cfg.embedding_size, tp)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.transformer.wte(input_ids)

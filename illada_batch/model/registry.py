@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from illada_batch.errors import ConfigError
-from illada_batch.model.configs import dream, llada, llada_moe
-from illada_batch.model.family import Family, FamilyCard
+from illada_batch.model.configs import dream, llada, llada2, llada_moe
+from illada_batch.model.family import Family, FamilyCard, tp_problem  # noqa: F401 - for the torch-free side
 
 FAMILIES: tuple[Family, ...] = (
+    llada2.FAMILY,
     llada_moe.FAMILY,
     llada.FAMILY,
     dream.FAMILY,
@@ -81,6 +82,11 @@ def parse(path: str | Path) -> tuple[Family, Any]:
     raw = read_config(path)
     family = family_of(raw, str(path))
     return family, family.config(raw, str(path))
+
+
+def setting_owners() -> dict[str, str]:
+    """Each sampling setting that only some family honours -> that family's name."""
+    return {s: f.name for f in FAMILIES for s in f.settings}
 
 
 def card_of(directory: str | Path) -> FamilyCard:

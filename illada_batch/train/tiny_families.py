@@ -25,6 +25,7 @@ from illada_batch.model.checkpoint import MODELS_DIR, save_checkpoint
 from illada_batch.model.configs.dream import DreamConfig
 from illada_batch.model.configs.llada import LLaDAConfig
 from illada_batch.model.configs.llada_moe import LLaDAMoEConfig
+from illada_batch.train.tiny_llada2 import write_tiny_llada2
 
 TOKENIZER_FROM = MODELS_DIR / "tiny-llada"
 _IDS = dict(mask_token_id=2, eos_token_id=1, pad_token_id=1)
@@ -63,8 +64,15 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+# Families whose tiny checkpoint is written from the HF layout directly (their config class
+# reads config.json but does not write it).
+WRITERS = {"llada2": write_tiny_llada2}
+
+
 def write_tiny(family: str, out: str | Path, seed: int = 0) -> Path:
     """Write the tiny checkpoint of ``family`` to ``out`` (config.json, model.safetensors, tokenizer)."""
+    if family in WRITERS:
+        return WRITERS[family](out, seed)
     out = save_checkpoint(tiny_model(family, seed), out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_FROM / name, out / name)
@@ -73,7 +81,7 @@ def write_tiny(family: str, out: str | Path, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", required=True, choices=sorted(TINY))
+    ap.add_argument("--family", required=True, choices=sorted({*TINY, *WRITERS}))
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

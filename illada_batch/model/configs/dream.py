@@ -90,13 +90,16 @@ def parameters(cfg: DreamConfig) -> int:
     return cfg.vocab_size * d + cfg.num_hidden_layers * layer + d + head
 
 
+FAMILY_SETTINGS = frozenset({"alg", "alg_temp"})  # the SamplingParams fields only Dream honours
+
+
 def card(cfg: DreamConfig) -> FamilyCard:
     n = parameters(cfg)
     return FamilyCard(family="dream", mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id,
                       pad_token_id=cfg.pad_token_id, vocab_size=cfg.vocab_size,
                       max_sequence_length=cfg.max_position_embeddings, logit_shift=1,
                       n_layers=cfg.num_hidden_layers, n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-                      parameters=n, active_parameters=n, sampler_settings=frozenset({"alg", "alg_temp"}))
+                      parameters=n, active_parameters=n, sampler_settings=FAMILY_SETTINGS)
 
 
 def matches(raw: Mapping[str, Any]) -> bool:
@@ -105,4 +108,5 @@ def matches(raw: Mapping[str, Any]) -> bool:
 
 FAMILY = Family(name="dream", matches=matches, config=DreamConfig.from_dict, card=card,
                 model="illada_batch.model.dream:Dream",
-                describe="model_type 'Dream' / architectures ['DreamModel']")
+                describe="model_type 'Dream' / architectures ['DreamModel']",
+                settings=FAMILY_SETTINGS)

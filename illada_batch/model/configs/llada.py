@@ -141,4 +141,6 @@ def matches(raw) -> bool:
 
 FAMILY = Family(name="llada", matches=matches, config=LLaDAConfig.from_dict, card=card,
                 model="illada_batch.model.llada:LLaDA",
-                describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)")
+                describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)",
+                tp_splits=lambda c: {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+                                     "mlp_hidden_size": c.mlp_hidden_size})

@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """CPU only. q [B, H, L, hd], k/v [B, H, T, hd], mask additive [B, 1, L, T] in q's dtype
-    or None -> (out [B, H, L, hd] in q's dtype, log-sum-exp of the scaled scores [B, H, L] float32)."""
-    out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)[:2]
-    return out, lse.float()
+from illada_batch.model.layers import traffic
+from illada_batch.model.layers.lse import attention_lse, fused_lse_here, merge_lse
+from illada_batch.model.layers.paged_attention import PagedKV, paged_attention
 
 
 def cascade_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, v: Tensor,
@@ -39,23 +34,23 @@ def cascade_attention(q: Tensor, prefix_k: Tensor, prefix_v: Tensor, k: Tensor, 
     every row (every query sees all of it), k/v [B, H, T, hd] with ``mask`` (as in
     ``attention_lse``; every query must see at least one own key) -> [B, H, L, hd]."""
     B = q.shape[0]
-    if not (q.device.type == "cpu" and _CPU_FLASH is not None):
+    if not fused_lse_here(q):
         k = torch.cat([prefix_k[None].expand(B, -1, -1, -1), k], dim=2)  # [B, H, P + T, hd]
+        traffic.copied("concat", B * k.shape[2])  # token-layers (of the query heads, after any GQA repeat)
         v = torch.cat([prefix_v[None].expand(B, -1, -1, -1), v], dim=2)
         if mask is not None:
             mask = torch.cat([mask.new_zeros(*mask.shape[:-1], prefix_k.shape[1]), mask], dim=-1)  # [B, 1, L, P + T]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    o1, l1 = attention_lse(q, prefix_k[None].expand(B, -1, -1, -1), prefix_v[None].expand(B, -1, -1, -1), None)
-    o2, l2 = attention_lse(q, k, v, mask)
-    top = torch.maximum(l1, l2)  # [B, H, L]
-    w1, w2 = (l1 - top).exp()[..., None], (l2 - top).exp()[..., None]  # [B, H, L, 1]
-    return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(q.dtype)
+    own = attention_lse(q, k, v, mask)
+    shared = attention_lse(q, prefix_k[None].expand(B, -1, -1, -1), prefix_v[None].expand(B, -1, -1, -1), None)
+    return merge_lse([shared, own]).to(q.dtype)
 
 
 # One layer's K/V of a shared prefix: ([P, n_kv_heads, head_dim], same) with RoPE applied.
 LayerKV = tuple[Tensor, Tensor]
-# (k, v) of this call [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries attend to [B, Hkv, T, hd].
-LayerKVHook = Callable[[Tensor, Tensor], LayerKV]
+# (k, v) of this call [B, Hkv, L, hd] (RoPE applied) -> the K/V the queries attend to
+# [B, Hkv, T, hd]; or the rows' pages (``PagedKV``, its own mask: the call passes no mask).
+LayerKVHook = Callable[[Tensor, Tensor], LayerKV | PagedKV]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: LayerKV | None,
@@ -63,19 +58,31 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: LayerKV
     """q [B, H, L, hd], k/v [B, Hkv, L, hd] (RoPE applied), mask additive [B, 1, L, T] or None
     -> [B, L, H * hd]."""
     B, H, L, hd = q.shape
-    if kv_hook is not None:
-        k, v = kv_hook(k, v)  # [B, Hkv, T, hd]
+    kv = (k, v) if kv_hook is None else kv_hook(k, v)  # [B, Hkv, T, hd] each, or the rows' pages
+    if isinstance(kv, PagedKV):  # read in place through the page tables (the mask is in it)
+        att = paged_attention(q, kv, prefix)  # [B, H, L, hd]
+    else:
+        att = _attend_tensors(q, *kv, mask, prefix)
+    return att.transpose(1, 2).reshape(B, L, H * hd)
+
+
+def _attend_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: LayerKV | None) -> Tensor:
+    """q [B, H, L, hd] over k, v [B, Hkv, T, hd] (additive ``mask``) and a shared prefix -> [B, H, L, hd]."""
+    B, H, L, _ = q.shape
     if mask is not None and mask.dtype != q.dtype:  # under autocast
         mask = mask.to(q.dtype)
     rep = H // k.shape[1]
+    P = 0 if prefix is None else prefix[0].shape[0]
+    traffic.attended(B * L * (k.shape[2] + P), B * (k.shape[2] + P))
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, hd]
+        traffic.copied("repeat", B * k.shape[2] * rep)
     if prefix is None:
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
-    else:  # a prefix shared by every row: attended once, merged by log-sum-exp
-        pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
-        att = cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
-    return att.transpose(1, 2).reshape(B, L, H * hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+    # a prefix shared by every row: attended once, merged by log-sum-exp
+    pk, pv = (t.to(q.dtype).transpose(0, 1).repeat_interleave(rep, dim=0) for t in prefix)  # [H, P, hd]
+    traffic.copied("repeat", P * rep)
+    return cascade_attention(q, pk, pv, k, v, mask)  # [B, H, L, hd]
 
 
 def additive_mask(attention_mask: Tensor | None, B: int, L: int, dtype: torch.dtype) -> Tensor | None:

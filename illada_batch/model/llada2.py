@@ -1,0 +1,131 @@
+"""The LLaDA 2.x architecture (``llada2_moe``: LLaDA2.0-mini/flash, LLaDA2.1), and nothing else.
+
+Llama-style with Bailing's names: RMSNorm in float32; a fused ``attention.query_key_value``
+(all Q heads, then K, then V; bias when ``use_qkv_bias``), per-head RMSNorm of Q and K
+(``query_layernorm``, ``key_layernorm``) before RoPE, partial rotary (the first
+``rotary_dim`` channels of each head), GQA, ``attention.dense`` out (bias when ``use_bias``).
+The first ``first_k_dense_replace`` layers have a dense SwiGLU MLP; the others a mixture of
+experts: ``mlp.gate`` (its ``weight`` and ``expert_bias``) routes with sigmoid scores in fp32,
+the bias selecting only, group-limited top-k, renormalised weights times
+``routed_scaling_factor`` (``layers/moe.py``), plus ``mlp.shared_experts``. Module names are
+the checkpoint's tensor names (``model.word_embeddings.weight``,
+``model.layers.1.mlp.experts.3.down_proj.weight``, ``lm_head.weight``).
+
+Attention is whatever mask the caller gives: at generation the engine gives the block-causal
+mask the card asks for (``decoding/loop.py``), as the model was trained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.configs.llada2 import LLaDA2Config, card
+from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend
+from illada_batch.model.layers.mlp import GatedMLP
+from illada_batch.model.layers.moe import Experts, RouterSpec, Score, route
+from illada_batch.model.layers.norms import RMSNorm
+from illada_batch.model.layers.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.dim_head
+        self.cfg = cfg
+        self.query_key_value = nn.Linear(d, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd,
+                                         bias=cfg.use_qkv_bias)
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.dense = nn.Linear(cfg.num_attention_heads * hd, d, bias=cfg.use_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        cfg = self.cfg
+        B, L, _ = x.shape
+        H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qkv = self.query_key_value(x).view(B, L, H + 2 * Hkv, cfg.dim_head)  # [B, L, H + 2 Hkv, hd]
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)  # [B, L, H or Hkv, hd]
+        if cfg.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H or Hkv, L, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.dense(attend(q, k, v, mask, prefix, kv_hook))  # [B, L, d]
+
+
+class Gate(nn.Module):
+    """The router's ``weight`` [E, d] and ``expert_bias`` [E] (a buffer in the checkpoint)."""
+
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, d] -> gate logits [N, E] in float32, as the reference computes them."""
+        return F.linear(x.float(), self.weight.float())
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.spec = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, score=Score.SIGMOID,
+                               bias_in_weights=False, renormalize=True, scaling=cfg.routed_scaling_factor,
+                               n_group=cfg.n_group, topk_group=cfg.topk_group)
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+                               if cfg.num_shared_experts else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, d]
+        weights, ids = route(self.gate(flat), self.spec, self.gate.expert_bias)  # [N, k] float32, [N, k]
+        out = self.experts(flat, weights, ids)  # [N, d]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(x.shape)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: LLaDA2Config, index: int) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.is_moe(index) else GatedMLP(d, cfg.intermediate_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, prefix: LayerKV | None,
+                kv_hook: LayerKVHook | None) -> Tensor:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, mask, prefix, kv_hook)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LLaDA2(DiffusionLM):
+    def __init__(self, cfg: LLaDA2Config) -> None:
+        super().__init__()
+        self.config, self.card = cfg, card(cfg)
+        self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+        self.model = nn.Module()
+        self.model.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.word_embeddings(input_ids)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.model.norm(hidden)
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.model.word_embeddings.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -43,7 +43,7 @@ from illada_batch.job.storage import Store, is_transient
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
 LOCK_HEARTBEAT_SECONDS = 10
 ATTEMPTS = "_attempts"
-RECORD_FOLDERS = ("_manifest", "_failed", ATTEMPTS)  # each holds only the job's .json records
+RECORD_FOLDERS = ("_manifest", "_failed", ATTEMPTS, "_index")  # each holds only the job's .json records (_index: .jsonl)
 TOP_FILES = ("_SUCCESS.json", "_FAILED.json", "_LOCK.json")
 # the last line of every dataset card the job writes: a README.md without it is the user's
 CARD_MARK = "<!-- written by illada-batch: this file is rewritten when the job finishes -->"
@@ -219,7 +219,7 @@ class Output:
                 for child in self.fs.ls(self.key(name), detail=True):
                     cname = child["name"].rstrip("/").rsplit("/", 1)[-1]
                     ok = child["type"] != "directory" and (cname in own_data if name == "data"
-                                                           else cname.endswith(".json"))
+                                                           else cname.endswith((".json", ".jsonl")))
                     if not ok:
                         foreign.append(f"{name}/{cname}" + ("/" if child["type"] == "directory" else ""))
             elif is_dir or not (name in TOP_FILES or (name == "README.md" and self._own_card())):

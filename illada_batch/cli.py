@@ -164,7 +164,7 @@ def cmd_validate(args) -> int:
     print(f"  input     {i.url}: {rows:,} rows in {len(shards)} shards of up to {spec.shard_rows} rows")
     print(f"  samples   {rows * spec.n:,} (n={spec.n}); up to {rows * spec.n * spec.sampling.gen_length:,} generated "
           f"tokens, {rows * spec.n * spec.sampling.steps:,} sample-steps")
-    print(f"  model     {spec.model.path} ({spec.backend}), {spec.replicas} replica(s)")
+    print(f"  model     {spec.model.path} ({spec.backend}), {_replicas_text(spec)} replica(s)")
     if family:
         print(f"  family    {family}")
     print(f"  output    {spec.output_url(args.date)}")
@@ -271,10 +271,20 @@ def cmd_render(args) -> int:
     return 0
 
 
+def _replicas_text(spec) -> str:
+    lo, hi = spec.replica_range
+    return f"{lo}" if lo == hi else f"{lo} to {hi}"
+
+
 CPU_SHAPE_PARAMETERS = 10**9  # a --model-shape larger than this needs a GPU
 
 
 def cmd_bench(args) -> int:
+    if args.only == "scale":  # the driver at 10^3..10^5 shards, simulated replicas (no model, no torch)
+        from illada_batch.bench.scale import main as bench_scale
+
+        sizes = [int(n) for n in args.shards.split(",") if n]
+        return bench_scale(sizes, args.out, args.rows_per_shard, ids=[int(n) for n in args.ids.split(",") if n])
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
@@ -407,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="diffusion", choices=["diffusion", "vllm"],
                    help="vllm: the diffusion engine and vLLM side by side (needs vLLM)")
     p.add_argument("--ar-model", default="tiny-qwen2", help="the autoregressive model for --backend vllm")
-    p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections")
+    p.add_argument("--only", default=None, help="comma-separated subset of the bench's sections; `scale` alone: the "
+                   "driver at many shards against simulated replicas")
+    p.add_argument("--shards", default="1000,10000", help="--only scale: comma-separated shard counts (e.g. 100000)")
+    p.add_argument("--rows-per-shard", type=int, default=4, help="--only scale: input rows per shard")
+    p.add_argument("--ids", default="", help="--only scale: also the duplicate-id check's memory on these id counts "
+                   "(e.g. 10000000); --shards '' for this alone")
     p.add_argument("--tp", type=_positive, default=1,
                    help="--only wide: each of N tensor-parallel ranks' peak memory against 1/N of the weights")
     p.add_argument("--cache", default=",".join(_cache_modes()),

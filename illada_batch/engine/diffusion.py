@@ -201,6 +201,9 @@ class Engine:
         t0 = time.perf_counter()
         while queue or batch is not None:
             batch = self._schedule(plan, params, queue, batch)
+            if self.pool is not None:
+                in_use = self.pool.num_pages - self.pool.num_free_pages
+                self.counters.pages_in_use_peak = max(self.counters.pages_in_use_peak, in_use)
             denoise_step(self.model, batch, params, plan.forward)
             self.counters.forward_passes += 1
             self.traffic.end_step()

@@ -47,6 +47,7 @@ class Counters:
     prefix_fallbacks: int = 0  # groups whose prefix did not fit the pages (cache off, or a block cache's prefix per group)
     query_tokens: int = 0  # query positions the model ran, padding included (work per generated token)
     row_waits: int = 0  # times a row waited for a finishing row's pages (block cache)
+    pages_in_use_peak: int = 0  # most KV pages held at once (rows and prefixes) since a reader last reset it
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time per phase
 
     def as_dict(self) -> dict:

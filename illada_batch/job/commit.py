@@ -36,13 +36,14 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import FingerprintMismatch, LockHeld, OutputError, RowRangeMismatch
 from illada_batch.job import storage
+from illada_batch.job.manifest_index import read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
 from illada_batch.job.storage import Store, is_transient
 
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
 LOCK_HEARTBEAT_SECONDS = 10
 ATTEMPTS = "_attempts"
-RECORD_FOLDERS = ("_manifest", "_failed", ATTEMPTS)  # each holds only the job's .json records
+RECORD_FOLDERS = ("_manifest", "_failed", ATTEMPTS, "_index")  # each holds only the job's .json records (_index: .jsonl)
 TOP_FILES = ("_SUCCESS.json", "_FAILED.json", "_LOCK.json")
 # the last line of every dataset card the job writes: a README.md without it is the user's
 CARD_MARK = "<!-- written by illada-batch: this file is rewritten when the job finishes -->"
@@ -54,6 +55,7 @@ class Output:
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
         self.fs, self.root = fs, root.rstrip("/")
         self.store = Store(fs)
+        self.unindexed: list[Manifest] = []  # manifests the last ``manifests()`` read outside the index
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -152,16 +154,11 @@ class Output:
         return out, bad
 
     def read_manifests(self) -> tuple[dict[str, Manifest], dict[str, str]]:
-        """(readable manifests, {shard id: why its manifest cannot be read})."""
+        """(readable manifests, {shard id: why its manifest cannot be read}), through the index
+        where the listing confirms it (``manifest_index.py``)."""
         self.fs.invalidate_cache()
-        bodies, bad = self._read_json_dir("_manifest")
-        out = {}
-        for sid, body in bodies.items():
-            try:
-                out[sid] = Manifest.from_json(body)
-            except (KeyError, TypeError, ValueError) as exc:
-                bad[sid] = f"_manifest/{sid}.json cannot be read ({type(exc).__name__}: {exc})"
-        return out, bad
+        self.unindexed = []
+        return read_manifests(self.fs, self.root, self.unindexed)
 
     def manifests(self) -> dict[str, Manifest]:
         return self.read_manifests()[0]
@@ -222,7 +219,7 @@ class Output:
                 for child in self.fs.ls(self.key(name), detail=True):
                     cname = child["name"].rstrip("/").rsplit("/", 1)[-1]
                     ok = child["type"] != "directory" and (cname in own_data if name == "data"
-                                                           else cname.endswith(".json"))
+                                                           else cname.endswith((".json", ".jsonl")))
                     if not ok:
                         foreign.append(f"{name}/{cname}" + ("/" if child["type"] == "directory" else ""))
             elif is_dir or not (name in TOP_FILES or (name == "README.md" and self._own_card())):
@@ -283,6 +280,7 @@ class Output:
 
     def summary(self) -> JobSummary | None:
         """The summary the last finished run wrote (``_SUCCESS.json`` or ``_FAILED.json``), if any."""
+        self.fs.invalidate_cache()  # a listing cached earlier in this process would hide a summary written since
         for name in ("_SUCCESS.json", "_FAILED.json"):
             try:
                 return JobSummary.from_dict(json.loads(self.fs.cat_file(self.key(name))))

@@ -28,6 +28,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.manifest_index import IndexWriter
+from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
@@ -39,20 +41,23 @@ from illada_batch.job.tp_ranks import Placements
 
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
-            log=print) -> JobSummary:
+            log=print, replica=None) -> JobSummary:
     """Run (or resume) a job; returns its summary (``exit_code()`` is the CLI's). Raises
     FingerprintMismatch (or RowRangeMismatch) or LockHeld before writing anything when the
     output belongs to another job or another run; ClusterError or JobStopped when the
-    replicas cannot be placed or started."""
-    return _Job(spec.resolved(), date, log).run(address, show_progress)
+    replicas cannot be placed or started. ``replica``: the actor class to start in place of
+    ``job.replica.Replica`` (the scale benchmark's simulated replicas)."""
+    return _Job(spec.resolved(), date, log, replica).run(address, show_progress)
 
 
 class _Job:
-    def __init__(self, spec: JobSpec, date: str | None, log) -> None:
-        self.spec, self.log, self.t0 = spec, log, time.time()
+    def __init__(self, spec: JobSpec, date: str | None, log, replica=None) -> None:
+        self.spec, self.log, self.t0, self.replica = spec, log, time.time(), replica
         self.out_url = spec.output_url(date)
         self.fingerprint = spec.fingerprint()
         self.out = Output(*filesystem(self.out_url, spec.output.storage_options))
+        self.index = IndexWriter(self.out)  # the manifests this run received, compacted for the next reader
+        self.metrics = DriverMetrics(spec.name)  # counts kept until Ray is up (``attach`` in ``_dispatch``)
         self.run_stats = RunStats()
         self.failed: dict[str, str] = {}  # shard id -> error, this run
         self.busy: dict = {}  # (node, pid) -> [(started, committed_at)] of its shards
@@ -104,6 +109,8 @@ class _Job:
         self.run_stats.skipped = len(shards) - len(todo)
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot write", keep=(LockHeld,)):
             out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
+            # what the last run left unindexed (it crashed before writing a segment), indexed now
+            self.index.add_all([m for m in out.unindexed if m.shard_id in committed])
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(out, self.owner, stop), daemon=True)
         beat.start()
@@ -111,6 +118,7 @@ class _Job:
             for path, error in bad_files:
                 sid = f"file-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{path.rsplit('/', 1)[-1]}"
                 self.failed[sid] = error
+                self.metrics.inc("illada_shards_failed", 1)
                 out.record_failure(sid, self.fingerprint, error, attempts=1)
                 self.log(f"shard failed: {error}")
             if self.run_stats.skipped:
@@ -139,7 +147,11 @@ class _Job:
     def _dispatch(self, todo: list[Shard], address: str | None, show_progress: bool) -> None:
         spec = self.spec
         can_grow = _connect(address)
-        from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
+        self.metrics.attach()
+        if self.replica is not None:
+            Replica = self.replica
+        else:
+            from illada_batch.job.replica import Replica  # either backend: the replica builds the engine the spec names
 
         ranks = spec.engine.tensor_parallel_size  # a replica is N ranks on one node, each with `resources`
         request = {"CPU": spec.resources.num_cpus * ranks, "GPU": spec.resources.num_gpus * ranks}
@@ -162,12 +174,14 @@ class _Job:
                 placed.made(handle)
             return handle
 
-        pool = ReplicaPool(new_replica, min(spec.replicas, len(todo)), request, spec.placement_timeout_s,
-                           spec.max_retries + 1, self.log, end=placed.end if placed else ray.kill)
+        lo, hi = spec.replica_range
+        pool = ReplicaPool(new_replica, min(hi, len(todo)), request, spec.placement_timeout_s,
+                           spec.max_retries + 1, self.log, end=placed.end if placed else ray.kill, needed=lo,
+                           can_grow=can_grow)
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)
         progress = Progress(sum(s.num_rows for s in todo) * spec.n, len(todo), enabled=show_progress)
-        last_commit, drained = time.time(), False
+        last_commit, last_gauges, drained = time.time(), 0.0, False
         try:
             while queue or inflight:
                 pool.poll()
@@ -179,6 +193,12 @@ class _Job:
                         shard, attempt = item
                         inflight[pool.handle(r).process.remote(shard.to_dict())] = (r, shard, attempt)
                         load[r] += 1
+                if not queue and lo < hi:  # a range: replicas with no shard left stop, so the cluster may shrink
+                    pool.retire_idle({r for r, _, _ in inflight.values()})
+                if time.time() - last_gauges >= 1.0:
+                    last_gauges = time.time()
+                    self.metrics.replicas(len(pool.slots), pool.placed(), len({r for r, _, _ in inflight.values()}),
+                                          progress.tokens / max(time.time() - progress.t0, 1e-9))
                 if time.time() - last_commit > spec.stall_warning_s:
                     self.log(f"no shard committed in the last {time.time() - last_commit:.0f} s: "
                              f"{len(pool.up())} replica(s) working, {pool.starting()} being placed or started, "
@@ -215,6 +235,8 @@ class _Job:
             if r in pool.up():
                 pool.replace(r)
             return None
+        self.index.add(m)
+        self.metrics.committed(m.stats, m.rows.num_rows if m.rows else m.samples // self.spec.n)
         self.run_stats.shards += 1
         self.run_stats.tokens += m.stats.tokens
         self.run_stats.gen_seconds += m.stats.gen_seconds
@@ -227,8 +249,10 @@ class _Job:
             wait = min(60.0, self.spec.retry_backoff_s * 2 ** attempt)
             self.log(f"{where}: {error}; retry {attempt + 1}/{max_retries} in {wait:.0f} s")
             queue.append((shard, attempt + 1, time.time() + wait))
+            self.metrics.inc("illada_shards_retried", 1)
         else:
             self.failed[shard.shard_id] = error
+            self.metrics.inc("illada_shards_failed", 1)
             self.out.record_failure(shard.shard_id, self.fingerprint, error, attempt + 1)
             self.log(f"{where} failed after {attempt + 1} tries: {error}")
 
@@ -245,6 +269,7 @@ class _Job:
 
     def _summarise(self, n_shards: int, stopped: str | None) -> JobSummary:
         spec, out, run = self.spec, self.out, self.run_stats
+        self.index.flush()
         manifests, unreadable = out.read_manifests()
         run.orphans_removed = out.remove_orphans(manifests)
         bad = out.untrusted(manifests, unreadable)

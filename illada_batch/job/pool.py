@@ -9,6 +9,12 @@ cluster has, and given up; when no replica is left, the job stops with that mess
 can fix (missing model, wrong checksum, unsupported config) stops the job once
 (``JobStopped``); any other start failure is retried on a new replica, a bounded number of
 times. A replica that dies while working is replaced by a new actor.
+
+Replicas as a range (``replicas: {min, max}``): the pool asks for ``max``. On a cluster that
+may grow, the unplaced ones beyond the ``min`` the job needs are never given up: they are
+pending actors, which Ray's autoscaler sees as demand, and they start when a node appears.
+Once no shard is left to hand out, idle replicas are stopped (``retire_idle``), so the
+cluster can shrink.
 """
 
 from __future__ import annotations
@@ -53,9 +59,12 @@ class _Slot:
 
 class ReplicaPool:
     def __init__(self, make, count: int, request: dict, placement_timeout_s: float, max_start_failures: int,
-                 log, end=ray.kill) -> None:
+                 log, end=ray.kill, needed: int | None = None, can_grow: bool = False) -> None:
         """``end(handle)``: how a replica is ended (a tensor-parallel one removes its placement group too)."""
         self.make, self.timeout, self.log, self.end = make, placement_timeout_s, log, end
+        self.needed = count if needed is None else min(needed, count)  # fewer placed than this: reported
+        self.can_grow = can_grow
+        self.waiting: set[int] = set()  # replicas beyond ``needed`` left pending as demand (said once each)
         self.request = {k: v for k, v in request.items() if v}  # what one replica asks Ray for
         self.max_start_failures = max_start_failures
         self.slots: list[_Slot | None] = [self._new() for _ in range(count)]
@@ -71,6 +80,10 @@ class ReplicaPool:
 
     def handle(self, i: int):
         return self.slots[i].handle
+
+    def placed(self) -> int:
+        """Replicas Ray has placed: working, or loading their model."""
+        return sum(1 for s in self.slots if s is not None and s.ready is None)
 
     def starting(self) -> int:
         return sum(1 for s in self.slots if s is not None and not s.up)
@@ -106,7 +119,17 @@ class ReplicaPool:
 
     def _give_up_unplaced(self, overdue: list[int]) -> None:
         """Give up the overdue replicas, except as many as the resources in use say may be
-        placed with their worker process still starting (a busy node): the last created go."""
+        placed with their worker process still starting (a busy node): the last created go.
+        On a cluster that may grow, those beyond what the job needs stay, as demand."""
+        if self.can_grow:
+            others = sum(1 for i, s in enumerate(self.slots) if s is not None and i not in overdue)
+            keep = len(overdue) - max(0, self.needed - others)  # overdue replicas beyond the needed ones
+            for i in overdue[len(overdue) - max(0, keep):]:
+                if i not in self.waiting:
+                    self.waiting.add(i)
+                    self.log(f"replica {i + 1} waits for the cluster to grow: it asks for "
+                             f"{resources_text(self.request)}; {cluster_resources_text()}")
+            overdue = overdue[:len(overdue) - max(0, keep)]
         holding = sum(1 for i, s in enumerate(self.slots) if s is not None and i not in overdue
                       and (s.ready is None or _has_a_worker(s.handle)))
         starting = max(0, _replicas_in_use(self.request) - holding)
@@ -145,6 +168,22 @@ class ReplicaPool:
         self.end(self.slots[i].handle)  # a pending actor would otherwise take the resources later
         self.slots[i] = None
         self.gone.append(why)
+
+    def retire_idle(self, busy: set[int]) -> None:
+        """No shard is left to hand out: stop the replicas not in ``busy`` (their engines closed
+        first) and those not yet started, so that the cluster may shrink."""
+        idle = [i for i, s in enumerate(self.slots) if s is not None and i not in busy]
+        up = [self.slots[i].handle for i in idle if self.slots[i].up]
+        if up:
+            try:
+                ray.get([h.close.remote() for h in up], timeout=60)
+            except (GetTimeoutError, RayActorError, RayTaskError):
+                pass
+        for i in idle:
+            self.end(self.slots[i].handle)
+            self.slots[i] = None
+        if idle:
+            self.log(f"no shard left for {len(idle)} replica(s): stopped")
 
     def replace(self, i: int) -> None:
         """The replica died while working: a new actor takes its place."""

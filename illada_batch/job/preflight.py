@@ -134,14 +134,17 @@ def cluster_problems(spec: JobSpec, address: str) -> tuple[list[str], list[str]]
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
     def holds(node: dict) -> int:  # replicas this node can hold, counting only what a replica asks for
-        return min(int(node.get(k, 0) // v) for k, v in request.items()) if request else spec.replicas
+        return min(int(node.get(k, 0) // v) for k, v in request.items()) if request else spec.replica_range[1]
 
     fits = sum(holds(node) for node in nodes)
     notes = [f"cluster {address}: {cluster_resources_text()}, {len(nodes)} node(s)"]
     if fits == 0:
         return [f"resources: a replica asks for {resources_text(request)}, which no node of the cluster at "
                 f"{address} has (unless an autoscaler adds one)"], notes
-    if fits < spec.replicas:
-        notes.append(f"replicas: the cluster holds {fits} of the {spec.replicas} replicas now; the others wait "
+    lo, hi = spec.replica_range
+    if fits < lo:
+        notes.append(f"replicas: the cluster holds {fits} of the {lo} replicas now; the others wait "
                      f"up to placement_timeout_s ({spec.placement_timeout_s:g} s) for room, then are given up")
+    elif fits < hi:
+        notes.append(f"replicas: the cluster holds {fits} of up to {hi} replicas now; the others wait for it to grow")
     return [], notes

@@ -75,8 +75,14 @@ def generate_dataset(ds, batch_size: int = 64, **fields):
     env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
                         "TOKENIZERS_PARALLELISM": "false"}}
     return ds.map_batches(DatasetReplica, fn_constructor_args=(spec.model_dump_json(),), batch_format="pyarrow",
-                          batch_size=batch_size, concurrency=spec.replicas, num_cpus=spec.resources.num_cpus,
+                          batch_size=batch_size, concurrency=_concurrency(spec), num_cpus=spec.resources.num_cpus,
                           num_gpus=spec.resources.num_gpus, runtime_env=env)
+
+
+def _concurrency(spec: JobSpec) -> int | tuple[int, int]:
+    """Ray Data's ``concurrency``: a fixed pool, or (min, max) for an autoscaling one."""
+    lo, hi = spec.replica_range
+    return lo if lo == hi else (lo, hi)
 
 
 def _refuse_if_no_node_fits(spec: JobSpec) -> None:
@@ -102,8 +108,8 @@ def _warn_if_no_cpu_left(spec: JobSpec) -> None:
     if not ray.is_initialized() or spec.resources.num_gpus > 0:
         return
     cpus = ray.cluster_resources().get("CPU", 0)
-    held = spec.replicas * spec.resources.num_cpus
+    held = spec.replica_range[1] * spec.resources.num_cpus
     if held >= cpus:
-        warnings.warn(f"{SOURCE}: {spec.replicas} replica(s) x resources.num_cpus {spec.resources.num_cpus} = "
+        warnings.warn(f"{SOURCE}: {spec.replica_range[1]} replica(s) x resources.num_cpus {spec.resources.num_cpus} = "
                       f"{held:g} CPUs, every CPU of the cluster ({cpus:g}): Ray Data's read and write tasks would "
                       f"wait for a CPU forever; use fewer replicas or a fraction of a CPU each", stacklevel=3)

@@ -147,11 +147,11 @@ def _cluster_spec(spec: JobSpec, image: str) -> dict:
             "template": _pod("ray-head", image, {"cpu": "2", "memory": "8Gi"}, gpus=0, ports=head_ports),
         },
         "workerGroupSpecs": [{
-            # One pod per replica: replicas fixed for the run, no autoscaling to wait for.
+            # One pod per replica: `replicas` min to max (a number: fixed for the run, no autoscaling to wait for).
             "groupName": "replicas",
-            "replicas": spec.replicas,
-            "minReplicas": spec.replicas,
-            "maxReplicas": spec.replicas,
+            "replicas": spec.replica_range[0],
+            "minReplicas": spec.replica_range[0],
+            "maxReplicas": spec.replica_range[1],
             "rayStartParams": {},
             "template": _pod("ray-worker", image, worker_req, gpus=gpus, cache=True,
                              env=[{"name": "ILLADA_MODEL_CACHE", "value": MODEL_CACHE}]),

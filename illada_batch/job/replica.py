@@ -25,6 +25,7 @@ import ray
 
 from illada_batch.errors import CheckpointError, InputError, SpecError, StorageUnavailable
 from illada_batch.job.commit import Output
+from illada_batch.job.metrics import ReplicaMetrics
 from illada_batch.job.model_fit import family_problems, fixed_text_problems
 from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.rows import output_table, render_rows
@@ -195,6 +196,7 @@ class ShardReplica(RowGenerator):
                 RowGenerator.__init__(self, self.spec)
                 self.fs, self.in_root = filesystem(self.spec.input.url, self.spec.input.storage_options)
                 self.out = Output(*filesystem(self.output_url, self.spec.output.storage_options))
+                self.metrics = ReplicaMetrics(self.spec.name)
         return {"node": os.uname().nodename, "pid": os.getpid()}
 
     def process(self, shard_dict: dict) -> Manifest:
@@ -208,6 +210,7 @@ class ShardReplica(RowGenerator):
         except InputError as exc:
             raise ShardError(str(exc)) from None
         out, gen_seconds = self.generate_rows(table, shard.duplicates)
+        self.metrics.engine(self.engine)
         errors = sum(e is not None for e in out.column("error").to_pylist())
         tokens = sum(out.column("num_tokens").to_pylist())
         stats = ShardStats(out.num_rows, errors, tokens, gen_seconds, time.time() - t0, t0, os.uname().nodename,

@@ -163,6 +163,17 @@ class ResourcesSpec(_Strict):
     num_cpus: float = Field(1, ge=0)  # per replica; also the torch thread count on CPU
 
 
+class ReplicaRange(_Strict):
+    min: int = Field(1, ge=1)  # replicas the job needs: fewer placed after placement_timeout_s is reported
+    max: int = Field(ge=1)  # replicas the driver asks for (never more than there are shards)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ReplicaRange":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     backend: Literal["diffusion", "vllm"] = "diffusion"  # vllm: an autoregressive HF checkpoint on vLLM (an optional extra)
@@ -180,7 +191,10 @@ class JobSpec(_Strict):
     n: int = Field(1, ge=1)  # samples per row
     seed: int = 0  # job seed: a sample's seed is derived from (seed, row id, sample index)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    replicas: int = Field(1, ge=1)  # model copies; each pulls shards when free
+    # model copies; each pulls shards when free. A range ({min: 1, max: 64}, as ray.data.llm's concurrency):
+    # the driver asks for up to max; on a cluster that may grow, those beyond min that Ray cannot place yet
+    # wait as demand for the autoscaler instead of being given up after placement_timeout_s
+    replicas: typing.Union[int, ReplicaRange] = 1
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     shard_rows: int = Field(256, ge=1)  # rows per shard: the unit of retry and commit
     max_retries: int = Field(3, ge=0)  # tries per shard after the first, before it is recorded as failed
@@ -196,6 +210,30 @@ class JobSpec(_Strict):
     stall_warning_s: float = Field(600.0, gt=0)
 
     base_dir: str = Field(".", exclude=True)  # where the spec file lives (relative paths resolve against it)
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas_number_or_range(cls, v):
+        """One message per mistake (a union's would list each alternative's)."""
+        if isinstance(v, ReplicaRange):
+            return v
+        if isinstance(v, dict):
+            try:
+                return ReplicaRange.model_validate(v)
+            except ValidationError as exc:
+                raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'range'}: {e['msg']}"
+                                           for e in exc.errors())) from None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected a number of replicas or a range {{min: 1, max: 64}}, got {v!r}")
+        if v < 1:
+            raise ValueError(f"at least 1 replica, got {v}")
+        return v
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """(fewest replicas the job needs, most it asks for)."""
+        r = self.replicas
+        return (r, r) if isinstance(r, int) else (r.min, r.max)
 
     @field_validator("backend")
     @classmethod

@@ -91,11 +91,12 @@ def test_one_forward_per_iteration_with_rows_at_different_blocks(model):
     assert len(steps) == engine.counters.forward_passes and all(s.forwards == 1 for s in steps)
 
 
-def test_the_plan_is_chosen_by_the_attention_kind_not_the_family(model):
+@pytest.mark.parametrize("mode", ["prefix", "blocks", "prefix+blocks"])
+def test_every_mode_but_off_is_the_exact_cache_for_a_block_causal_card(model, mode):
     from illada_batch.engine.cache_plan import choose_plan
     from illada_batch.engine.requests import Counters
 
-    engine = Engine(model, cache="blocks", page_size=4, kv_budget=2**22)
+    engine = Engine(model, cache=mode, page_size=4, kv_budget=2**22)
     params = model.card.resolve(SamplingParams(gen_length=8, block_length=4, steps=4))
     plan = choose_plan(model, engine.cache, (), 20, engine.pool, engine.kv, "k", Counters(), params=params)
     assert isinstance(plan, BlockCausalCache) and plan.block == 4

@@ -282,7 +282,7 @@ def cmd_bench(args) -> int:
 
     caches = args.cache.split(",")
     for name, given, known in (("--cache", caches, _cache_modes()),
-                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, "wide"]),
+                               ("--only", args.only.split(",") if args.only else [], [*SECTIONS, "wide", "blockdiff"]),
                                ("--model-shape", [args.model_shape] if args.model_shape else [], list(PRESETS))):
         unknown = [g for g in given if g not in known]
         if unknown:

@@ -88,7 +88,7 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set; "wide" on request
+SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set; "wide", "blockdiff" on request
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
@@ -104,7 +104,8 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
     model = load_model(model_name)
     report = {"model": model_name, "device": str(model.device), "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
-    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("batching", _batching),
+    for name, section in (("modes", _modes), ("long", _long), ("wide", _wide), ("blockdiff", _blockdiff),
+                          ("batching", _batching),
                           ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(model, rows, caches)
@@ -142,6 +143,12 @@ def _wide(model, rows: int, caches: list[str]):  # not in the default set: a 3.8
     out = bench_wide(caches)
     print(wide_report(out), flush=True)
     return out
+
+
+def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: its own model, tiny LLaDA 2.x
+    from illada_batch.bench.blockdiff import bench_blockdiff, tiny_llada2
+
+    return bench_blockdiff(tiny_llada2(), rows=min(rows, 16))
 
 
 def _batching(model, rows: int, caches: list[str]):

@@ -304,7 +304,15 @@ def cmd_bench(args) -> int:
         return bench_shape(args.model_shape, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
 
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches)
+    block_causal = None
+    if args.only and "blockdiff" in args.only.split(","):  # the tiny LLaDA 2.x checkpoint, written for this run
+        import tempfile
+
+        from illada_batch.train.tiny_families import write_tiny
+
+        block_causal = str(write_tiny("llada2", tempfile.mkdtemp(prefix="tiny-llada2-")))
+    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches,
+                      block_causal)
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """``illada-batch bench --only blockdiff``: the exact block-causal cache (``engine/block_causal.py``)
-against the cache off, on the tiny LLaDA 2.x checkpoint (written to a temporary folder), CPU.
+against the cache off, on the tiny LLaDA 2.x checkpoint (``cli`` writes it to a temporary folder), CPU.
 
 Rows share a system prompt and differ after it (random token ids: the model is random, so
 text would not be more telling); EOS is suppressed so every row runs to its full length.
@@ -11,7 +11,6 @@ several lengths. Every ratio compares two runs of this command."""
 from __future__ import annotations
 
 import random
-import tempfile
 
 from illada_batch.bench.measure import agreement, run_requests, strip, table
 from illada_batch.decoding.params import SamplingParams
@@ -62,11 +61,3 @@ def bench_blockdiff(model, rows: int = 16, gens=(256,), systems=(100, 400), batc
               f"of every complete prompt page, {hit['system_hit_rate']:.3f} of the system prompt's pages in rows after the first", flush=True)
         out["hit_rates"].append(hit)
     return out
-
-
-def tiny_llada2():
-    """The tiny LLaDA 2.x checkpoint, written to a temporary folder and loaded."""
-    from illada_batch.model.checkpoint import load_model
-    from illada_batch.train.tiny_families import write_tiny
-
-    return load_model(write_tiny("llada2", tempfile.mkdtemp(prefix="tiny-llada2-")))

@@ -320,8 +320,13 @@ def cmd_bench(args) -> int:
     from illada_batch.bench.modes import main as bench_main
     from illada_batch.train.tiny_families import write_tiny
 
+    block_causal = None
+    if args.only and "blockdiff" in args.only.split(","):  # the tiny LLaDA 2.x checkpoint, written for this run
+        import tempfile
+
+        block_causal = str(write_tiny("llada2", tempfile.mkdtemp(prefix="tiny-llada2-")))
     return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
-                      write_tiny=write_tiny)
+                      write_tiny=write_tiny, block_causal_model=block_causal)
 
 
 def main(argv=None) -> int:

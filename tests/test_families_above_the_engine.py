@@ -53,8 +53,9 @@ def test_a_job_on_the_tiny_llada_moe_runs_end_to_end(family_checkpoint, tmp_path
 
 
 @pytest.mark.parametrize("family, extra, words", [
-    ("llada2", {"engine": {"cache": "prefix"}}, "engine.cache: 'prefix' assumes bidirectional attention"),
-    ("llada2", {"engine": {"cache": "blocks"}}, "llada2 is block-causal"),
+    ("llada2", {"engine": {"cache": "prefix"}, "sampling": {"steps": 2, "gen_length": 2, "block_length": 2,
+                                                           "cfg_scale": 1.0}},
+     "sampling.cfg_scale: llada2's block cache (engine.cache 'prefix') keeps no unconditional K/V"),
     ("llada", {"sampling": {"steps": 2, "gen_length": 2, "block_length": 2, "alg": "entropy"}},
      "sampling.alg: a setting of the dream family's sampler; this model is llada"),
     ("dream", {"sampling": {"steps": 2, "gen_length": 2, "block_length": 2, "editing_threshold": 0.9}},
@@ -62,9 +63,8 @@ def test_a_job_on_the_tiny_llada_moe_runs_end_to_end(family_checkpoint, tmp_path
 ])
 def test_validate_refuses_what_the_models_family_cannot_honour(family_checkpoint, tmp_path, capsys, family, extra,
                                                                   words):
-    """The card decides, before any cluster work: a block-causal family refuses the cache
-    modes that assume bidirectional attention; a sampler setting of another family is named
-    with both families."""
+    """The card decides, before any cluster work: a block-causal family's block cache refuses
+    classifier-free guidance; a sampler setting of another family is named with both families."""
     code, out = validate(spec_file(tmp_path, model={"path": str(family_checkpoint(family))}, **extra), capsys=capsys)
     assert code == 1 and words in out, out
 
@@ -82,7 +82,8 @@ def test_a_setting_left_unset_takes_the_familys_own_default(family_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, engine", [("llada2", {"cache": "off"}), ("dream", {"cache": "blocks"})])
+@pytest.mark.parametrize("family, engine", [("llada2", {"cache": "off"}), ("llada2", {"cache": "prefix"}),
+                                            ("dream", {"cache": "blocks"})])
 def test_a_job_on_each_familys_tiny_checkpoint_runs_end_to_end(family_checkpoint, tmp_path, ray_cluster, family,
                                                                 engine):
     fs = fsspec.filesystem("file")

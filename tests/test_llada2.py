@@ -118,15 +118,6 @@ def test_config_json_uses_the_reference_field_names(checkpoint):
     assert family.name == "llada2" and cfg.first_k_dense_replace == 1 and cfg.n_group == 2
 
 
-@pytest.mark.parametrize("cache", ["prefix", "blocks", "prefix+blocks"])
-def test_bidirectional_cache_modes_are_refused_with_the_reason(model, cache):
-    from illada_batch.engine.diffusion import Engine
-    from illada_batch.errors import ParamsError
-
-    with pytest.raises(ParamsError, match="block-causal"):
-        Engine(model, cache=cache)
-
-
 def test_engine_generates_text_with_the_cache_off(model):
     """The engine's batch (rows of different prompt lengths, continuous batching) gives each
     row the tokens generate() gives it alone."""

@@ -30,10 +30,13 @@ def snapshot(pool: PagePool, hashes=()) -> tuple:
     )
 
 
-def chained(tokens, page_size, key) -> list[PageHash]:
+def chained(tokens, page_size, key, block=None) -> list[PageHash]:
+    """The chain as written out by hand: page i keyed by its tokens, or (``block``) by the
+    tokens from its start to the end of the block holding its last token."""
     out, parent = [], None
     for i in range(len(tokens) // page_size):
-        parent = hash_page(parent, tokens[i * page_size : (i + 1) * page_size], key)
+        end = (i + 1) * page_size if block is None else -(-(i + 1) * page_size // block) * block
+        parent = hash_page(parent, tokens[i * page_size : end], key)
         out.append(parent)
     return out
 
@@ -254,14 +257,14 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.pool = PagePool(8, page_size=PAGE)
         self.live: list[tuple[PrefixPages | RowPages, str | None]] = []  # key None: a row's pages
-        self.history: list[tuple[list[int], str]] = []
+        self.history: list[tuple[list[int], str, int | None, int]] = []
         self.content: dict[int, PageHash] = {}  # what each page's K/V was written for
         self.seen: set[PageHash] = set()
 
-    def _allocate(self, tokens: list[int], key: str) -> None:
+    def _allocate(self, tokens: list[int], key: str, block: int | None = None, extra: int = 0) -> None:
         pool = self.pool
-        hashes = chained(tokens, PAGE, key)
-        needed = -(-len(tokens) // PAGE)
+        hashes = chained(tokens, PAGE, key, block)
+        needed = -(-(len(tokens) + extra) // PAGE)
         # pages in use by a live allocation are always reusable
         must_hit = 0
         for other, okey in self.live:
@@ -272,14 +275,14 @@ class PoolMachine(RuleBasedStateMachine):
                 must_hit = max(must_hit, n)
         refs_before = [pool.ref_count(PageId(p)) for p in range(pool.num_pages)]
         before = snapshot(pool, sorted(self.seen))
-        res = pool.allocate(tokens, key)
-        self.history.append((tokens, key))
+        res = pool.allocate(tokens, key, len(tokens) + extra, block)
+        self.history.append((tokens, key, block, extra))
         if res is None:
             assert snapshot(pool, sorted(self.seen)) == before
             assert needed - must_hit > before[3], "allocate refused a request that fits"
             return
         hits = res.num_cached_tokens // PAGE
-        assert res.num_tokens == len(tokens) and len(res.pages) == needed
+        assert res.num_tokens == len(tokens) + extra and len(res.pages) == needed
         assert list(res.hashes) == hashes and res.num_cached_tokens % PAGE == 0
         assert hits >= must_hit
         for i, p in enumerate(res.pages[:hits]):
@@ -307,8 +310,14 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.history)
     @rule(data=st.data())
     def reallocate(self, data):
-        tokens, key = data.draw(st.sampled_from(self.history))
-        self._allocate(tokens, key)
+        self._allocate(*data.draw(st.sampled_from(self.history)))
+
+    @rule(tokens=token_lists, key=keys, blocks=st.sampled_from([1, 2, 3]), extra=st.integers(0, 9))
+    def block_row(self, tokens, key, blocks, extra):
+        """A block-causal row: its complete prompt blocks keyed block by block (a page's key
+        runs to the end of its block), then private pages for the rest of the row."""
+        block = {1: PAGE // 2, 2: 2 * PAGE, 3: 3 * PAGE // 2}[blocks]  # half a page, two pages, a page and a half
+        self._allocate(tokens[:len(tokens) // block * block], key, block, extra)
 
     @rule(n=st.integers(13, 32), base=st.integers(10, 13))
     def pressure(self, n, base):
@@ -390,3 +399,36 @@ def test_row_page_evicts_a_free_cached_prefix_page_when_it_must():
     fresh = pool.allocate(list(range(8)), "m")
     assert fresh.num_cached_tokens == 0  # the row overwrote them: no stale hit
     pool.check_invariants()
+
+
+# ------------------------------------------------------------------ block-causal rows (pages keyed to their block's end)
+
+
+def test_block_keyed_rows_share_a_system_prompt_page_by_page():
+    """Block-causal rows (page 4, block 8): a page's key runs to the end of its block, so two
+    prompts that share a leading system prompt share its pages and nothing after; a prompt
+    that shares only the first page of a block shares nothing; a row's pages past its
+    complete prompt blocks are private; freed pages stay reusable until evicted."""
+    pool = PagePool(num_pages=16, page_size=4)
+    system, a, b = [7] * 8, list(range(20, 28)), list(range(40, 48))
+    A = pool.allocate(system + a, KEY, num_tokens=28, block=8)  # 16 prompt tokens in 2 blocks, 12 more
+    assert A.pages == (0, 1, 2, 3, 4, 5, 6) and A.num_cached_tokens == 0
+    assert list(A.hashes) == chained(system + a, 4, KEY, block=8)
+    B = pool.allocate(system + b, KEY, num_tokens=28, block=8)
+    assert B.pages == (0, 1, 7, 8, 9, 10, 11) and B.num_cached_tokens == 8
+    assert [pool.ref_count(PageId(p)) for p in range(12)] == [2, 2] + [1] * 10
+    assert pool.hit_stats() == (2, 12)
+    C = pool.allocate(system[:4] + a[:4], KEY, num_tokens=8, block=8)  # the same first page, another block
+    assert C.pages == (12, 13) and C.num_cached_tokens == 0
+    pool.check_invariants()
+    for alloc in (A, B, C):
+        pool.free(alloc)
+    again = pool.allocate(system + a, KEY, num_tokens=20, block=8)
+    assert again.num_cached_tokens == 16 and again.pages[:4] == (0, 1, 2, 3)
+    assert pool.hit_stats() == (6, 15)
+    pool.check_invariants()
+
+
+def test_block_keyed_allocation_needs_whole_blocks():
+    with pytest.raises(ValueError, match="not whole blocks of 8"):
+        PagePool(num_pages=4, page_size=4).allocate([1] * 12, KEY, block=8)

@@ -90,14 +90,15 @@ def bench_memory(model, batch: int = 16) -> dict:
 
 
 SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set
-ON_REQUEST = ("wide", "families")  # run only when named in ``only``
+ON_REQUEST = ("wide", "families", "blockdiff")  # run only when named in ``only``
 
 
 def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.json", only: list[str] | None = None,
-         caches: list[str] | None = None, tp: int = 1, write_tiny=None) -> int:
+         caches: list[str] | None = None, tp: int = 1, write_tiny=None, block_causal_model: str | None = None) -> int:
     """The benchmark's sections (``only``, default ``SECTIONS``) for the cache modes ``caches``
     (default every mode); prints each table and writes the JSON report to ``out_path``.
-    ``write_tiny(family, directory)``: the tiny checkpoint writer the ``families`` section needs."""
+    ``write_tiny(family, directory)``: the tiny checkpoint writer the ``families`` section needs;
+    ``block_causal_model``: the checkpoint the ``blockdiff`` section runs (tiny LLaDA 2.x)."""
     from functools import partial
 
     from illada_batch.decoding.params import CacheMode
@@ -116,9 +117,10 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
               "refused_caches": refused}
     wide = _wide if tp == 1 else (lambda model, rows, caches: _wide_tp(tp, caches))
     for name, section in (("modes", _modes), ("long", _long), ("wide", wide), ("families", partial(_families, write_tiny=write_tiny)),
+                          ("blockdiff", _blockdiff),
                           ("batching", _batching), ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
-            report[name] = section(model, rows, caches)
+            report[name] = section(load_model(block_causal_model) if name == "blockdiff" else model, rows, caches)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {out_path}")
@@ -172,6 +174,12 @@ def _wide_tp(tp: int, caches: list[str]):  # each rank's peak memory against 1/N
     out = bench_wide_tp(tp, caches[0])
     print(report(out), flush=True)
     return out
+
+
+def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: its own model, tiny LLaDA 2.x
+    from illada_batch.bench.blockdiff import bench_blockdiff
+
+    return bench_blockdiff(model, rows=min(rows, 16))
 
 
 def _batching(model, rows: int, caches: list[str]):

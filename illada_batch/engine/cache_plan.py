@@ -6,6 +6,9 @@ chosen once per group (rows sharing a prefix and sampling parameters) by ``choos
   attending only to itself (``isolate_prefix``), so its rows compute what the cache would.
 - ``SharedPrefix``: the prefix's K/V are read from pages once per group (encoded first where
   pages missed); rows carry ``[prompt]`` at positions after the prefix and attend to it.
+- ``BlockCausalCache`` (block-causal models, every mode but ``off``): exact; each row's K/V
+  in pages, its complete prompt blocks shared with other rows page by page
+  (``block_causal``).
 - ``BlockCache``: each row's own K/V in pages, taken when it joins (a row whose pages do not
   fit waits for a finishing row's) and freed when it finishes; ``block_cache.BlockCacheForward``
   refreshes them at each block start. Faithful (``blocks``): rows carry the prefix, so its
@@ -29,6 +32,7 @@ import torch
 from illada_batch.decoding.loop import DecodeBatch, FullForward, causal_block, row_generators
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.engine.block_cache import BlockCacheForward
+from illada_batch.engine.block_causal import BlockCausalForward
 from illada_batch.engine.kv_cache import KVCache
 from illada_batch.engine.pages import PagePool, PrefixPages, RowPages
 from illada_batch.engine.requests import Counters, Request, sample_seed
@@ -116,7 +120,52 @@ class BlockCache(_Plan):
             self.pool.free(self.prefix_pages)
 
 
-CachePlan = NoCache | SharedPrefix | BlockCache
+class BlockCausalCache(_Plan):
+    """Block-causal families: each row's K/V in pages, exact (``block_causal``). A row's
+    complete prompt blocks (the prefix is part of them: rows carry ``[prefix | prompt]``) are
+    keyed page by page, each page's key running to the end of its block, so rows sharing a
+    leading system prompt share its pages, and later rows reuse whatever is still in the pool;
+    its other pages are private. A row that does not fit waits for a finishing row's pages."""
+
+    def __init__(self, prefix_ids: tuple[int, ...], pool: PagePool, kv: KVCache, block: int, model_key: str,
+                 counters: Counters) -> None:
+        self.prefix_ids, self.pool, self.block, self.counters = prefix_ids, pool, block, counters
+        self.key = f"{model_key}:block-causal:{block}"  # K/V depend on the block size: never shared across sizes
+        self.forward = BlockCausalForward(kv, block)
+        self.row_pages: dict[int, PrefixPages] = {}
+
+    def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
+        taken = []
+        while queue and len(taken) < room:
+            i, r = queue[0]
+            tokens = self.prefix_ids + tuple(r.prompt_ids)
+            complete = len(tokens) // self.block * self.block  # the window starts here (decoding/loop.py)
+            pages = self.pool.allocate(tokens[:complete], self.key, complete + params.gen_length + params.block_length,
+                                       self.block)
+            if pages is None:  # waits for a finishing row's pages
+                self.waits += 1
+                break
+            hits = pages.num_cached_tokens // self.pool.page_size
+            self.counters.prefix_pages_hit += hits
+            self.counters.prefix_pages_missed += len(pages.hashes) - hits
+            self.counters.prefix_pages_read += len(pages.hashes)  # the row's shareable pages, hit or not
+            self.row_pages[i], self.forward.cached[i] = pages, pages.num_cached_tokens
+            taken.append(queue.popleft())
+        return taken
+
+    def new_rows(self, new: list[tuple[int, Request]], params: SamplingParams, model: DiffusionLM) -> DecodeBatch:
+        return _batch(model, params, new, [list(self.prefix_ids) + list(r.prompt_ids) for _, r in new],
+                      position_offset=0, page_tables=[list(self.row_pages[i].pages) for i, _ in new])
+
+    def release(self, index: int) -> None:
+        self.pool.free(self.row_pages.pop(index))
+        del self.forward.cached[index]
+
+    def close(self) -> None:
+        assert not self.row_pages, f"rows {sorted(self.row_pages)} still hold pages at the group's end"
+
+
+CachePlan = NoCache | SharedPrefix | BlockCache | BlockCausalCache
 
 
 def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Request]], prompts: list[list[int]],
@@ -135,13 +184,20 @@ def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Requ
 
 def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
                 kv: KVCache | None, model_key: str, counters: Counters,
-                paged: bool = True) -> CachePlan:
+                paged: bool = True, params: SamplingParams | None = None) -> CachePlan:
     """The plan for one group. ``longest_row``: the most tokens one of its rows holds
     (prompt + gen_length, prefix excluded). The shared prefix comes from pages when the mode
     shares it and it fits the pool (a block cache also needs room for one row beside it);
     otherwise the cache off with the prefix isolated (``prefix``), or the prefix's K/V
     encoded for this group alone (``prefix+blocks``): either way the same numbers. ``paged``:
-    the block cache reads pages in place (False: copies them, ``BlockCacheForward``)."""
+    the block cache reads pages in place (False: copies them, ``BlockCacheForward``).
+    A block-causal model (its card's attention, whatever its family) gets its exact cache in
+    every mode but ``off``, when its attention block is the sampler's ``block_length``."""
+    block = None if params is None else causal_block(model, params)
+    if mode is not CacheMode.OFF and pool is not None and block is not None:
+        if block == params.block_length:
+            return BlockCausalCache(prefix_ids, pool, kv, block, model_key, counters)
+        return NoCache(prefix_ids, isolate_prefix=False)
     if mode is CacheMode.BLOCKS or (mode.block_cache and not prefix_ids):
         return BlockCache(prefix_ids, None, None, pool, kv, paged)
     if not (mode.shares_prefix and prefix_ids):

@@ -61,10 +61,8 @@ class Engine:
                               "rank(s): build it with Engine.from_pretrained(..., tensor_parallel_size=N)")
         self.peers = None  # rank 0 of a tensor-parallel replica: the other ranks (tensor_parallel.Peers)
         self.model, self.cache, self.max_batch_size, self.paged = model, CacheMode(cache), max_batch_size, paged
-        if self.cache is not CacheMode.OFF and model.card.attention is AttentionKind.BLOCK_CAUSAL:
-            raise ParamsError(f"cache '{self.cache.value}': this model ({model.card.family}) attends block-causally, "
-                              "and the cache modes assume bidirectional attention (an isolated prefix, K/V refreshed "
-                              "per block); its exact block cache is a later issue: use cache 'off'")
+        # Block-causal models get their exact cache (``engine/block_causal.py``) in every mode but off.
+        self.block_causal = model.card.attention is AttentionKind.BLOCK_CAUSAL and self.cache is not CacheMode.OFF
         self.tokenizer = model.tokenizer
         self.counters = Counters()
         self.traffic = Traffic()  # what each step computed, read, wrote and copied (model/layers/traffic.py)
@@ -74,8 +72,8 @@ class Engine:
             if kv_budget is None:
                 kv_budget = DEFAULT_KV_BUDGET["cuda" if model.device.type == "cuda" else "cpu"]
             num_pages = pages_for_budget(model.card, kv_budget, page_size, model.dtype, model.device)
-            row_pages = -(-model.card.max_sequence_length // page_size)
-            if self.cache.block_cache and num_pages < row_pages:
+            row_pages = -(-(model.card.max_sequence_length + (model.card.attention_block or 0)) // page_size)
+            if (self.cache.block_cache or self.block_causal) and num_pages < row_pages:
                 raise ParamsError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
                                  f"{row_pages} for one row of the model's {model.card.max_sequence_length} tokens")
             if num_pages >= 1:  # below one page every group falls back to the cache off
@@ -165,7 +163,8 @@ class Engine:
             else:
                 groups[(r.prefix_ids, r.params)].append(i)
         for prefix_ids, params in groups:
-            if params.cfg_scale > 0 and (self.cache.block_cache or (self.cache is CacheMode.PREFIX and prefix_ids)):
+            if params.cfg_scale > 0 and (self.cache.block_cache or self.block_causal
+                                         or (self.cache is CacheMode.PREFIX and prefix_ids)):
                 raise ValueError(f"cfg_scale > 0 with cache '{self.cache.value}': classifier-free guidance masks "
                                  "the prompt and prefix, which the cache keeps unmasked; use cache='off'")
         for (prefix_ids, params), idx in groups.items():
@@ -191,7 +190,7 @@ class Engine:
         params = self.model.card.resolve(params)  # the family's own defaults for settings left unset
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
-                           self.counters, self.paged)
+                           self.counters, self.paged, params)
         self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)

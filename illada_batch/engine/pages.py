@@ -44,14 +44,21 @@ def hash_page(parent: PageHash | None, token_ids: Sequence[int], model_key: str)
     return PageHash(int.from_bytes(h.digest(), "little"))
 
 
+def _key_end(page: int, page_size: int, block: int | None) -> int:
+    """End of the tokens that key page ``page``: its own, or up to the end of the block
+    holding its last token (block-causal K/V depend on them)."""
+    end = (page + 1) * page_size
+    return end if block is None else -(-end // block) * block
+
+
 @dataclass(frozen=True)
 class PrefixPages:
     """The page table of one allocation, as returned by :meth:`PagePool.allocate`."""
 
     pages: tuple[PageId, ...]  # token order; len == ceil(num_tokens / page_size)
-    num_tokens: int
+    num_tokens: int  # the tokens the pages hold (past the hashed ones: private, never shared)
     num_cached_tokens: int  # leading tokens whose K/V already exist; multiple of page_size
-    hashes: tuple[PageHash, ...]  # one per FULL page: len == num_tokens // page_size
+    hashes: tuple[PageHash, ...]  # one per FULL page of the token ids: len == len(token_ids) // page_size
 
 
 @dataclass(frozen=True)
@@ -116,13 +123,26 @@ class PagePool:
         """The page currently registered under ``page_hash``, if any."""
         return self._cached.get(page_hash)
 
-    def allocate(self, token_ids: Sequence[int], model_key: str) -> PrefixPages | None:
+    def allocate(self, token_ids: Sequence[int], model_key: str, num_tokens: int | None = None,
+                 block: int | None = None) -> PrefixPages | None:
         """Page table for ``token_ids``, reusing the longest run of cached leading
-        full pages; ``None`` (pool untouched) if the fresh pages do not fit."""
+        full pages; ``None`` (pool untouched) if the fresh pages do not fit.
+
+        ``num_tokens`` (default ``len(token_ids)``): pages for that many tokens, those past
+        ``token_ids``' full pages private (never hashed). ``block`` (block-causal models, whose
+        K/V of a token depend on the tokens up to the end of its block): a page's key covers
+        its tokens and the rest of its block, so ``token_ids`` must end on a block boundary
+        (complete blocks only; a page of an incomplete block is never shared)."""
         ps = self._page_size
         n = len(token_ids)
-        num_full, num_needed = n // ps, -(-n // ps)
-        chunks = [tuple(token_ids[i * ps : (i + 1) * ps]) for i in range(num_full)]
+        if block is not None and n % block:
+            raise ValueError(f"PagePool.allocate: {n} tokens are not whole blocks of {block}: a page of an "
+                             "incomplete block has no final K/V to share")
+        num_tokens = n if num_tokens is None else num_tokens
+        if num_tokens < n:
+            raise ValueError(f"PagePool.allocate: num_tokens {num_tokens} < the {n} token ids")
+        num_full, num_needed = n // ps, -(-num_tokens // ps)
+        chunks = [tuple(token_ids[i * ps : _key_end(i, ps, block)]) for i in range(num_full)]
         hashes: list[PageHash] = []
         parent: PageHash | None = None
         for chunk in chunks:
@@ -155,7 +175,7 @@ class PagePool:
                 self._register(page, hashes[i], hashes[i - 1] if i else None, chunks[i], model_key)
         self._hits += len(hit)
         self._misses += num_fresh
-        result = PrefixPages(tuple(pages), n, len(hit) * ps, tuple(hashes))
+        result = PrefixPages(tuple(pages), num_tokens, len(hit) * ps, tuple(hashes))
         self._live[result] += 1
         return result
 
@@ -241,7 +261,7 @@ class PagePool:
             assert self._page_hash[p] == h, f"cache maps {h:#x} to page {p}, which records {self._page_hash[p]}"
             tokens, model = self._page_tokens[p], self._page_model[p]
             assert tokens is not None and model is not None, f"cached page {p} has no recorded tokens"
-            assert len(tokens) == self._page_size, f"cached page {p} holds {len(tokens)} tokens, not a full page"
+            assert len(tokens) >= self._page_size, f"cached page {p} is keyed by {len(tokens)} tokens, not a full page"
             again = hash_page(self._page_parent[p], tokens, model)
             assert again == h, f"cached page {p}: stored tokens hash to {again:#x}, not {h:#x}"
         hashed = [p for p in range(n) if self._page_hash[p] is not None]

@@ -2,7 +2,8 @@
 text (``template``, ``response_template``, the prefix) holding a special token's text, a
 response template whose fixed text and slots alone exceed ``gen_length``, a prefix and
 template longer than the model's context, a ``kv_budget`` the block cache modes cannot run
-in, a cache mode or a sampling setting the model's family cannot honour. Each would fail every row (or every replica start); each problem is one line naming the
+in, a cache mode or a sampling setting the model's family cannot honour (a block-causal model runs every cache mode
+but ``off`` on its exact block cache, whose blocks must be the model's). Each would fail every row (or every replica start); each problem is one line naming the
 spec field. ``validate`` and ``run`` ask before any cluster work (``preflight``), a replica
 again when it starts, with the tokenizer it loaded (a model given by URL is only seen
 there); torch-free.
@@ -81,13 +82,18 @@ def tp_problems(spec: JobSpec, problem: str | None) -> list[str]:
 
 
 def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
-    """What the model's family card refuses: a cache mode its attention cannot honour, and a
-    sampling setting that only another family honours (``owners``: setting -> family)."""
+    """What the model's family card refuses: a ``block_length`` other than the block its
+    attention declares (block-causal models; every cache mode runs: ``off``, or the exact
+    block cache), and a sampling setting that only another family honours (``owners``:
+    setting -> family)."""
     problems = []
-    if card.attention.value == "block-causal" and spec.engine.cache.value != "off":
-        problems.append(f"engine.cache: '{spec.engine.cache.value}' assumes bidirectional attention (a prefix that "
-                        f"attends only to itself, K/V refreshed per block); {card.family} is block-causal, so it "
-                        f"runs with cache 'off' for now")
+    block = card.attention_block
+    if card.attention.value == "block-causal" and block and spec.sampling.block_length != block:
+        problems.append(f"sampling.block_length: {spec.sampling.block_length}, but {card.family} attends in blocks "
+                        f"of {block} (its config), and the sampler's blocks must be the attention's")
+    if card.attention.value == "block-causal" and spec.engine.cache.value != "off" and spec.sampling.cfg_scale > 0:
+        problems.append(f"sampling.cfg_scale: {card.family}'s block cache (engine.cache '{spec.engine.cache.value}') "
+                        f"keeps no unconditional K/V: set engine.cache: off, or cfg_scale: 0")
     for name, owner in sorted(owners.items()):
         if owner != card.family and getattr(spec.sampling, name, None) not in (None, SAMPLING_DEFAULTS.get(name)):
             problems.append(f"sampling.{name}: a setting of the {owner} family's sampler; this model is "

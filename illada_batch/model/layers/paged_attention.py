@@ -69,13 +69,19 @@ class AttnMask:
 @dataclass(frozen=True)
 class PagedKV:
     """One layer's pages ``k``/``v`` [num_pages, page_size, Hkv, hd], each row's page ``table``
-    [B, n] in token order, the ``mask``, and the table's ``runs`` (``page_runs``)."""
+    [B, n] in token order, the ``mask``, and the table's ``runs`` (``page_runs``).
+
+    ``segments`` (packed queries, rows of different query counts in one forward): the
+    queries are one sequence q [1, H, N, hd], row r's the ``count`` from ``offset``
+    (``(offset, count)`` per row, in order); ``mask.q_index`` [B, longest] then holds each
+    row's query token indices, right-padded."""
 
     k: Tensor
     v: Tensor
     table: Tensor
     mask: AttnMask
     runs: list[list[Run]]
+    segments: list[tuple[int, int]] | None = None
 
 
 def page_runs(table: Tensor, key_len: Tensor, page_size: int) -> list[list[Run]]:
@@ -101,7 +107,9 @@ def paged_attention(q: Tensor, kv: PagedKV, prefix: tuple[Tensor, Tensor] | None
     P = 0 if prefix is None else prefix[0].shape[0]
     if traffic.step() is not None:
         keys = int(kv.mask.key_len.sum())
-        traffic.attended(L * (keys + B * P), keys + B * P)
+        pairs = L * (keys + B * P) if kv.segments is None else \
+            sum(c * n for (_, c), n in zip(kv.segments, kv.mask.key_len.tolist())) + L * P
+        traffic.attended(pairs, keys + B * P)
     if q.is_cuda and kv.mask.keys_only and kv.k.shape[1] % 256 == 0 and _flash_attn() is not None:
         parts = [_flash_paged(q, kv)]
     else:
@@ -118,6 +126,10 @@ def _rows_over_views(q: Tensor, kv: PagedKV) -> tuple[Tensor, Tensor]:
     ps, mask = kv.k.shape[1], kv.mask
     outs, lses = [], []
     for r, runs in enumerate(kv.runs):
+        qr, q_index = q[r:r + 1], None if mask.q_index is None else mask.q_index[r]  # [1, H, Lr, hd], [Lr]
+        if kv.segments is not None:
+            offset, count = kv.segments[r]
+            qr, q_index = q[:, :, offset:offset + count], q_index[:count]
         parts = []
         for page, start, n in runs:
             pages = slice(page, page + -(-n // ps))  # the run's pages
@@ -126,14 +138,18 @@ def _rows_over_views(q: Tensor, kv: PagedKV) -> tuple[Tensor, Tensor]:
             m = None
             if not mask.keys_only:
                 rows = torch.tensor([r], device=q.device)
-                seen = mask.visible(rows[:, None], mask.q_index[r][:, None], torch.arange(start, start + n,
-                                                                                           device=q.device)[None])
+                seen = mask.visible(rows[:, None], q_index[:, None], torch.arange(start, start + n,
+                                                                                  device=q.device)[None])
                 m = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, -torch.inf)[None, None]
-            parts.append(attention_lse(q[r:r + 1], k, v, m))
+            o, lse = attention_lse(qr, k, v, m)
+            if m is not None:  # a query that sees none of this run's keys (a later block): no weight, no NaN
+                o = o.masked_fill(~torch.isfinite(lse)[..., None], 0)
+            parts.append((o, lse))
         o, lse = merge_lse(parts, keep_lse=True) if len(parts) > 1 else parts[0]
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs), torch.cat(lses)
+    dim = 0 if kv.segments is None else 2  # rows stacked, or packed queries in their order
+    return torch.cat(outs, dim), torch.cat(lses, dim)
 
 
 def _flash_attn():

@@ -1,0 +1,85 @@
+"""The exact paged cache of block-causal families (LLaDA 2.x): served like an
+autoregressive model, one block at a time.
+
+With block-causal attention a token's K/V depend only on the tokens up to the end of its
+block, so a block's K/V, once the block is complete, never change: the cache is exact, not
+an approximation. Each row keeps ``cached``, the leading tokens whose final K/V are in its
+pages (at first: the pages its complete prompt blocks hit in the pool, ``PagePool.allocate``
+with ``block``). Each step runs, per row, the tokens from ``cached`` to the end of its
+current block: at a row's first step its uncached complete prompt blocks (the prefill) and
+its first block; at a block's first step the block just completed (its final tokens' K/V
+written once, in the same forward, as dInfer's extra forward over a finished block does,
+without the extra forward) and the new block; at the block's other steps the block alone.
+Every query's K/V are written into the row's pages first, then attention reads the pages in
+place under the block-causal mask (``model/layers/paged_attention.py``): a row never copies
+its cache. After the step, everything before the current block is final: ``cached`` moves
+to the block's start.
+
+Why not keep the last step's K/V of a block instead: they were computed from the block's
+tokens before that step unmasked its last positions, so they differ from the final tokens'
+K/V (and the tokens after them differ: measured in ``tests/test_block_causal.py``).
+
+Continuous batching by block: rows prefilling, rows at a block's first step and rows
+mid-block run different numbers of tokens, so their queries are packed into one sequence
+(``PagedKV.segments``) and served by one forward per iteration, with no padding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from illada_batch.decoding.loop import DecodeBatch
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.kv_cache import KVCache
+from illada_batch.model.base import DiffusionLM
+from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, page_runs
+
+
+class BlockCausalForward:
+    """``denoise_step``'s forward for block-causal families: each row's uncached tokens up
+    to the end of its current block, against its pages, packed into one forward."""
+
+    def __init__(self, kv: KVCache, block: int) -> None:
+        self.kv, self.block = kv, block
+        self.cached: dict[int, int] = {}  # a row's index (its tag's first item) -> tokens with final K/V in its pages
+        self.query_tokens = 0  # query positions run (no padding: queries are packed)
+
+    def block_logits(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor,
+                     params: SamplingParams) -> Tensor:
+        """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
+        if params.cfg_scale > 0:
+            raise ValueError("cfg_scale > 0: the block-causal cache keeps no unconditional K/V; use cache 'off'")
+        if model.card.logit_shift:
+            raise ValueError("the block-causal cache packs rows into one sequence, which a logit shift would cross")
+        dev, ps, BL = cols.device, self.kv.page_size, cols.shape[1]
+        b, L = len(rows), batch.x.shape[1]
+        pad = L - batch.valid[rows].sum(-1)  # [b] left padding of each row
+        end = cols[:, -1] + 1 - pad  # [b] token index where each row's current block ends
+        index = [batch.tags[r][0] for r in rows.tolist()]
+        start = torch.tensor([self.cached[i] for i in index], device=dev)  # [b]
+        count = end - start  # [b] query tokens per row
+        row_of = torch.repeat_interleave(torch.arange(b, device=dev), count)  # [N]
+        offset = count.cumsum(0) - count  # [b] each row's first query in the packed sequence
+        tok = torch.arange(int(count.sum()), device=dev) - offset[row_of] + start[row_of]  # [N] token index in its row
+        col = tok + pad[row_of]  # [N] column in the batch
+        table = batch.page_table[rows]  # [b, n]
+        slots = table[row_of, tok // ps] * ps + tok % ps  # [N]
+        longest = int(count.max())
+        q_index = (start[:, None] + torch.arange(longest, device=dev)).clamp(max=(end - 1)[:, None])  # [b, longest]
+        mask = AttnMask(key_len=end, q_index=q_index, block=self.block)
+        runs = page_runs(table, end, ps)
+        segments = list(zip(offset.tolist(), count.tolist()))
+
+        def attend_pages(layer: int, k: Tensor, v: Tensor) -> PagedKV:  # k, v [1, Hkv, N, hd]
+            self.kv.write_slots(layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, runs, segments)
+
+        self.query_tokens += len(tok)
+        logits_index = (offset + count - BL)[:, None] + torch.arange(BL, device=dev)  # [b, BL] the current block
+        src = rows[row_of]  # [N] each query's batch row
+        logits = model.run(batch.x[src, col][None], positions=batch.positions[src, col][None], kv_hook=attend_pages,
+                           logits_index=logits_index.reshape(1, -1)).logits  # [1, b * BL, V]
+        for i, e in zip(index, end.tolist()):
+            self.cached[i] = e - BL  # everything before the current block is final now
+        return logits.view(b, BL, -1)

@@ -1,0 +1,102 @@
+"""The exact paged cache of block-causal families (``engine/block_causal.py``) on the tiny
+LLaDA 2.x checkpoint: tokens equal the cache-off loop at temperature 0 for any prompt
+lengths, block sizes, samplers and batch mixes (rows prefilling, rows at different blocks,
+rows sharing a system prompt's pages, rows replacing finished ones); pages are shared
+page by page; every iteration is one forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from illada_batch.decoding.params import SamplingParams
+from illada_batch.engine.cache_plan import BlockCausalCache
+from illada_batch.engine.diffusion import Engine
+from illada_batch.engine.requests import Request
+from illada_batch.model.checkpoint import load_model
+from illada_batch.train.tiny_llada2 import write_tiny_llada2
+from tests.oracle import make_prompts
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    m = load_model(write_tiny_llada2(tmp_path_factory.mktemp("tiny-llada2")), device="cpu", dtype=torch.float32)
+    for p in m.parameters():  # memory-mapped safetensors can be misaligned: copy before tight comparisons
+        p.data = p.data.clone()
+    return m
+
+
+def _prompts(lengths, system, seed):
+    """Token prompts (no mask id) of the given lengths after ``system`` leading tokens shared by all."""
+    shared = [t if t != 2 else 3 for t in make_prompts([system], seed + 1000, 2048, 2)[0]]
+    return [shared + [t if t != 2 else 3 for t in p] for p in make_prompts(lengths, seed, 2048, 2)]
+
+
+def _run(engine, prompts, params, prefix=()):
+    reqs = [Request(str(i), tuple(p), tuple(prefix), params, 0, 7) for i, p in enumerate(prompts)]
+    return [(r.token_ids, r.finish_reason, r.steps) for r in engine.run(reqs)]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=5), system=st.sampled_from([0, 5, 16, 23]),
+       block=st.sampled_from([4, 8, 16]), blocks=st.integers(1, 3), steps_per_block=st.integers(1, 4),
+       threshold=st.sampled_from([None, 0.2, 0.6]), editing=st.sampled_from([None, 0.3]),
+       batch=st.integers(1, 4), page=st.sampled_from([4, 16]), mode=st.sampled_from(["prefix", "blocks"]),
+       prefix=st.sampled_from([0, 6]), seed=st.integers(0, 99))
+def test_tokens_equal_the_cache_off_loop(model, lengths, system, block, blocks, steps_per_block, threshold, editing,
+                                         batch, page, mode, prefix, seed):
+    """Mixed prompt lengths (rows prefilling while others decode, blocks at their own offsets),
+    a shared system prompt (pages hit by later rows, or by rows joining in the same forward),
+    a job prefix, small batches (finished rows replaced), pages smaller and larger than a block."""
+    spb = min(steps_per_block, block)
+    extra = {} if editing is None else {"editing_threshold": editing, "max_post_steps": 2}
+    params = SamplingParams(steps=spb * blocks, gen_length=block * blocks, block_length=block, threshold=threshold,
+                            transfer_rule="block_schedule", **extra)
+    prompts = _prompts(lengths, system, seed)
+    prefix_ids = list(range(300, 300 + prefix))
+    off = Engine(model, cache="off", max_batch_size=batch)
+    want = _run(off, prompts, params, prefix_ids)
+    cached = Engine(model, cache=mode, max_batch_size=batch, page_size=page, kv_budget=2**22)
+    assert _run(cached, prompts, params, prefix_ids) == want
+    if off.counters.forward_passes:  # (a row with an empty prompt is an error row, never run)
+        assert cached.counters.query_tokens < off.counters.query_tokens  # a step runs a block, not the row
+    cached.pool.check_invariants()
+    assert cached.pool.num_free_pages == cached.pool.num_pages  # every row gave its pages back
+
+
+def test_two_prompts_sharing_a_system_prompt_share_its_pages(model):
+    """Block 8, pages of 16: a 32-token system prompt is 2 pages; the rows differ after it, so
+    the second row hits exactly those 2 pages (taken in the same iteration as the first,
+    which writes them in the same forward) and its tokens are still the cache-off loop's."""
+    params = SamplingParams(steps=4, gen_length=16, block_length=8, transfer_rule="block_schedule")
+    prompts = _prompts([10, 13], 32, seed=5)
+    engine = Engine(model, cache="prefix", max_batch_size=4, page_size=16, kv_budget=2**22)
+    got = _run(engine, prompts, params)
+    c = engine.counters
+    assert (c.prefix_pages_hit, c.prefix_pages_missed, c.prefix_pages_read) == (2, 2, 4)  # 40 complete tokens: 2 pages each
+    assert got == _run(Engine(model, cache="off"), prompts, params)
+    again = _run(engine, list(reversed(prompts)), params)  # a later run reuses every complete page still in the pool
+    assert (c.prefix_pages_hit, c.prefix_pages_missed) == (6, 2) and again == list(reversed(got))
+
+
+def test_one_forward_per_iteration_with_rows_at_different_blocks(model):
+    """Rows of different prompt lengths join as others finish: each iteration is one forward
+    over every unfinished row, whatever block it is at or whether it is prefilling."""
+    params = SamplingParams(steps=8, gen_length=16, block_length=4, transfer_rule="block_schedule")
+    engine = Engine(model, cache="prefix", max_batch_size=2, page_size=4, kv_budget=2**22)
+    _run(engine, _prompts([3, 30, 9, 17, 1], 0, seed=2), params)
+    steps = engine.traffic.steps
+    assert len(steps) == engine.counters.forward_passes and all(s.forwards == 1 for s in steps)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "blocks", "prefix+blocks"])
+def test_every_mode_but_off_is_the_exact_cache_for_a_block_causal_card(model, mode):
+    from illada_batch.engine.cache_plan import choose_plan
+    from illada_batch.engine.requests import Counters
+
+    engine = Engine(model, cache=mode, page_size=4, kv_budget=2**22)
+    params = model.card.resolve(SamplingParams(gen_length=8, block_length=4, steps=4))
+    plan = choose_plan(model, engine.cache, (), 20, engine.pool, engine.kv, "k", Counters(), params=params)
+    assert isinstance(plan, BlockCausalCache) and plan.block == 4

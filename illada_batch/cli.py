@@ -152,7 +152,9 @@ def cmd_validate(args) -> int:
                               i.text_column(), note=input_notes.append)
     problems, notes = preflight.model_problems(spec, replicas_here=not args.address)
     notes = input_notes + notes
-    problems += preflight.output_problems(spec.resolved().output_url(args.date), spec.output.storage_options)
+    out_url = spec.resolved().output_url(args.date)
+    problems += (preflight.output_problems(out_url, spec.output.storage_options)
+                 or preflight.foreign_problems(out_url, spec.output.storage_options))
     if args.address:
         more, cluster_notes = preflight.cluster_problems(spec, args.address)
         problems, notes = problems + more, notes + cluster_notes

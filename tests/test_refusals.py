@@ -311,3 +311,16 @@ def test_a_bad_command_line_is_one_line_and_exit_2(case):
                          timeout=300, env={**os.environ, "ILLADA_THREADS": "1"})
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr
+
+
+def test_validate_names_the_files_an_output_holds_that_the_job_did_not_write(tmp_path, capsys):
+    """What `run` refuses before any work, `validate` says first: an output folder holding a
+    user's files (here their own README and a data/ file), named, left untouched."""
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "README.md").write_text("# mine\n")
+    (out / "data" / "mine.parquet").write_bytes(b"PAR1")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, text = validate(spec_file(tmp_path), capsys=capsys)
+    assert code == 1 and "holds files this job did not write (README.md, data/mine.parquet)" in text, text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -31,7 +31,7 @@ from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
-from illada_batch.job.preflight import model_problems, output_problems
+from illada_batch.job.preflight import foreign_refusal, model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
 from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
@@ -77,10 +77,7 @@ class _Job:
             manifests, unreadable = out.read_manifests()
             foreign = out.foreign_files(manifests)
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise OutputError(f"output.url {self.out_url} holds files this job did not write ({shown}): refusing to "
-                              "write there, since nothing of yours is ever overwritten or removed; choose an empty "
-                              "or new folder")
+            raise OutputError(foreign_refusal(self.out_url, foreign))
         i = spec.input
         shards, bad_files = plan_shards(i.url, i.storage_options, spec.shard_rows, i.columns(), i.id_column,
                                         i.text_column(), note=self.log, exclude=self._output_inside_input())

@@ -97,6 +97,26 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
             + kv_budget_problems(spec, page_bytes, card.max_sequence_length))
 
 
+def foreign_refusal(url: str, foreign: list[str]) -> str:
+    """The one line that refuses an output holding files the job did not write."""
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    return (f"output.url {url} holds files this job did not write ({shown}): refusing to write there, since "
+            f"nothing of yours is ever overwritten or removed; choose an empty or new folder")
+
+
+def foreign_problems(url: str, storage_options: dict) -> list[str]:
+    """``validate``'s view of what ``run`` refuses before any work: an existing output folder
+    holding files this job did not write."""
+    from illada_batch.job.commit import Output
+
+    fs, root = filesystem(url, storage_options)
+    out = Output(fs, root)
+    with storage_errors(f"output.url {url}", OutputError, "cannot read"):
+        manifests, _ = out.read_manifests()
+        foreign = out.foreign_files(manifests)
+    return [foreign_refusal(url, foreign)] if foreign else []
+
+
 def output_problems(url: str, storage_options: dict) -> list[str]:
     """Whether ``url`` could be written: locally, its nearest existing folder is a writable
     folder; on a store, its bucket (or top folder) can be listed."""

@@ -203,4 +203,4 @@ def test_a_job_on_the_tiny_dream_checkpoint_runs_end_to_end(ckpt, ray_cluster, t
     assert report.exit_code() == 0 and report.samples == 2 * len(ids)
     table = read_output(fs, str(tmp_path / "out"))
     assert_exactly_once(table, ids, n=2)
-    assert set(table.column("model").to_pylist()) == {str(ckpt)}
+    assert set(table.column("model").to_pylist()) == {f"dream:{ckpt}"}

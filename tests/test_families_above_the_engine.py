@@ -82,8 +82,7 @@ def test_a_setting_left_unset_takes_the_familys_own_default(family_checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, engine", [("llada2", {"cache": "off"}), ("llada2", {"cache": "prefix"}),
-                                            ("dream", {"cache": "blocks"})])
+@pytest.mark.parametrize("family, engine", [("llada2", {"cache": "prefix"})])  # Dream's: test_dream.py
 def test_a_job_on_each_familys_tiny_checkpoint_runs_end_to_end(family_checkpoint, tmp_path, ray_cluster, family,
                                                                 engine):
     fs = fsspec.filesystem("file")

@@ -26,6 +26,7 @@ from illada_batch.model.family import FamilyCard
 from illada_batch.model.layers import traffic
 from illada_batch.model.layers.attention import LayerKV, additive_mask
 from illada_batch.model.layers.linear import TPGroup, vocab_parallel_logits
+from illada_batch.model.layers.norms import RMSNorm
 from illada_batch.model.layers.paged_attention import PagedKV
 from illada_batch.model.layers.rope import rope_cos_sin
 
@@ -125,3 +126,35 @@ class DiffusionLM(nn.Module):
         if self.tp is not None:
             return vocab_parallel_logits(self.final_norm(hidden), self.head_weight, self.card.vocab_size, self.tp)
         return F.linear(self.final_norm(hidden), self.head_weight)
+
+
+class StackedDecoder(DiffusionLM):
+    """The Hugging Face layout LLaDA-MoE, LLaDA 2.x and Dream share: ``model.<EMBEDDING>``,
+    ``model.layers``, ``model.norm`` and an ``lm_head`` unless the embeddings are tied (the
+    module names are the checkpoint's tensor names). A family sets ``EMBEDDING`` and calls
+    ``_stack(config, layers)``."""
+
+    EMBEDDING = "embed_tokens"
+
+    def _stack(self, cfg, layers: Iterable[nn.Module]) -> None:
+        self.model = nn.Module()
+        setattr(self.model, self.EMBEDDING, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        self.model.layers = nn.ModuleList(layers)
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return getattr(self.model, self.EMBEDDING)(input_ids)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.model.norm(hidden)
+
+    @property
+    def head_weight(self) -> Tensor:
+        embedding = getattr(self.model, self.EMBEDDING)
+        return embedding.weight if self.config.tie_word_embeddings else self.lm_head.weight

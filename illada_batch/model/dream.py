@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from illada_batch.model.base import DiffusionLM
+from illada_batch.model.base import StackedDecoder
 from illada_batch.model.configs.dream import DreamConfig, card
 from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend
 from illada_batch.model.layers.mlp import GatedMLP
@@ -55,7 +55,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Dream(DiffusionLM):
+class Dream(StackedDecoder):
     """``model(input_ids, attention_mask=None) -> logits [B, L, V]``, already shifted (the card's
     ``logit_shift``: position i from hidden state i-1)."""
 
@@ -63,23 +63,4 @@ class Dream(DiffusionLM):
         super().__init__()
         self.config, self.card = cfg, card(cfg)
         self.rotary_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def final_norm(self, hidden: Tensor) -> Tensor:
-        return self.model.norm(hidden)
-
-    @property
-    def head_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        self._stack(cfg, [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])

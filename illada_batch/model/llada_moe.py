@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from illada_batch.model.base import DiffusionLM
+from illada_batch.model.base import StackedDecoder
 from illada_batch.model.configs.llada_moe import LLaDAMoEConfig, card
 from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend
 from illada_batch.model.layers.mlp import GatedMLP
@@ -96,28 +96,9 @@ class Layer(nn.Module):
         return x + out
 
 
-class LLaDAMoE(DiffusionLM):
+class LLaDAMoE(StackedDecoder):
     def __init__(self, cfg: LLaDAMoEConfig) -> None:
         super().__init__()
         self.config, self.card = cfg, card(cfg)
         self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def final_norm(self, hidden: Tensor) -> Tensor:
-        return self.model.norm(hidden)
-
-    @property
-    def head_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        self._stack(cfg, [Layer(cfg, i) for i in range(cfg.num_hidden_layers)])

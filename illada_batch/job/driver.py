@@ -28,6 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.figures import card_figures
 from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
@@ -287,7 +288,11 @@ class _Job:
             errors=sum(m.stats.errors for m in manifests.values()),
             tokens=sum(m.stats.tokens for m in manifests.values()), this_run=run, host=socket.gethostname(),
             finished_at=time.time())
-        out.write_summary(summary, card(spec, summary) if summary.complete else None)
+        text = None
+        if summary.complete:
+            figures = card_figures(out.fs, out.root, sorted(manifests.values(), key=lambda m: m.shard_id))
+            text = card(spec, summary, out.write_figures(figures))
+        out.write_summary(summary, text)
         self.log(summary_table(summary))
         return summary
 

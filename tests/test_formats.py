@@ -22,6 +22,7 @@ from pipeline_support import assert_exactly_once, job_dict, read_output
 
 from illada_batch.engine.requests import sample_seed
 from illada_batch.job.driver import run_job
+from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.replica import ShardReplica
 from illada_batch.job.shards import mark_duplicate_ids, plan_shards, read_shard
 from illada_batch.job.spec import spec_from_dict
@@ -182,7 +183,7 @@ def generate(spec):
         i = spec.input
         shards, bad = plan_shards(str(path), {}, 3, i.columns(), i.id_column, i.text_column())
         if shards:
-            shards, unreadable = mark_duplicate_ids(str(path), {}, shards, i.id_column)
+            shards, unreadable = mark_duplicate_ids_bounded(str(path), {}, shards, i.id_column)
             bad += unreadable
         rows = []
         for s in shards:

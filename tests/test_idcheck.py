@@ -1,6 +1,8 @@
 """The bounded-memory duplicate-id check (job/idcheck.py) gives the same shards, repeats and
 messages as the in-memory one (shards.mark_duplicate_ids), whatever the ids, their types,
-nulls, files and sharding; with buckets of a few ids, so that every input spans many."""
+nulls, files and sharding, and which shards are already committed in the output (their ids
+claim first, but for the rows their manifest lists in ``duplicate_rows``); with buckets of a
+few ids, so that every input spans many."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from illada_batch.job.idcheck import mark_duplicate_ids_bounded
+from illada_batch.job.records import Manifest, ShardStats
 from illada_batch.job.shards import mark_duplicate_ids, plan_shards
 
 TEXT = st.sampled_from(["a", "b", "c", "1", "2", ""])
@@ -24,8 +27,8 @@ ids_of_a_file = st.one_of(  # integers, text, or (in JSON Lines) both: 7 and "7"
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=st.lists(st.tuples(ids_of_a_file, st.booleans()), min_size=1, max_size=4),
-       shard_rows=st.integers(1, 5), bucket_ids=st.integers(1, 8))
-def test_bounded_check_matches_the_in_memory_one(tmp_path, files, shard_rows, bucket_ids):
+       shard_rows=st.integers(1, 5), bucket_ids=st.integers(1, 8), data=st.data())
+def test_bounded_check_matches_the_in_memory_one(tmp_path, files, shard_rows, bucket_ids, data):
     root = tmp_path / uuid.uuid4().hex[:8]
     (root / "sub").mkdir(parents=True)
     for i, (ids, jsonl) in enumerate(files):
@@ -42,6 +45,17 @@ def test_bounded_check_matches_the_in_memory_one(tmp_path, files, shard_rows, bu
     shards, _ = plan_shards(str(root), {}, shard_rows, ["id", "prompt"], "id", "prompt")
     if not shards:
         return
-    want = mark_duplicate_ids(str(root), {}, shards, "id")
-    got = mark_duplicate_ids_bounded(str(root), {}, shards, "id", scratch=str(tmp_path), bucket_ids=bucket_ids)
+    committed = {}
+    for s in data.draw(st.lists(st.sampled_from(shards), unique_by=lambda s: s.shard_id), label="committed"):
+        skip = data.draw(st.sets(st.integers(0, s.num_rows - 1)), label=f"duplicate_rows of {s.shard_id}")
+        committed[s.shard_id] = manifest(s.shard_id, tuple(sorted(skip)))
+    want = mark_duplicate_ids(str(root), {}, shards, "id", committed=committed)
+    got = mark_duplicate_ids_bounded(str(root), {}, shards, "id", scratch=str(tmp_path), bucket_ids=bucket_ids,
+                                     committed=committed)
     assert got == want
+
+
+def manifest(shard_id: str, duplicate_rows: tuple[int, ...]) -> Manifest:
+    """A committed shard's manifest: only its id and ``duplicate_rows`` matter to the check."""
+    return Manifest(shard_id, f"data/part-{shard_id}-0.parquet", 0, "", "fp", 0.0, None,
+                    ShardStats(0, 0, 0, 0.0, 0.0, 0.0, "node", 0), duplicate_rows=duplicate_rows)

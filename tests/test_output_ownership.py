@@ -62,6 +62,8 @@ FOREIGN = {  # path under the output -> what the user put there
     "data/sub/keep.txt": b"a folder inside data/",
     "_manifest/notes.txt": b"not a record",
     "data/part-0000-000000000000.parquet": "parquet",  # named like an attempt, but recorded by no one
+    "_card/throughput.png": b"\x89PNG\r\n\x1a\n a plot of the user's, named like the card's",
+    "_card/notes.txt": b"not a plot",
 }
 
 

@@ -7,6 +7,7 @@
     OUTPUT/_SUCCESS.json                          the job summary, written last, when the job succeeded
     OUTPUT/_FAILED.json                           or the summary of a job that ended without success, and why
     OUTPUT/README.md                              the dataset card (marked as the job's own)
+    OUTPUT/_card/*.png                            the card's plots (each marked as the job's own)
 
 Readers and resumes trust manifests only, and a manifest only while its data file is there
 with the size (and on S3 the ETag) it recorded: a missing or damaged data file, or a manifest
@@ -36,6 +37,8 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import FingerprintMismatch, LockHeld, OutputError, RowRangeMismatch
 from illada_batch.job import storage
+from illada_batch.job.figures import FOLDER as CARD_FOLDER
+from illada_batch.job.figures import PNG_MARK
 from illada_batch.job.manifest_index import read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
 from illada_batch.job.storage import Store, is_transient
@@ -202,7 +205,8 @@ class Output:
     def foreign_files(self, manifests: dict[str, Manifest]) -> list[str]:
         """Paths under the output (relative; a folder ends in ``/``) that this job did not
         write: anything but its records, the data files its manifests or attempt records
-        name, and a README.md that carries ``CARD_MARK``. Folders are named, not walked."""
+        name, a README.md that carries ``CARD_MARK`` and the PNGs under ``_card/`` that carry
+        ``PNG_MARK``. Folders are named, not walked."""
         self.fs.invalidate_cache()
         try:
             top = self.fs.ls(self.root, detail=True)
@@ -215,11 +219,12 @@ class Output:
             name, is_dir = entry["name"].rstrip("/").rsplit("/", 1)[-1], entry["type"] == "directory"
             if entry["name"].rstrip("/") == self.root:
                 continue
-            if is_dir and name in (*RECORD_FOLDERS, "data"):
+            if is_dir and name in (*RECORD_FOLDERS, "data", CARD_FOLDER):
                 for child in self.fs.ls(self.key(name), detail=True):
                     cname = child["name"].rstrip("/").rsplit("/", 1)[-1]
-                    ok = child["type"] != "directory" and (cname in own_data if name == "data"
-                                                           else cname.endswith((".json", ".jsonl")))
+                    ok = child["type"] != "directory" and (
+                        cname in own_data if name == "data" else self._own_figure(cname) if name == CARD_FOLDER
+                        else cname.endswith((".json", ".jsonl")))
                     if not ok:
                         foreign.append(f"{name}/{cname}" + ("/" if child["type"] == "directory" else ""))
             elif is_dir or not (name in TOP_FILES or (name == "README.md" and self._own_card())):
@@ -232,6 +237,28 @@ class Output:
         except FileNotFoundError:
             return True
         return CARD_MARK in text or all(line in text for line in OLD_CARD_LINES)
+
+    def _own_figure(self, name: str) -> bool:
+        """``_card/<name>`` is absent, or a PNG this job drew (it carries ``PNG_MARK``)."""
+        try:
+            body = self.fs.cat_file(self.key(CARD_FOLDER, name))
+        except FileNotFoundError:
+            return True
+        return name.endswith(".png") and body.startswith(b"\x89PNG") and PNG_MARK.encode() in body
+
+    def write_figures(self, figures: dict[str, tuple[str, bytes]]) -> list[tuple[str, str]]:
+        """Write the card's plots under ``_card/`` ({name: (title, PNG)}), when the card is the
+        job's own, never over a file the job did not draw; (title, path relative to the card)
+        of each one written."""
+        written = []
+        with writing(self.root):
+            if not self._own_card():
+                return []
+            for name, (title, body) in figures.items():
+                if self._own_figure(name):
+                    self.store.put(self.key(CARD_FOLDER, name), body)
+                    written.append((title, f"{CARD_FOLDER}/{name}"))
+        return written
 
     def trusted_manifests(self, fingerprint: str, plan: dict[str, RowRange], samples_per_row: int,
                           manifests: dict[str, Manifest] | None = None,

@@ -28,13 +28,15 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from illada_batch.errors import ClusterError, FingerprintMismatch, JobStopped, LockHeld, OutputError, SpecError
 from illada_batch.job.commit import LOCK_HEARTBEAT_SECONDS, Output
+from illada_batch.job.figures import card_figures
+from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import foreign_refusal, model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
-from illada_batch.job.shards import Shard, mark_duplicate_ids, plan_shards
+from illada_batch.job.shards import Shard, plan_shards
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, storage_errors
 from illada_batch.job.tp_ranks import Placements
@@ -96,8 +98,8 @@ class _Job:
             self.log(summary_table(previous))
             return previous
         if i.check_duplicate_ids and todo:  # only when there is work: it reads a column of every file
-            shards, unreadable_ids = mark_duplicate_ids(i.url, i.storage_options, shards, i.id_column,
-                                                        committed=committed)
+            shards, unreadable_ids = mark_duplicate_ids_bounded(i.url, i.storage_options, shards, i.id_column,
+                                                                committed=committed)
             bad_files += unreadable_ids
             todo = [s for s in shards if s.shard_id not in committed]
             repeats = sum(len(s.duplicates) for s in todo)
@@ -283,7 +285,11 @@ class _Job:
             errors=sum(m.stats.errors for m in manifests.values()),
             tokens=sum(m.stats.tokens for m in manifests.values()), this_run=run, host=socket.gethostname(),
             finished_at=time.time())
-        out.write_summary(summary, card(spec, summary) if summary.complete else None)
+        text = None
+        if summary.complete:
+            figures = card_figures(out.fs, out.root, sorted(manifests.values(), key=lambda m: m.shard_id))
+            text = card(spec, summary, out.write_figures(figures))
+        out.write_summary(summary, text)
         self.log(summary_table(summary))
         return summary
 

@@ -53,7 +53,13 @@ def summary_table(s: JobSummary) -> str:
                                         [f"  failed {f}" for f in failed[:10]])
 
 
-def card(spec, summary: JobSummary) -> str:
+def card(spec, summary: JobSummary, figures: list[tuple[str, str]] = ()) -> str:
+    """The dataset card; ``figures``: (title, relative path) of the plots it shows."""
+    plots = "".join(f"\n### {title}\n\n![{title}]({path})\n" for title, path in figures)
+    return _card_text(spec, summary) + (f"\n## Plots\n{plots}" if plots else "")
+
+
+def _card_text(spec, summary: JobSummary) -> str:
     s = spec.sampling
     kind, sampling = ("masked-diffusion", f"steps {s.steps}, gen_length {s.gen_length}, block_length {s.block_length}, "
                       f"temperature {s.temperature}, remasking {s.remasking}, threshold {s.threshold}, cfg {s.cfg_scale}")

@@ -1,0 +1,82 @@
+"""The dataset card shows plots of the run (issue 20, item 4): PNGs under the output's
+``_card/``, linked from the card with relative paths, counted as the job's own files, and
+never written over a file of the user's."""
+
+from __future__ import annotations
+
+import re
+
+import fsspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pipeline_support import job_dict, write_prompts
+
+from illada_batch.job.commit import CARD_MARK, Output
+from illada_batch.job.driver import run_job
+from illada_batch.job.figures import error_cause
+from illada_batch.job.spec import spec_from_dict
+
+FS = fsspec.filesystem("file")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_finished_jobs_card_links_its_plots_and_a_rerun_keeps_them(ray_cluster, tmp_path):
+    """A small job with error rows (a repeated id, an empty prompt), n=2: the card links a
+    valid PNG for throughput, lengths, finish reasons and errors; a re-run over the output
+    takes them as the job's own files."""
+    import matplotlib.image
+
+    ids = [f"r{i:02d}" for i in range(10)] + ["r00"]
+    prompts = ["Input: lamb king bread\nOutput:"] * 10 + [""]
+    prompts[3] = ""
+    (tmp_path / "in").mkdir()
+    write_prompts(FS, str(tmp_path / "in" / "a.parquet"), ids, prompts, row_group_size=4)
+    spec = spec_from_dict(job_dict(str(tmp_path / "in"), str(tmp_path / "out"), None, n=2, shard_rows=4,
+                                   error_budget=1.0, sampling__steps=2, sampling__gen_length=4,
+                                   sampling__block_length=2))
+    for _ in range(2):
+        logs: list[str] = []
+        assert run_job(spec, show_progress=False, log=logs.append).exit_code() == 0, logs
+        text = (tmp_path / "out" / "README.md").read_text()
+        assert text.rstrip().splitlines()[-1] == CARD_MARK, "the mark stays the card's last line"
+        links = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", text)
+        assert sorted(links) == [f"_card/{n}.png" for n in ("errors", "finish_reasons", "lengths", "throughput")]
+        for link in links:
+            body = (tmp_path / "out" / link).read_bytes()
+            assert body.startswith(PNG_SIGNATURE), link
+            assert matplotlib.image.imread(tmp_path / "out" / link).ndim == 3, link
+        assert Output(FS, str(tmp_path / "out")).foreign_files({}) == []
+
+
+def test_a_users_png_in_the_card_folder_is_never_written_over(tmp_path):
+    """A PNG the job did not draw is a foreign file, and writing the plots leaves it as it was
+    (the card does not link it); a plot the job drew is written over."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from illada_batch.job.figures import PNG_MARK
+
+    (tmp_path / "_card").mkdir()
+    users = (tmp_path / "_card" / "lengths.png")
+    Figure().savefig(users, format="png")  # a real PNG, without the job's mark
+    before = users.read_bytes()
+    out = Output(FS, str(tmp_path))
+    assert out.foreign_files({}) == ["_card/lengths.png"]
+    ours = {"throughput.png": ("Throughput", PNG_SIGNATURE + PNG_MARK.encode()),
+            "lengths.png": ("Lengths", PNG_SIGNATURE + PNG_MARK.encode())}
+    assert out.write_figures(ours) == [("Throughput", "_card/throughput.png")]
+    assert users.read_bytes() == before
+    assert out.write_figures(ours) == [("Throughput", "_card/throughput.png")], "its own plot is written over"
+
+
+@given(value=st.text(max_size=20), row=st.integers(0, 10**9),
+       file=st.text(st.characters(blacklist_characters="()"), max_size=20))
+def test_a_causes_values_do_not_make_it_another_cause(value, row, file):
+    """Error rows by cause: the ids, rows and files an error names fold into one cause, so the
+    causes stay few whatever the rows hold."""
+    assert error_cause(f"duplicate id {value!r} (first seen at row {row} of {file})") == "duplicate id …"
+    assert error_cause(f"cannot render the row: KeyError: {value!r}") == "cannot render the row"

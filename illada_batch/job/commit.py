@@ -22,7 +22,6 @@ fingerprint, or a shard whose rows its own plan does not hold.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -35,13 +34,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from illada_batch.errors import FingerprintMismatch, LockHeld, OutputError, RowRangeMismatch
+from illada_batch.errors import FingerprintMismatch, LockHeld, RowRangeMismatch
 from illada_batch.job import storage
 from illada_batch.job.figures import FOLDER as CARD_FOLDER
 from illada_batch.job.figures import PNG_MARK
 from illada_batch.job.manifest_index import read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
-from illada_batch.job.storage import Store, is_transient
+from illada_batch.job.storage import Store, writing
 
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
 LOCK_HEARTBEAT_SECONDS = 10
@@ -349,18 +348,6 @@ class Output:
             self.fs.rm(key)
         except FileNotFoundError:
             pass
-
-
-@contextlib.contextmanager
-def writing(root: str):
-    """A write the store refuses for good (read-only, access denied, not a folder) becomes one
-    ``OutputError`` naming the output; a network or server error passes through (retried)."""
-    try:
-        yield
-    except OSError as exc:
-        if is_transient(exc):
-            raise
-        raise OutputError(f"output.url {root}: cannot write ({type(exc).__name__}: {exc})") from None
 
 
 def _lock_body(owner: str) -> bytes:

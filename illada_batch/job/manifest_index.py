@@ -19,6 +19,7 @@ import time
 import uuid
 
 from illada_batch.job.records import Manifest
+from illada_batch.job.storage import writing
 
 SEGMENT_MANIFESTS = 1000  # manifests per index segment
 SEGMENT_SECONDS = 60.0  # or a segment at least this often while manifests arrive
@@ -50,7 +51,8 @@ class IndexWriter:
             lines = [f"{m.shard_id}\t{hashlib.md5(body).hexdigest()}\t{body.decode()}"
                      for m, body in ((m, m.to_json()) for m in self.pending)]
             name = f"{time.time():017.6f}-{uuid.uuid4().hex[:8]}.jsonl"
-            self.out.store.put(self.out.key("_index", name), ("\n".join(lines) + "\n").encode())
+            with writing(self.out.root):  # a read-only output: one OutputError, as every other write
+                self.out.store.put(self.out.key("_index", name), ("\n".join(lines) + "\n").encode())
             self.pending = []
         self.last = time.time()
 

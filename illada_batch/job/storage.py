@@ -14,7 +14,7 @@ import time
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from illada_batch.errors import InputError
+from illada_batch.errors import InputError, OutputError
 
 _NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"}
 
@@ -110,3 +110,15 @@ class Store:
             time.sleep(SETTLE_SECONDS)
             if json.loads(self.fs.cat_file(key)) != json.loads(data):
                 raise FileExistsError(key)
+
+
+@contextlib.contextmanager
+def writing(root: str):
+    """A write the store refuses for good (read-only, access denied, not a folder) becomes one
+    ``OutputError`` naming the output; a network or server error passes through (retried)."""
+    try:
+        yield
+    except OSError as exc:
+        if is_transient(exc):
+            raise
+        raise OutputError(f"output.url {root}: cannot write ({type(exc).__name__}: {exc})") from None

@@ -116,7 +116,9 @@ SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_
 class EngineSpec(_Strict):
     # prefix: the shared prefix's K/V computed once (4x+ faster at 400-token prefixes); blocks: each row's K/V
     # cached, refreshed per block (long generations; the prefix in each row's context, as LLaDA was trained);
-    # prefix+blocks: both (fastest; the prefix attends only to itself, an approximation for LLaDA 1.x)
+    # prefix+blocks: both (fastest; the prefix attends only to itself, an approximation for LLaDA 1.x);
+    # off: every step runs the whole sequence (the reference). A block-causal model (LLaDA 2.x) runs its exact
+    # block cache in every mode but off (same tokens as off, system-prompt pages shared)
     cache: CacheMode = CacheMode.PREFIX
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
     # the KV pages (prefixes; each row's K/V in the block modes): bytes (an integer, 268435456) or a fraction of

@@ -106,9 +106,6 @@ class _SamplingBase(_Strict):
         return self
 
 
-# Sampling settings added after outputs existed: left out of the fingerprint while unset, so
-# older outputs keep theirs.
-
 # `sampling:` in a job spec: every field, default, bound and help text comes from SamplingParams.
 SamplingSpec = create_model("SamplingSpec", __base__=_SamplingBase, **_sampling_fields())
 

@@ -33,25 +33,32 @@ def test_replicas_killed_and_s3_restarted_mid_job(s3, ray_cluster):
         write_prompts(fs, f"bucket/chaos/part-{f}.parquet", fid, prompts, row_group_size=50)
         ids += fid
     spec = spec_from_dict(job_dict("s3://bucket/chaos/", "s3://bucket/chaos-out", s3, replicas=2, shard_rows=50,
-                                   max_retries=6, retry_backoff_s=0.2, sampling__steps=1, sampling__gen_length=2,
-                                   sampling__block_length=2, engine__max_batch_size=32))
+                                   max_retries=6, retry_backoff_s=0.2, sampling__steps=16, sampling__gen_length=16,
+                                   sampling__block_length=16, engine__max_batch_size=32))
     rng = random.Random(13)
     events: list[str] = []
     stop = threading.Event()
 
     def working_replica_pid() -> int | None:
-        """The pid of the replica that committed last, unless already killed: it is at work."""
+        """The pid of the replica that committed last, unless already killed or gone (a replica
+        with no shard left retires): it is at work."""
         try:
             bodies = [json.loads(fs.cat_file(f)) for f in fs.ls("bucket/chaos-out/_manifest", refresh=True)]
         except Exception:  # noqa: BLE001 - none yet, or the server is down (restarting)
             return None
         pids = [b["stats"]["pid"] for b in sorted(bodies, key=lambda b: b["committed_at"])]
-        return pids[-1] if pids and f"kill {pids[-1]}" not in events else None
+        return pids[-1] if pids and pids[-1] not in tried else None
 
-    def chaos():  # each kill a random moment after a replica (a new one, after a kill) commits; 48 shards keep
-        # the job running for several kills even on a quiet machine (24 finished after two)
-        while not stop.is_set() and len(events) < KILLS + 1:
-            if len(events) == 2 and "s3" not in events:
+    tried: set[int] = set()
+
+    def real_kills() -> int:
+        return sum(1 for e in events if e.startswith("kill") and "gone" not in e)
+
+    def chaos():  # each kill a random moment after a replica (a new one, after a kill) commits
+        # 48 shards of 16 steps keep the job running for several kills even on a quiet machine (24 shards
+        # of one step finished after two)
+        while not stop.is_set() and (real_kills() < KILLS or "s3" not in events):
+            if real_kills() >= 2 and "s3" not in events:
                 time.sleep(rng.uniform(0.0, 1.0))
                 s3.restart()  # connections reset, 3 s down, then the same objects
                 events.append("s3")
@@ -61,6 +68,7 @@ def test_replicas_killed_and_s3_restarted_mid_job(s3, ray_cluster):
                 time.sleep(0.1)
                 continue
             time.sleep(rng.uniform(0.0, 0.4))
+            tried.add(pid)
             try:
                 os.kill(pid, signal.SIGKILL)
                 events.append(f"kill {pid}")

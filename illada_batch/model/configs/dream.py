@@ -9,10 +9,10 @@ in Dream-7B). Its sampler (``alg``, ``alg_temp``) is this family's alone.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from illada_batch.errors import ConfigError
+from illada_batch.model.configs.hf import from_hf
 from illada_batch.model.family import Family, FamilyCard
 
 
@@ -56,23 +56,7 @@ class DreamConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "DreamConfig":
-        for key, wanted in cls._REQUIRED.items():
-            if key in raw and raw[key] != wanted:
-                raise ConfigError(f"{source}: field {key!r}={raw[key]!r} is not supported (this model needs {wanted!r})")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
-        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kwargs]
-        if missing:
-            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-        cfg = cls(**kwargs)
-        problems = cfg.problems()
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(f"field {name!r}: {msg}" for name, msg in problems))
-        return cfg
+        return from_hf(cls, raw, source, cls._REQUIRED)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"architectures": ["DreamModel"], "model_type": "Dream", "hidden_act": "silu",

@@ -16,10 +16,10 @@ the defaults, never hard-coded in the sampler.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from illada_batch.errors import ConfigError
+from illada_batch.model.configs.hf import from_hf
 from illada_batch.model.family import AttentionKind, Family, FamilyCard
 
 
@@ -91,25 +91,7 @@ class LLaDA2Config:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "LLaDA2Config":
-        for key, wanted in cls._REQUIRED.items():
-            if raw.get(key, wanted) not in (wanted, None):
-                raise ConfigError(f"{source}: field {key!r}={raw[key]!r} is not supported (this model needs {wanted!r})")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
-        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        if "pad_token_id" not in kwargs and "eos_token_id" in kwargs:
-            kwargs["pad_token_id"] = kwargs["eos_token_id"]
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kwargs]
-        if missing:
-            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-        cfg = cls(**kwargs)
-        problems = cfg.problems()
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(f"field {name!r}: {msg}" for name, msg in problems))
-        return cfg
+        return from_hf(cls, raw, source, cls._REQUIRED)
 
 
 def parameters(cfg: LLaDA2Config, experts_used: int | None = None) -> int:

@@ -13,10 +13,10 @@ layer when ``shared_expert_intermediate_size`` is set. The config holds no mask 
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from illada_batch.errors import ConfigError
+from illada_batch.model.configs.hf import from_hf
 from illada_batch.model.family import Family, FamilyCard
 
 
@@ -84,29 +84,7 @@ class LLaDAMoEConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config.json") -> "LLaDAMoEConfig":
-        for key, wanted in cls._REQUIRED.items():
-            if raw.get(key, wanted) not in (wanted, None):
-                raise ConfigError(f"{source}: field {key!r}={raw[key]!r} is not supported (this model needs {wanted!r})")
-        names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
-        if "num_key_value_heads" not in kwargs and "num_attention_heads" in kwargs:
-            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        if "pad_token_id" not in kwargs and "eos_token_id" in kwargs:
-            kwargs["pad_token_id"] = kwargs["eos_token_id"]
-        if "shared_expert_intermediate_size" in raw and raw["shared_expert_intermediate_size"] is None:
-            kwargs.pop("shared_expert_intermediate_size", None)
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [n for n in required if n not in kwargs]
-        if missing:
-            raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-        kwargs["moe_layer_freq"] = tuple(int(x) for x in kwargs["moe_layer_freq"])
-        cfg = cls(**kwargs)
-        problems = cfg.problems()
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(f"field {name!r}: {msg}" for name, msg in problems))
-        return cfg
+        return from_hf(cls, raw, source, cls._REQUIRED, _freq_as_tuple)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "hidden_act": "silu",
@@ -130,6 +108,10 @@ def parameters(cfg: LLaDAMoEConfig, experts_used: int | None = None) -> int:
     layers = sum(2 * d + attn + (moe if cfg.is_moe(i) else dense) for i in range(cfg.num_hidden_layers))
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
     return cfg.vocab_size * d + layers + d + head
+
+
+def _freq_as_tuple(kwargs: dict) -> None:
+    kwargs["moe_layer_freq"] = tuple(int(x) for x in kwargs["moe_layer_freq"])
 
 
 def card(cfg: LLaDAMoEConfig) -> FamilyCard:

@@ -19,15 +19,24 @@ RowId = NewType("RowId", str)
 
 def canonical_id(value: object, column: str) -> tuple[RowId | None, str | None]:
     """(the id's text, None), or (None, why the row has no id, naming ``column``)."""
-    if value is None:
-        return None, f"{column} is null"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"{column} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    value, error = decoded(value, column)
+    if error is not None:
+        return None, error
     if isinstance(value, str):
         return RowId(value), None
     if isinstance(value, int) and not isinstance(value, bool):
         return RowId(str(value)), None
     return None, f"{column} is {type(value).__name__}, expected a string or an integer"
+
+
+def decoded(value: object, column: str) -> tuple[object, str | None]:
+    """(value, None) with UTF-8 bytes as text, or (None, why: null or not UTF-8, naming
+    ``column``): the first check of every value a row gives (its id, prompt, variables)."""
+    if value is None:
+        return None, f"{column} is null"
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            return None, f"{column} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    return value, None

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
-from illada_batch.job.ids import RowId, canonical_id
+from illada_batch.job.ids import RowId, canonical_id, decoded
 from illada_batch.job.spec import JobSpec
 
 OUTPUT_SCHEMA = pa.schema([  # after ``id``: the id's text (``ids.py``), a string whatever the input's type
@@ -33,13 +33,9 @@ class RenderedRow:
 
 
 def _text(value, field: str) -> tuple[str | None, str | None]:
-    if value is None:
-        return None, f"{field} is null"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"{field} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    value, error = decoded(value, field)
+    if error is not None:
+        return None, error
     if not isinstance(value, str):
         return None, f"{field} is {type(value).__name__}, expected a string"
     if not value.strip():
@@ -125,13 +121,9 @@ def _render_row(spec: JobSpec, source: str, value, variables: dict, response: Re
 def _variable(value, column: str, specials: tuple[str, ...]):
     """(value, error) of a template variable: null is an error (never the text "None"),
     bytes are UTF-8 text, text holding special token text is an error."""
-    if value is None:
-        return None, f"{column} is null"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return None, f"{column} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    value, error = decoded(value, column)
+    if error is not None:
+        return None, error
     if isinstance(value, str):
         return value, special_problem(column, value, specials)
     return value, None

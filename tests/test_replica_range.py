@@ -7,6 +7,7 @@ once, and both replicas committed shards."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -73,7 +74,8 @@ def test_a_node_added_mid_job_gets_the_replicas_waiting_for_it(growing_cluster, 
     summary = result["summary"]
     assert summary.exit_code() == 0, logs
     assert added < 120, f"the node came late in the work ({added} of 160 shards committed)"
-    assert any("replica 2 waits for the cluster to grow" in m for m in logs), logs
+    # which of the two Ray places first is its choice: the other one waits
+    assert any(re.match(r"replica [12] waits for the cluster to grow", m) for m in logs), logs
     assert not any("not placed within" in m for m in logs), logs
     assert len(_pids(out)) == 2, ("the replica on the added node committed shards too", logs)
     assert_exactly_once(read_output(fsspec.filesystem("file"), str(out)), ids, n=1)

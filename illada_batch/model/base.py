@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from illada_batch.model.family import FamilyCard
 from illada_batch.model.layers import traffic
 from illada_batch.model.layers.attention import LayerKV, additive_mask
-from illada_batch.model.layers.linear import TPGroup, vocab_parallel_logits
+from illada_batch.model.layers.linear import TPGroup, embedding, head, vocab_parallel_logits
 from illada_batch.model.layers.norms import RMSNorm
 from illada_batch.model.layers.paged_attention import PagedKV
 from illada_batch.model.layers.rope import rope_cos_sin
@@ -132,17 +132,17 @@ class StackedDecoder(DiffusionLM):
     """The Hugging Face layout LLaDA-MoE, LLaDA 2.x and Dream share: ``model.<EMBEDDING>``,
     ``model.layers``, ``model.norm`` and an ``lm_head`` unless the embeddings are tied (the
     module names are the checkpoint's tensor names). A family sets ``EMBEDDING`` and calls
-    ``_stack(config, layers)``."""
+    ``_stack(config, layers, tp)`` (with ``tp``: embedding and head vocabulary-parallel)."""
 
     EMBEDDING = "embed_tokens"
 
-    def _stack(self, cfg, layers: Iterable[nn.Module]) -> None:
+    def _stack(self, cfg, layers: Iterable[nn.Module], tp: TPGroup | None = None) -> None:
         self.model = nn.Module()
-        setattr(self.model, self.EMBEDDING, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
+        setattr(self.model, self.EMBEDDING, embedding(cfg.vocab_size, cfg.hidden_size, tp))
         self.model.layers = nn.ModuleList(layers)
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = head(cfg.hidden_size, cfg.vocab_size, tp)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return getattr(self.model, self.EMBEDDING)(input_ids)

@@ -117,14 +117,16 @@ def _read(handle, name: str, module: torch.nn.Module, expected: tuple[int, ...],
     """The tensor ``name``, or only this rank's slice of it when ``module`` is split
     (``layers/linear.py``: ``tp_dim``, ``tp_range``, ``full_shape``)."""
     full = getattr(module, "full_shape", None)
-    if full is None:
+    bias = name.endswith(".bias")
+    if full is None or (bias and module.tp_dim == 1):  # whole, or a row-parallel bias (on every rank)
         tensor = handle.get_tensor(name)
         shape, implied = tuple(tensor.shape), expected
     else:
         piece = handle.get_slice(name)
-        shape, implied = tuple(piece.get_shape()), tuple(full)
-        start, stop = module.tp_range
-        tensor = piece[start:stop] if module.tp_dim == 0 else piece[:, start:stop]
+        shape, implied = tuple(piece.get_shape()), tuple(full[:1] if bias else full)
+        ranges = getattr(module, "tp_pieces", None) or [module.tp_range]  # a fused layer's parts, in order
+        parts = [piece[start:stop] if module.tp_dim == 0 or bias else piece[:, start:stop] for start, stop in ranges]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
     if shape != implied:
         raise CheckpointError(f"{fname}: tensor {name} has shape {shape}, config.json implies {implied}")
     return tensor

@@ -81,6 +81,9 @@ class Family:
     # Tensor parallelism: config.json field -> its value, for each count a TP size must
     # divide (heads, KV heads, MLP width, experts); None: the family's layers are not split yet.
     tp_splits: Callable[[Any], dict[str, int]] | None = None
+    # Of those fields, the ones that may also be fewer than the ranks when they divide them
+    # (KV heads: each then on N/value ranks, replicated, ``layers/linear.py`` ``kv_part``).
+    tp_replicable: frozenset[str] = frozenset()
     presets: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # real shapes: name -> config
 
 
@@ -91,6 +94,9 @@ def tp_problem(family: Family, config: Any, size: int) -> str | None:
     if family.tp_splits is None:
         return f"the {family.name} family does not run tensor-parallel yet (tensor_parallel_size={size})"
     for name, value in family.tp_splits(config).items():
+        if name in family.tp_replicable and value < size and size % value == 0:
+            continue
         if value % size:
-            return f"config.json field {name!r}={value} does not divide by tensor_parallel_size={size}"
+            also = " (nor divides it)" if name in family.tp_replicable else ""
+            return f"config.json field {name!r}={value} does not divide by tensor_parallel_size={size}{also}"
     return None

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from illada_batch.model.base import DiffusionLM, ForwardOut, KVHook
 from illada_batch.model.configs.llada import LLaDAConfig, card
 from illada_batch.model.layers.attention import LayerKV, LayerKVHook, attend, isolated_prefix_mask
-from illada_batch.model.layers.linear import TPGroup, column, embedding, head, local_card, row
+from illada_batch.model.layers.linear import TPGroup, column, embedding, head, kv_column, local_card, local_heads, row
 from illada_batch.model.layers.mlp import swiglu
 from illada_batch.model.layers.norms import RMSNorm
 from illada_batch.model.layers.rope import apply_rope
@@ -25,18 +25,18 @@ __all__ = ["LLaDA", "Block", "ForwardOut", "KVHook", "LayerKV", "isolated_prefix
 
 class Block(nn.Module):
     """With ``tp``: this rank's heads and KV heads (column-parallel q/k/v, row-parallel
-    attn_out) and MLP columns (column-parallel ff_proj/up_proj, row-parallel ff_out)."""
+    attn_out; KV heads fewer than the ranks replicated, ``TPGroup.kv_part``) and MLP columns (column-parallel ff_proj/up_proj, row-parallel ff_out)."""
 
     def __init__(self, cfg: LLaDAConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
-        d, hd, n = cfg.d_model, cfg.head_dim, 1 if tp is None else tp.size
+        d, hd = cfg.d_model, cfg.head_dim
         self.cfg = cfg
-        self.n_heads, self.n_kv_heads = cfg.n_heads // n, cfg.n_kv_heads // n  # this rank's
+        self.n_heads, self.n_kv_heads = local_heads(cfg.n_heads, cfg.n_kv_heads, tp, ("n_heads", "n_kv_heads"))  # this rank's
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.q_proj = column(d, cfg.n_heads * hd, tp, "n_heads")
-        self.k_proj = column(d, cfg.n_kv_heads * hd, tp, "n_kv_heads")
-        self.v_proj = column(d, cfg.n_kv_heads * hd, tp, "n_kv_heads")
+        self.k_proj = kv_column(d, cfg.n_kv_heads, hd, tp, "n_kv_heads")
+        self.v_proj = kv_column(d, cfg.n_kv_heads, hd, tp, "n_kv_heads")
         self.attn_out = row(cfg.n_heads * hd, d, tp, "n_heads")
         self.ff_proj = column(d, cfg.mlp_hidden_size, tp, "mlp_hidden_size")
         self.up_proj = column(d, cfg.mlp_hidden_size, tp, "mlp_hidden_size")

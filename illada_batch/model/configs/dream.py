@@ -101,4 +101,8 @@ PRESETS = {
 FAMILY = Family(name="dream", matches=matches, config=DreamConfig.from_dict, card=card,
                 model="illada_batch.model.dream:Dream",
                 describe="model_type 'Dream' / architectures ['DreamModel']",
-                settings=FAMILY_SETTINGS, presets=PRESETS)
+                settings=FAMILY_SETTINGS, presets=PRESETS,
+                tp_splits=lambda c: {"num_attention_heads": c.num_attention_heads,
+                                     "num_key_value_heads": c.num_key_value_heads,
+                                     "intermediate_size": c.intermediate_size},
+                tp_replicable=frozenset({"num_key_value_heads"}))

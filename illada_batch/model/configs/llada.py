@@ -144,4 +144,4 @@ FAMILY = Family(name="llada", matches=matches, config=LLaDAConfig.from_dict, car
                 describe="model_type 'llada' without experts (LLaDA-8B, LLaDA-1.5)",
                 tp_splits=lambda c: {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
                                      "mlp_hidden_size": c.mlp_hidden_size},
-                presets=PRESETS)
+                tp_replicable=frozenset({"n_kv_heads"}), presets=PRESETS)

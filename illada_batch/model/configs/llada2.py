@@ -137,7 +137,18 @@ PRESETS = {
                                 rope_theta=600_000.0, max_position_embeddings=8192),
 }
 
+def tp_splits(cfg: LLaDA2Config) -> dict[str, int]:
+    """What a TP size must divide: heads, KV heads (or be divided by them: replicated), the
+    dense and expert widths (each routed and shared expert split by its intermediate size)."""
+    out = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+           "moe_intermediate_size": cfg.moe_intermediate_size}
+    if cfg.first_k_dense_replace:
+        out["intermediate_size"] = cfg.intermediate_size
+    return out
+
+
 FAMILY = Family(name="llada2", matches=matches, config=LLaDA2Config.from_dict, card=card,
                 model="illada_batch.model.llada2:LLaDA2",
                 describe="model_type 'llada2_moe' / architectures ['LLaDA2MoeModelLM']",
-                settings=SAMPLER_SETTINGS, presets=PRESETS)
+                settings=SAMPLER_SETTINGS, presets=PRESETS, tp_splits=tp_splits,
+                tp_replicable=frozenset({"num_key_value_heads"}))

@@ -138,7 +138,19 @@ PRESETS = {
                                 rope_theta=50_000.0, max_position_embeddings=8192),
 }
 
+def tp_splits(cfg: LLaDAMoEConfig) -> dict[str, int]:
+    """What a TP size must divide: heads, KV heads (or be divided by them), every MLP width
+    (each expert is split by its intermediate size: ``layers/moe.py``)."""
+    out = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+           "expert_intermediate_size": cfg.expert_intermediate_size}
+    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+        out["dense_intermediate_size"] = cfg.dense_intermediate_size
+    if cfg.shared_expert_intermediate_size:
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+    return out
+
+
 FAMILY = Family(name="llada-moe", matches=matches, config=LLaDAMoEConfig.from_dict, card=card,
                 model="illada_batch.model.llada_moe:LLaDAMoE",
                 describe="model_type 'llada' or 'lladamoe' with architectures ['LLaDAMoEModelLM'] / num_experts",
-                presets=PRESETS)
+                presets=PRESETS, tp_splits=tp_splits, tp_replicable=frozenset({"num_key_value_heads"}))

@@ -45,6 +45,15 @@ class TPGroup:
         share = n // self.size
         return self.rank * share, (self.rank + 1) * share
 
+    def kv_part(self, n: int, what: str) -> tuple[int, int]:
+        """[start, stop) of this rank's KV heads of ``n``: its equal share when N divides n;
+        when n divides N (fewer KV heads than ranks: LLaDA2.0-flash's 4 at TP 8), the one KV
+        head its query heads read, replicated on N/n ranks (as SGLang and vLLM do)."""
+        if n % self.size == 0 or self.size % n:
+            return self.part(n, what)
+        head = self.rank // (self.size // n)
+        return head, head + 1
+
     def vocab_part(self, n: int) -> tuple[int, int]:
         """[start, stop) of this rank's ceil(n/N) vocabulary rows (the last rank may hold fewer)."""
         share = -(-n // self.size)
@@ -71,25 +80,50 @@ class _Sliced(nn.Module):
 
 
 class ColumnParallel(_Sliced):
-    """y [..., out/N] = x [..., in] @ W_r^T, W_r this rank's output rows."""
+    """y [..., out/N] = x [..., in] @ W_r^T (+ b_r), W_r this rank's output rows (``rows``: an
+    explicit [start, stop), e.g. a replicated KV head's), b_r the same rows of the bias."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, what: str) -> None:
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, what: str, bias: bool = False,
+                 rows: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self._make((out_features, in_features), 0, *tp.part(out_features, what))
+        self._make((out_features, in_features), 0, *(rows or tp.part(out_features, what)))
+        self.bias = nn.Parameter(torch.empty(self.weight.shape[0]), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallel(_Sliced):
-    """y [..., out] = sum over ranks of x_r [..., in/N] @ W_r^T: one all-reduce."""
+    """y [..., out] = sum over ranks of x_r [..., in/N] @ W_r^T (+ b, whole on every rank, added
+    once after the sum): one all-reduce, or none with ``reduce=False`` (the caller sums several
+    partial outputs with one all-reduce: an MoE block's experts and shared expert)."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup, what: str) -> None:
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, what: str, bias: bool = False,
+                 reduce: bool = True) -> None:
         super().__init__()
         self._make((out_features, in_features), 1, *tp.part(in_features, what))
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.reduce = reduce
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        y = all_reduce(y) if self.reduce else y
+        return y if self.bias is None else y + self.bias
+
+
+class FusedColumnParallel(_Sliced):
+    """A column-parallel layer over a fused weight, e.g. [Q heads | K heads | V heads] rows:
+    this rank holds its slice of each part (``tp_pieces``, in order), read as slices and
+    concatenated: y = [q_r | k_r | v_r]."""
+
+    def __init__(self, in_features: int, pieces: list[tuple[int, int]], full_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.tp_pieces = pieces
+        self._make((full_out, in_features), 0, 0, sum(b - a for a, b in pieces))
+        self.bias = nn.Parameter(torch.empty(self.weight.shape[0]), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class VocabParallelEmbedding(_Sliced):
@@ -117,12 +151,37 @@ def vocab_parallel_logits(hidden: Tensor, weight: Tensor, vocab: int, tp: TPGrou
     return torch.cat(parts, dim=-1)[..., :vocab]  # [..., vocab]
 
 
-def column(in_features: int, out_features: int, tp: TPGroup | None, what: str) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=False) if tp is None else ColumnParallel(in_features, out_features, tp, what)
+def column(in_features: int, out_features: int, tp: TPGroup | None, what: str, bias: bool = False) -> nn.Module:
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return ColumnParallel(in_features, out_features, tp, what, bias=bias)
 
 
-def row(in_features: int, out_features: int, tp: TPGroup | None, what: str) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=False) if tp is None else RowParallel(in_features, out_features, tp, what)
+def kv_column(in_features: int, n_kv_heads: int, head_dim: int, tp: TPGroup | None, what: str,
+              bias: bool = False) -> nn.Module:
+    """k or v projection: this rank's KV heads (``TPGroup.kv_part``: replicated when fewer than ranks)."""
+    if tp is None:
+        return nn.Linear(in_features, n_kv_heads * head_dim, bias=bias)
+    start, stop = tp.kv_part(n_kv_heads, what)
+    return ColumnParallel(in_features, n_kv_heads * head_dim, tp, what, bias=bias,
+                          rows=(start * head_dim, stop * head_dim))
+
+
+def row(in_features: int, out_features: int, tp: TPGroup | None, what: str, bias: bool = False,
+        reduce: bool = True) -> nn.Module:
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallel(in_features, out_features, tp, what, bias=bias, reduce=reduce)
+
+
+def local_heads(n_heads: int, n_kv_heads: int, tp: TPGroup | None, what: tuple[str, str]) -> tuple[int, int]:
+    """(query heads, KV heads) a rank holds; refuses (``ValueError`` naming ``what``, the two
+    config fields) heads that do not split whole (a projection's rows may divide when its heads do not)."""
+    if tp is None:
+        return n_heads, n_kv_heads
+    q0, q1 = tp.part(n_heads, what[0])
+    k0, k1 = tp.kv_part(n_kv_heads, what[1])
+    return q1 - q0, k1 - k0
 
 
 def embedding(num: int, dim: int, tp: TPGroup | None) -> nn.Module:
@@ -143,4 +202,4 @@ def local_card(card, tp: TPGroup | None):
     shape, so page tables are shared)."""
     if tp is None:
         return card
-    return dataclasses.replace(card, n_kv_heads=card.n_kv_heads // tp.size)
+    return dataclasses.replace(card, n_kv_heads=max(1, card.n_kv_heads // tp.size))

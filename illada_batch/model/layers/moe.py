@@ -38,7 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from illada_batch.model.layers.linear import TPGroup, all_reduce
 from illada_batch.model.layers.mlp import GatedMLP
+
+
+def moe_all_reduce(out: Tensor, tp: TPGroup | None) -> Tensor:
+    """An MoE block's output: the sum over ranks of their partial expert (and shared expert)
+    outputs, one all-reduce; as is without ``tp``."""
+    return out if tp is None else all_reduce(out)
 
 
 class Score(str, enum.Enum):
@@ -103,10 +110,16 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 class Experts(nn.ModuleList):
     """The routed experts: ``experts(x [N, d], weights [N, k], ids [N, k]) -> [N, d]``
-    (sum over each token's k experts of weight x expert(x), in x's dtype)."""
+    (sum over each token's k experts of weight x expert(x), in x's dtype).
 
-    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
-        super().__init__(GatedMLP(dim, hidden) for _ in range(num_experts))
+    With ``tp`` (``what`` the config field of ``hidden``): every rank holds its ``hidden/N``
+    columns of every expert (column-parallel gate/up, row-parallel down) and returns its
+    partial sum, not reduced: the MoE block all-reduces it once, with its shared expert's
+    (``moe_all_reduce``). Why this split and not whole experts per rank: ``bench/moe_split.py``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, tp: TPGroup | None = None,
+                 what: str = "moe_intermediate_size") -> None:
+        super().__init__(GatedMLP(dim, hidden, tp, what, reduce=False) for _ in range(num_experts))
         self.stacked: tuple[Tensor, Tensor, Tensor] | None = None  # gate [E, I, d], up [E, I, d], down [E, d, I]
 
     def forward(self, x: Tensor, weights: Tensor, ids: Tensor, path: str | None = None) -> Tensor:

@@ -311,6 +311,17 @@ def cmd_bench(args) -> int:
 
         family, cfg = shapes()[args.model_shape]
         params = family.card(cfg).parameters
+        if args.tp > 1:  # the placement first: does the shape split, what a rank holds
+            from illada_batch.bench.tp_plan import plan_line, tp_plan
+
+            print(plan_line(tp_plan(args.model_shape, family, cfg, args.tp)))
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if gpus < args.tp:
+                raise UserError(f"--model-shape {args.model_shape} --tp {args.tp}: needs {args.tp} CUDA GPUs on one "
+                                f"node, found {gpus} ({params / 1e9:.1f}B parameters; on CPU, `bench --only wide "
+                                f"--tp 2` runs a few layers)")
+            raise UserError(f"--model-shape {args.model_shape} --tp {args.tp}: the sharded modes table is not built "
+                            f"yet; run a job with engine.tensor_parallel_size: {args.tp}")
         if params > CPU_SHAPE_PARAMETERS and not torch.cuda.is_available():
             raise UserError(f"--model-shape {args.model_shape}: needs a CUDA GPU ({params / 1e9:.1f}B parameters, "
                             f"{params * 2 / 1e9:.0f} GB in bf16; on CPU, `bench --only wide` runs a few layers of it)")
@@ -431,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", default="", help="--only scale: also the duplicate-id check's memory on these id counts "
                    "(e.g. 10000000); --shards '' for this alone")
     p.add_argument("--tp", type=_positive, default=1,
-                   help="--only wide: each of N tensor-parallel ranks' peak memory against 1/N of the weights")
+                   help="--only wide: each of N tensor-parallel ranks' peak memory against 1/N of the weights; "
+                   "--model-shape: the shape's placement on N ranks (what must divide, what a rank holds)")
     p.add_argument("--cache", default=",".join(_cache_modes()),
                    help=f"comma-separated cache modes for the modes tables (of {', '.join(_cache_modes())})")
     p.set_defaults(func=cmd_bench)

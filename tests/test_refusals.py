@@ -285,7 +285,14 @@ BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
     "bench --cache nonsense": (["bench", "--cache", "prefix,nonsense"], "--cache 'nonsense': not one of off, prefix"),
     "bench --only nonsense": (["bench", "--only", "nonsense"], "--only 'nonsense': not one of modes, long"),
     "bench --model-shape nope": (["bench", "--model-shape", "nope", "--random-weights"],
-                                 "--model-shape 'nope': not one of llada2-mini, llada-moe, llada-8b, tiny, dream-7b"),
+                                 "--model-shape 'nope': not one of llada2-mini, llada2-flash, llada-moe, llada-8b, tiny, "
+                                 "dream-7b"),
+    "bench --model-shape llada2-flash --tp 8 on CPU": (["bench", "--model-shape", "llada2-flash", "--random-weights",
+                                                        "--tp", "8"],
+                                                       "--model-shape llada2-flash --tp 8: needs 8 CUDA GPUs on one node"),
+    "bench --model-shape llada2-flash --tp 3": (["bench", "--model-shape", "llada2-flash", "--random-weights", "--tp", "3"],
+                                                "--model-shape llada2-flash --tp 3: config.json field "
+                                                "'num_attention_heads'=32 does not divide by tensor_parallel_size=3"),
     "bench --model-shape llada2-mini on CPU": (["bench", "--model-shape", "llada2-mini", "--random-weights"],
                                                "--model-shape llada2-mini: needs a CUDA GPU (16.3B parameters"),
     "bench --model-shape dream-7b on CPU": (["bench", "--model-shape", "dream-7b", "--random-weights"],

@@ -166,3 +166,15 @@ def test_validate_accepts_a_tp_size_that_divides(family_checkpoint, tmp_path, ca
     code, out = validate(spec_file(tmp_path, model={"path": str(family_checkpoint(family))},
                                    engine={"cache": "off", "tensor_parallel_size": 2}), capsys=capsys)
     assert code == 0, out
+
+
+def test_llada2_flash_at_tp_8_is_placed_with_its_kv_heads_replicated():
+    """The flagship's shape splits over 8 ranks (its 4 KV heads each on 2 ranks): rank 0 of
+    the meta-built sharded model holds an eighth of the weights, besides its norms and router."""
+    from illada_batch.bench.shape import shapes
+    from illada_batch.bench.tp_plan import tp_plan
+
+    family, cfg = shapes()["llada2-flash"]
+    plan = tp_plan("llada2-flash", family, cfg, 8)
+    assert (plan["query_heads"], plan["kv_heads"]) == (4, 1)
+    assert plan["parameters"] / 8 < plan["rank_parameters"] < 1.01 * plan["parameters"] / 8

@@ -135,6 +135,15 @@ PRESETS = {
                                 num_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, num_shared_experts=1,
                                 first_k_dense_replace=1, routed_scaling_factor=2.5, partial_rotary_factor=0.5,
                                 rope_theta=600_000.0, max_position_embeddings=8192),
+    # inclusionAI/LLaDA2.0-flash (Ling-flash-2.0's shape, 100B with 6.1B active): 32 layers, the
+    # first dense, 256 experts top-8 of 1024 in 8 groups of which 4 are kept, one shared expert,
+    # GQA 32 over 4 heads of 128 (at TP 8 each KV head is on 2 ranks), half the head rotary.
+    "llada2-flash": LLaDA2Config(vocab_size=157184, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=4, head_dim=128, intermediate_size=9216,
+                                 moe_intermediate_size=1024, num_experts=256, num_experts_per_tok=8, n_group=8,
+                                 topk_group=4, num_shared_experts=1, first_k_dense_replace=1,
+                                 routed_scaling_factor=2.5, partial_rotary_factor=0.5, rope_theta=600_000.0,
+                                 max_position_embeddings=32768),
 }
 
 def tp_splits(cfg: LLaDA2Config) -> dict[str, int]:

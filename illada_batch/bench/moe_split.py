@@ -12,14 +12,14 @@ rank's share, with the routing a model actually produces (each MoE layer's top-k
 random prompts through the model) at the tiny shape and at a wider one (LLaDA-MoE-7B's expert
 width), and the load imbalance (the busiest rank's pairs over the mean).
 
-    python -m illada_batch.bench.moe_split --tp 2 --tokens 512 --out moe_split.json
+    python -m illada_batch.train.tiny_families --family llada-moe --out /tmp/tiny-llada-moe
+    python -m illada_batch.bench.moe_split --model /tmp/tiny-llada-moe --tp 2 --tokens 512
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 import torch
@@ -30,12 +30,8 @@ from illada_batch.model.layers.moe import Experts, route
 WIDE = dict(d=2048, hidden=1024, E=64, k=8)  # LLaDA-MoE-7B's experts
 
 
-def routing(family: str, tokens: int, seed: int = 0) -> list[torch.Tensor]:
-    """Each MoE layer's expert ids [tokens, k] for random prompts through the tiny model."""
-    from illada_batch.model.checkpoint import load_model
-    from illada_batch.train.tiny_families import write_tiny
-
-    model = load_model(write_tiny(family, tempfile.mkdtemp(prefix="moe-split-")), device="cpu")
+def routing(model, tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    """Each MoE layer's expert ids [tokens, k] for random prompts through ``model``."""
     ids: list[torch.Tensor] = []
 
     def grab(module, args, _out):
@@ -99,14 +95,15 @@ def wide_routing(tokens: int, seed: int = 0) -> torch.Tensor:
     return route(h @ gate.T, RouterSpec(num_experts=WIDE["E"], top_k=WIDE["k"]))[1]
 
 
-def main(tp: int = 2, tokens: int = 512, out_path: str = "moe_split.json") -> int:
-    from illada_batch.train.tiny_families import TINY
+def main(model_path: str, tp: int = 2, tokens: int = 512, out_path: str = "moe_split.json") -> int:
+    from illada_batch.model.checkpoint import load_model
 
     torch.set_num_threads(1)
-    cfg = TINY["llada-moe"]
-    rows = [{"shape": "tiny llada-moe", "layer": i, **measure(cfg.hidden_size, cfg.expert_intermediate_size,
-                                                             cfg.num_experts, ids, tp)}
-            for i, ids in enumerate(routing("llada-moe", tokens))]
+    model = load_model(model_path, device="cpu")
+    cfg = model.config
+    rows = [{"shape": f"{model.card.family} {model_path}", "layer": i,
+             **measure(cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts, ids, tp)}
+            for i, ids in enumerate(routing(model, tokens))]
     rows.append({"shape": "llada-moe-7b experts", "layer": 0,
                  **measure(WIDE["d"], WIDE["hidden"], WIDE["E"], wide_routing(tokens // 2), tp)})
     print(f"TP {tp}, {tokens} tokens (the wide shape {tokens // 2}), one thread, the slowest rank's expert time")
@@ -121,8 +118,9 @@ def main(tp: int = 2, tokens: int = 512, out_path: str = "moe_split.json") -> in
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a LLaDA-MoE checkpoint (e.g. the tiny one, written as above)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--out", default="moe_split.json")
     args = ap.parse_args()
-    raise SystemExit(main(args.tp, args.tokens, args.out))
+    raise SystemExit(main(args.model, args.tp, args.tokens, args.out))

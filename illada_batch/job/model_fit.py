@@ -97,7 +97,7 @@ def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
         problems.append(f"sampling.block_length: {spec.sampling.block_length}, but {card.family} attends in blocks "
                         f"of {block} (its config), and the sampler's blocks must be the attention's")
     if card.attention.value == "block-causal" and spec.engine.cache.value != "off" and spec.sampling.cfg_scale > 0:
-        problems.append(f"sampling.cfg_scale: {card.family}'s block cache (engine.cache '{spec.engine.cache.describe(card)}') "
+        problems.append(f"sampling.cfg_scale: {card.family}'s block cache (engine.cache '{spec.engine.cache.value}') "
                         f"keeps no unconditional K/V: set engine.cache: off, or cfg_scale: 0")
     for name, owner in sorted(owners.items()):
         if owner != card.family and getattr(spec.sampling, name, None) not in (None, SAMPLING_DEFAULTS.get(name)):

@@ -42,10 +42,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
 
 
-def _cache_modes() -> list[str]:
+def _cache_modes(auto: bool = False) -> list[str]:
+    """The ``--cache`` choices: the concrete modes (``bench`` tables them), and ``auto`` first
+    where one run picks a mode for its model."""
     from illada_batch.decoding.params import CacheMode
 
-    return [m.value for m in CacheMode]
+    return (["auto"] if auto else []) + [m.value for m in CacheMode.concrete()]
 
 
 def _device(name: str | None):
@@ -84,9 +86,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from illada_batch.decoding.loop import generate
+    """One row through the engine, as a job runs it: ``--cache auto`` (the default) is the
+    model's own cache (the exact block-causal cache for LLaDA 2.x; the same tokens as the
+    cache off at temperature 0). The seed is a job row's: from (``--seed``, row id "0", sample 0)."""
+    from illada_batch.engine.diffusion import Engine
     from illada_batch.errors import UserError
     from illada_batch.model.checkpoint import load_model
 
@@ -95,25 +98,16 @@ def cmd_generate(args) -> int:
     model = load_model(args.model, device=_device(args.device))
     tok = model.tokenizer
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = torch.tensor([tok.encode(text)], device=model.device)
-    params = _params(args)
-    if args.response_template is not None:  # slots are a request field: the engine's path (cache off)
-        from illada_batch.engine.diffusion import Engine
-
-        res = Engine(model, cache="off", max_batch_size=1).generate([text], params, seed=args.seed,
-                                                                    response_template=args.response_template)[0]
-        print(res.text)
-        print(f"[slots: {json.dumps(res.slots)}; {res.steps} steps]", file=sys.stderr)
-        return 0
+    engine = Engine(model, cache=args.cache, max_batch_size=1)
     t0 = time.perf_counter()
-    out = generate(model, ids, **{k: v for k, v in params.to_dict().items()}, seed=args.seed)
+    res = engine.generate([text], _params(args), seed=args.seed, response_template=args.response_template)[0]
     seconds = time.perf_counter() - t0
-    resp = out[0, ids.shape[1]:].tolist()
-    eos = model.card.eos_token_id
-    resp = resp[:resp.index(eos)] if eos in resp else resp
-    print(tok.decode(resp, skip_special_tokens=True))
-    print(f"[{params.steps} steps, {len(resp)} tokens in {seconds:.2f}s: {params.steps / seconds:.1f} steps/s, "
-          f"{len(resp) / seconds:.1f} tokens/s]", file=sys.stderr)
+    if res.error is not None:
+        raise UserError(f"--prompt: {res.error}")
+    print(res.text)
+    slots = "" if res.slots is None else f"slots: {json.dumps(res.slots)}; "
+    print(f"[{slots}cache {engine.cache_text}; {res.steps} steps, {len(res.token_ids)} tokens in {seconds:.2f}s: "
+          f"{res.steps / seconds:.1f} steps/s, {len(res.token_ids) / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
@@ -128,7 +122,7 @@ def cmd_eval(args) -> int:
                                 args.min_prefix_tokens)
     res = evaluate(engine, prefixes, rows, _params(args), args.response_template)
     what = "exact match" if args.response_template is None else f"slot accuracy (slot 1 of {args.response_template!r})"
-    print(f"{what} on {len(rows)} rows (prefixes of {args.min_prefix_tokens}+ tokens, cache={args.cache}, "
+    print(f"{what} on {len(rows)} rows (prefixes of {args.min_prefix_tokens}+ tokens, cache={engine.cache_text}, "
           f"steps={args.steps}, gen_length={args.gen_length}) in {res['seconds']:.1f}s")
     if args.response_template is not None:  # the engine checks each response's fixed tokens as it reads it
         fixed = ResponseTemplate.parse(args.response_template).tokenize(engine.tokenizer.encode).texts
@@ -169,6 +163,7 @@ def cmd_validate(args) -> int:
     print(f"  model     {spec.model.path} ({spec.backend}), {_replicas_text(spec)} replica(s)")
     if family:
         print(f"  family    {family}")
+    print(f"  cache     {preflight.cache_text(spec)}")
     print(f"  output    {spec.output_url(args.date)}")
     for note in notes:
         print(f"  note      {note}")
@@ -360,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--response-template", default=None,
                    help="the response's fixed text with {slot:N} slots of N tokens; only the slots are generated")
+    p.add_argument("--cache", default="auto", choices=_cache_modes(auto=True),
+                   help="what the engine keeps between steps (docs/cache-modes.md); auto: the model's own (the exact "
+                        "block-causal cache for LLaDA 2.x, prefix otherwise)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     _sampling_args(p)
@@ -367,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="exact-match accuracy on the task suite")
     p.add_argument("--model", default="tiny-llada")
-    p.add_argument("--cache", default="off", choices=_cache_modes())
+    p.add_argument("--cache", default="off", choices=_cache_modes(auto=True))
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--rows-per-task", type=_positive, default=100)

@@ -113,7 +113,7 @@ def test_block_decoding_follows_the_block_schedule_on_shifted_logits(model, thre
         assert out[b, -16:].tolist() == want
 
 
-@pytest.mark.parametrize("cache", [m.value for m in CacheMode])
+@pytest.mark.parametrize("cache", [m.value for m in CacheMode.concrete()])
 @pytest.mark.parametrize("params", [SamplingParams(steps=16, gen_length=16, block_length=4, early_stop=False),
                                     SamplingParams(steps=16, gen_length=16, block_length=16, alg="entropy"),
                                     SamplingParams(steps=16, gen_length=16, block_length=4, threshold=0.3)],

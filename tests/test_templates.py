@@ -136,7 +136,7 @@ def suite():
     return engine.model, prefixes, rows
 
 
-@pytest.mark.parametrize("cache", [m.value for m in CacheMode])
+@pytest.mark.parametrize("cache", [m.value for m in CacheMode.concrete()])
 def test_the_reverse_tasks_answer_in_a_slot_in_every_cache_mode(suite, cache):
     from illada_batch.engine.diffusion import Engine
     from illada_batch.tasks import suite as tasks

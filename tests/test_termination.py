@@ -61,7 +61,7 @@ def test_the_mask_model_really_predicts_mask(mask_model):
 
 
 @pytest.mark.parametrize("name", list(PARAMS))
-@pytest.mark.parametrize("cache", list(CacheMode))
+@pytest.mark.parametrize("cache", CacheMode.concrete())
 def test_a_model_that_predicts_mask_still_finishes_every_row(cache, name, mask_model):
     params = PARAMS[name]
     results = Engine(mask_model, cache=cache, max_batch_size=4).run(requests(mask_model, params))
@@ -75,7 +75,7 @@ def test_a_model_that_predicts_mask_still_finishes_every_row(cache, name, mask_m
 
 
 @pytest.mark.parametrize("name", ["fixed", "threshold"])
-@pytest.mark.parametrize("cache", list(CacheMode))
+@pytest.mark.parametrize("cache", CacheMode.concrete())
 def test_a_block_ends_after_its_scheduled_steps_even_with_nan_logits(cache, name, nan_model):
     params = PARAMS[name]
     results = Engine(nan_model, cache=cache, max_batch_size=4).run(requests(nan_model, params, n=3))

@@ -106,7 +106,7 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
 
     if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("ILLADA_THREADS", "1")))
-    only, caches = set(only or SECTIONS), caches or [m.value for m in CacheMode]
+    only, caches = set(only or SECTIONS), caches or [m.value for m in CacheMode.concrete()]
     model = load_model(model_name)
     refused = {c: why for c in caches if (why := refusal(model, c)) is not None}  # the family's card decides
     caches = [c for c in caches if c not in refused]

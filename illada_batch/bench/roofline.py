@@ -148,7 +148,7 @@ def roofline(device_name: str, shape: str = "llada-8b", out_path: str = "rooflin
              blocks: int | None = SAMPLE_BLOCKS) -> int:
     device, cfg = DEVICES[device_name], PRESETS[shape]
     rows = []
-    for cache in [m.value for m in CacheMode]:
+    for cache in [m.value for m in CacheMode.concrete()]:
         for batch in BATCHES:
             traffic, once, repeat = schedule(cache, batch, blocks=blocks)
             rows.append({"cache": cache, "batch": batch, **predict(traffic, cfg, device, batch * GEN, once, repeat)})

@@ -89,7 +89,7 @@ def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | Non
     from illada_batch.decoding.params import CacheMode
 
     model = random_model(shape)
-    refused = {c: refusal(model, c) for c in caches or [m.value for m in CacheMode]}
+    refused = {c: refusal(model, c) for c in caches or [m.value for m in CacheMode.concrete()]}
     caches = [c for c, why in refused.items() if why is None]
     V = model.card.vocab_size
     g = torch.Generator().manual_seed(0)

@@ -45,8 +45,10 @@ class TransferRule(str, enum.Enum):
 
 
 class CacheMode(str, enum.Enum):
-    """What an engine keeps between steps (see the engine's design note)."""
+    """What an engine keeps between steps (see the engine's design note). ``AUTO`` is no
+    mode of its own: it resolves once, from the model's family card (``resolve``)."""
 
+    AUTO = "auto"  # the model's best exact-or-default cache: block-causal -> its exact cache, else prefix
     OFF = "off"  # every step runs [prefix | prompt | response]
     PREFIX = "prefix"  # the shared prefix's K/V computed once, in pages, read by every row
     # Block cache: each row's K/V in pages, refreshed by one forward at each block's first
@@ -62,6 +64,37 @@ class CacheMode(str, enum.Enum):
     def shares_prefix(self) -> bool:
         """The prefix is encoded once, attending only to itself, and shared by every row."""
         return self in (CacheMode.PREFIX, CacheMode.PREFIX_BLOCKS)
+
+    @classmethod
+    def concrete(cls) -> list["CacheMode"]:
+        """The modes an engine runs (every one but ``auto``), for tables and parametrised tests."""
+        return [m for m in cls if m is not cls.AUTO]
+
+    def resolve(self, card) -> "CacheMode":
+        """The concrete mode an engine runs for a model of family card ``card`` (read by its
+        ``attention``): ``auto`` is ``blocks`` for a block-causal card (whose every mode but
+        ``off`` is its exact block-causal cache, each row's K/V in pages, one block a step)
+        and ``prefix`` for a bidirectional one; any other mode is itself. The one place
+        ``auto`` is decided: the engine, the job's summary and card, and ``validate`` ask it."""
+        if self is not CacheMode.AUTO:
+            return self
+        return CacheMode.BLOCKS if _block_causal(card) else CacheMode.PREFIX
+
+    def describe(self, card) -> str:
+        """This mode as the engine runs it, for people: ``auto -> prefix``, or ``auto ->
+        blocks (exact block-causal cache)``; ``card`` None (a model not seen here): ``auto``
+        with where it gets resolved."""
+        if card is None:
+            return f"{self.value} (resolved from the model's card where it loads)" if self is CacheMode.AUTO \
+                else self.value
+        mode = self.resolve(card)
+        text = f"auto -> {mode.value}" if self is CacheMode.AUTO else mode.value
+        return f"{text} (exact block-causal cache)" if mode is not CacheMode.OFF and _block_causal(card) else text
+
+
+def _block_causal(card) -> bool:
+    """``card`` (a ``model.family.FamilyCard``, read without importing the model layer) attends block-causally."""
+    return getattr(card.attention, "value", card.attention) == "block-causal"
 
 
 # The KV pages' budget when none is given (``Engine(kv_budget=None)``): a fraction of free

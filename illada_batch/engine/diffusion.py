@@ -32,7 +32,7 @@ from illada_batch.decoding.loop import DecodeBatch, denoise_step
 from illada_batch.decoding.params import DEFAULT_KV_BUDGET, CacheMode, SamplingParams
 from illada_batch.decoding.special_text import special_problem
 from illada_batch.decoding.template import ResponseTemplate
-from illada_batch.engine.cache_plan import CachePlan, choose_plan
+from illada_batch.engine.cache_plan import BlockCausalCache, CachePlan, choose_plan
 from illada_batch.engine.kv_cache import KVCache, pages_for_budget
 from illada_batch.engine.pages import PagePool
 from illada_batch.engine.requests import Counters, Request, Result, request_problem, sample_seed
@@ -44,10 +44,13 @@ from illada_batch.model.layers.traffic import Traffic, counting
 
 
 class Engine:
-    def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.PREFIX, max_batch_size: int = 16,
+    def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.AUTO, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16, paged: bool = True,
                  tensor_parallel_size: int = 1) -> None:
-        """``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
+        """``cache``: ``auto`` (the default) is resolved once from the model's family card
+        (``CacheMode.resolve``: the exact block-causal cache for block-causal models, ``prefix``
+        otherwise); ``self.cache`` is the concrete mode, ``cache_text`` says it for people.
+        ``kv_budget``: bytes (int) or a fraction of free device memory (float) for the
         pages (prefixes, and rows in the block cache modes); default 10% of free GPU memory
         on CUDA, 256 MiB on CPU. With ``prefix``, a budget under one page runs every group
         with the cache off, prefixes isolated (what the cache computes); the block cache
@@ -60,7 +63,9 @@ class Engine:
             raise ParamsError(f"tensor_parallel_size={tensor_parallel_size}, but the model is split over {ranks} "
                               "rank(s): build it with Engine.from_pretrained(..., tensor_parallel_size=N)")
         self.peers = None  # rank 0 of a tensor-parallel replica: the other ranks (tensor_parallel.Peers)
-        self.model, self.cache, self.max_batch_size, self.paged = model, CacheMode(cache), max_batch_size, paged
+        self.requested_cache = CacheMode(cache)
+        self.cache = self.requested_cache.resolve(model.card)
+        self.model, self.max_batch_size, self.paged = model, max_batch_size, paged
         # Block-causal models get their exact cache (``engine/block_causal.py``) in every mode but off.
         self.block_causal = model.card.attention is AttentionKind.BLOCK_CAUSAL and self.cache is not CacheMode.OFF
         self.tokenizer = model.tokenizer
@@ -72,17 +77,29 @@ class Engine:
             if kv_budget is None:
                 kv_budget = DEFAULT_KV_BUDGET["cuda" if model.device.type == "cuda" else "cpu"]
             num_pages = pages_for_budget(model.card, kv_budget, page_size, model.dtype, model.device)
-            row_pages = -(-(model.card.max_sequence_length + (model.card.attention_block or 0)) // page_size)
-            if (self.cache.block_cache or self.block_causal) and num_pages < row_pages:
-                raise ParamsError(f"kv_budget={kv_budget}: {num_pages} pages, but cache '{self.cache.value}' needs "
-                                 f"{row_pages} for one row of the model's {model.card.max_sequence_length} tokens")
+            self.kv_budget = kv_budget
+            if self.cache.block_cache or self.block_causal:  # each row's K/V in pages
+                self._check_row_fits(num_pages, page_size, model.card.longest_row())
             if num_pages >= 1:  # below one page every group falls back to the cache off
                 self.pool = PagePool(num_pages, page_size)
                 self.kv = KVCache(model.card, num_pages, page_size, model.device, model.dtype)
         self.model_key = f"{getattr(model, 'name_or_path', 'model')}:{model.dtype}"
 
+    def _check_row_fits(self, num_pages: int, page_size: int, row_tokens: int) -> None:
+        """Refuse a pool that cannot hold one row of ``row_tokens`` (its longest sequence): such
+        a row would wait for pages forever."""
+        need = -(-row_tokens // page_size)
+        if num_pages < need:
+            raise ParamsError(f"kv_budget={self.kv_budget}: {num_pages} pages, but cache '{self.cache_text}' needs "
+                              f"{need} for one row of the model's longest sequence ({row_tokens} tokens)")
+
+    @property
+    def cache_text(self) -> str:
+        """The cache as this engine runs it: ``auto -> prefix``, ``prefix (exact block-causal cache)``..."""
+        return self.requested_cache.describe(self.model.card)
+
     @classmethod
-    def from_pretrained(cls, path: str | Path, cache: CacheMode | str = CacheMode.PREFIX, device=None, dtype=None,
+    def from_pretrained(cls, path: str | Path, cache: CacheMode | str = CacheMode.AUTO, device=None, dtype=None,
                         tensor_parallel_size: int = 1, **kwargs) -> "Engine":
         """``tensor_parallel_size`` N > 1: this process is rank 0 of N, the others local
         processes (one thread each under ``ILLADA_THREADS``); ``close()`` ends them."""
@@ -165,7 +182,7 @@ class Engine:
         for prefix_ids, params in groups:
             if params.cfg_scale > 0 and (self.cache.block_cache or self.block_causal
                                          or (self.cache is CacheMode.PREFIX and prefix_ids)):
-                raise ValueError(f"cfg_scale > 0 with cache '{self.cache.value}': classifier-free guidance masks "
+                raise ParamsError(f"cfg_scale > 0 with cache '{self.cache_text}': classifier-free guidance masks "
                                  "the prompt and prefix, which the cache keeps unmasked; use cache='off'")
         for (prefix_ids, params), idx in groups.items():
             self._run_group(prefix_ids, params, [(i, requests[i]) for i in idx], results)
@@ -191,6 +208,9 @@ class Engine:
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
                            self.counters, self.paged, params)
+        if isinstance(plan, BlockCausalCache):  # its rows' pages depend on the block: known only now
+            self._check_row_fits(self.pool.num_pages, self.pool.page_size,
+                                 self.model.card.longest_row(params.gen_length, params.block_length))
         self.traffic.end_step()  # the prefix's encoding, if any, is a step of its own
         if plan.prefix_pages is not None:  # every row reads the shared prefix's pages
             self.counters.prefix_pages_read += len(todo) * (len(prefix_ids) // self.pool.page_size)

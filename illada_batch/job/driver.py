@@ -33,7 +33,7 @@ from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
-from illada_batch.job.preflight import foreign_refusal, model_problems, output_problems
+from illada_batch.job.preflight import cache_text, foreign_refusal, model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
 from illada_batch.job.records import JobSummary, Manifest, RunStats
 from illada_batch.job.shards import Shard, plan_shards
@@ -278,7 +278,7 @@ class _Job:
         run.replica_seconds = _busy_seconds(self.busy)
         summary = JobSummary(
             output=self.out_url, job=spec.name, fingerprint=self.fingerprint, model=spec.model.path,
-            backend=spec.backend, sampling=spec.sampling.model_dump(), cache=spec.engine.cache.value, n=spec.n,
+            backend=spec.backend, sampling=spec.sampling.model_dump(), cache=cache_text(spec), n=spec.n,
             seed=spec.seed, error_budget=spec.error_budget, shards=n_shards, shards_committed=len(manifests),
             failed={**bad, **self.failed},
             stopped=stopped, samples=sum(m.samples for m in manifests.values()),

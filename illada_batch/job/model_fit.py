@@ -55,19 +55,24 @@ def context_problems(spec: JobSpec, tok, max_sequence_length: int) -> list[str]:
     return []
 
 
-def kv_budget_problems(spec: JobSpec, page_bytes: int, max_sequence_length: int) -> list[str]:
-    """A budget in bytes too small for one row of the model's longest sequence in a block
-    cache mode (a fraction of device memory is only known on the device)."""
+def kv_budget_problems(spec: JobSpec, page_bytes: int, card) -> list[str]:
+    """A budget in bytes too small for one row of the model's longest sequence where each row's
+    K/V live in pages: a block cache mode, or any mode but ``off`` of a block-causal model
+    (whose rows also hold the block their prompt ends in and one more: ``card.longest_row``).
+    A fraction of device memory is only known on the device."""
     budget = spec.engine.budget()
     if budget is None and not spec.resources.num_gpus:
         budget = DEFAULT_KV_BUDGET["cpu"]
-    if not spec.engine.cache.block_cache or not isinstance(budget, int):
+    mode = spec.engine.cache.resolve(card)
+    rows_in_pages = mode.block_cache or (mode.value != "off" and card.attention.value == "block-causal")
+    if not rows_in_pages or not isinstance(budget, int):
         return []
-    need = -(-max_sequence_length // PAGE_TOKENS)
+    tokens = card.longest_row(spec.sampling.gen_length, spec.sampling.block_length)
+    need = -(-tokens // PAGE_TOKENS)
     if budget // page_bytes < need:
         return [f"engine.kv_budget: {budget:,} bytes hold {budget // page_bytes} pages of {PAGE_TOKENS} tokens; cache "
-                f"'{spec.engine.cache.value}' needs {need} ({need * page_bytes:,} bytes) for one row of the model's "
-                f"{max_sequence_length} tokens"]
+                f"'{spec.engine.cache.describe(card)}' needs {need} ({need * page_bytes:,} bytes) for one row of the "
+                f"model's longest sequence ({tokens} tokens)"]
     return []
 
 

@@ -94,7 +94,31 @@ def model_fit_problems(spec: JobSpec) -> list[str]:
     return (problems + tp_problems(spec, registry.tp_problem(family, config, ranks))
             + family_problems(spec, card, registry.setting_owners())
             + context_problems(spec, tok, card.max_sequence_length)
-            + kv_budget_problems(spec, page_bytes, card.max_sequence_length))
+            + kv_budget_problems(spec, page_bytes, card))
+
+
+def model_card(spec: JobSpec):
+    """The family card of the spec's diffusion model where this machine holds its config.json
+    (a local path or a shipped name), else None (a model by URL, another backend, a config.json
+    that does not parse: the replicas see those)."""
+    from illada_batch.errors import UserError
+    from illada_batch.model import registry
+
+    directory = local_model_dir(spec)
+    if spec.backend != "diffusion" or directory is None or not (directory / "config.json").is_file():
+        return None
+    try:
+        return registry.card_of(directory)
+    except UserError:
+        return None
+
+
+def cache_text(spec: JobSpec) -> str:
+    """``engine.cache`` as the replicas run it (``auto -> prefix``), for the summary, the card
+    and ``validate``; ``auto`` alone where the model is not seen here (``CacheMode.describe``)."""
+    if spec.backend != "diffusion":
+        return spec.engine.cache.value
+    return spec.engine.cache.describe(model_card(spec))
 
 
 def foreign_refusal(url: str, foreign: list[str]) -> str:

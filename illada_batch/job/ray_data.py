@@ -9,7 +9,8 @@ engine, the way ``ray.data.llm`` does for vLLM.
 The options are the job spec's own fields and types (``job/spec.py``: ``model``,
 ``input`` without ``url``, ``prefix``, ``template``, ``response_template``, ``chat``, ``sampling``, ``engine``,
 ``n``, ``seed``, ``backend``; ``replicas`` is Ray Data's ``concurrency`` and ``resources``
-each replica's CPUs and GPUs), validated the same way, with the same messages. Each replica is
+each replica's CPUs and GPUs), validated the same way, with the same messages (``engine.cache``
+defaults to ``auto``: LLaDA 2.x runs on its exact block-causal cache). Each replica is
 a ``RowGenerator`` (``job/replica.py``), built once per actor (the model loaded once), so a
 row's output columns, error rows and seeds are exactly a job's.
 

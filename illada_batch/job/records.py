@@ -112,7 +112,9 @@ class JobSummary:
     model: str | None = None
     backend: str | None = None
     sampling: dict = field(default_factory=dict)
-    cache: str | None = None  # engine.cache: how the tokens were computed (None: a summary written before it was kept)
+    # engine.cache: how the tokens were computed, as resolved ("auto -> prefix"; None: a summary written before
+    # it was kept)
+    cache: str | None = None
     n: int = 1
     seed: int | None = None
     error_budget: float = 0.0  # the fraction of samples allowed an error for exit code 0

@@ -115,8 +115,9 @@ class EngineSpec(_Strict):
     # cached, refreshed per block (long generations; the prefix in each row's context, as LLaDA was trained);
     # prefix+blocks: both (fastest; the prefix attends only to itself, an approximation for LLaDA 1.x);
     # off: every step runs the whole sequence (the reference). A block-causal model (LLaDA 2.x) runs its exact
-    # block cache in every mode but off (same tokens as off, system-prompt pages shared)
-    cache: CacheMode = CacheMode.PREFIX
+    # block cache in every mode but off (same tokens as off, system-prompt pages shared). auto (the default):
+    # resolved from the model's family card, the exact block cache for block-causal models, prefix otherwise
+    cache: CacheMode = CacheMode.AUTO
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; more = faster until memory or compute saturates
     # the KV pages (prefixes; each row's K/V in the block modes): bytes (an integer, 268435456) or a fraction of
     # the device's free memory (a float, 0.1; 1.0 = all of it); default 10% on GPU, 256 MiB on CPU. More pages

@@ -49,6 +49,19 @@ class FamilyCard:
         """K and V of one token over every layer, at ``dtype_bytes`` per element."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 
+    def longest_row(self, gen_length: int | None = None, block_length: int | None = None) -> int:
+        """The most tokens one row's K/V pages hold (``kv_budget`` needs room for one such row):
+        the model's longest sequence; for a block-causal model, whose blocks are aligned at 0,
+        its complete prompt blocks, the response and one more block (the last block's tail, or a
+        filler block when the prompt ends on a block boundary: ``decoding/loop._window``), so up
+        to a block more. Without ``gen_length`` the bound a block-causal card can give alone."""
+        block = self.attention_block or block_length
+        if self.attention is not AttentionKind.BLOCK_CAUSAL or not block:
+            return self.max_sequence_length
+        if gen_length is None:
+            return self.max_sequence_length + block
+        return ((self.max_sequence_length - gen_length) // block + 1) * block + gen_length
+
     @property
     def defaults(self) -> dict[str, Any]:
         return dict(self.sampler_defaults)

@@ -100,10 +100,16 @@ def ray_cluster():
     if not ray.is_initialized():
         # address="local": always a new cluster; a bare init joins any cluster `ray start` left
         # on this machine (another test's, or a developer's) and then refuses num_cpus
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        except Exception:
-            ray.shutdown()  # a start that timed out must not leave a half-started Ray to the next module
-            raise
+        # Ray gives a raylet 30 s to register (not configurable); on a loaded machine a start
+        # can miss that, so a start that timed out is shut down (nothing half-started is left
+        # to the next module) and tried once more
+        for attempt in (1, 2):
+            try:
+                ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+                break
+            except Exception:
+                ray.shutdown()
+                if attempt == 2:
+                    raise
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import socket
 from typing import Any, Sequence
 
@@ -31,7 +32,10 @@ import torch.multiprocessing as mp
 
 from illada_batch.engine.requests import Request, Result
 from illada_batch.model.checkpoint import load_model
+from illada_batch.model.layers.comm import COMM
 from illada_batch.model.layers.linear import TPGroup
+
+COMM_TALLY = "comm tally"  # rank 0 asks every rank for its collectives' timing (layers/comm.py)
 
 
 def free_address() -> str:
@@ -65,7 +69,10 @@ def agree(results: Sequence[Result]) -> None:
     """Every rank's results of one run against rank 0's; raises on rank 0 when one differs."""
     mine = digest(results)
     every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    if COMM.on:
+        COMM.timed("agree", len(mine) * len(every), lambda: dist.all_gather_object(every, mine))
+    else:
+        dist.all_gather_object(every, mine)
     odd = [r for r, d in enumerate(every) if d != every[0]]
     if odd and dist.get_rank() == 0:
         raise RuntimeError(f"tensor-parallel ranks {odd} chose other tokens than rank 0: the replica's ranks disagree")
@@ -78,7 +85,17 @@ class Peers:
         self.size, self.processes = size, list(processes)
 
     def send(self, requests: list[Request]) -> None:
-        dist.broadcast_object_list([requests], src=0)
+        if COMM.on:  # the pickled requests' bytes (pickled once more, only when timing)
+            COMM.timed("broadcast", len(pickle.dumps(requests)), lambda: dist.broadcast_object_list([requests], src=0))
+        else:
+            dist.broadcast_object_list([requests], src=0)
+
+    def comm(self) -> list[dict]:
+        """Every rank's collective timing since the last ask (``COMM.take()``), rank 0 first."""
+        dist.broadcast_object_list([COMM_TALLY], src=0)
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.gather_object(COMM.take(), every, dst=0)
+        return every
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -95,6 +112,9 @@ def serve(engine) -> None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             break
+        if box[0] == COMM_TALLY:
+            dist.gather_object(COMM.take(), None, dst=0)
+            continue
         try:
             results = engine.run(box[0])
         except Exception:  # noqa: BLE001 - rank 0 runs the same requests and reports the same error

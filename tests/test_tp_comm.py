@@ -27,14 +27,14 @@ def test_each_rank_counts_its_collectives_only_when_timing_is_on(monkeypatch):
         monkeypatch.setattr(COMM, "on", False)
         engine.run(_requests([[5, 6, 7]]))
         assert COMM.take() == {}, "off: rank 0 counts nothing"
-        engine.peers.comm()  # rank 1's tally of that run, dropped
+        engine.peers.report(engine)  # every tally of that run, dropped
 
         monkeypatch.setattr(COMM, "on", True)
         before = engine.counters.forward_passes, engine.counters.query_tokens
         engine.run(_requests([[5, 6, 7], [8, 9, 10, 11, 12], [13]]))
         forwards = engine.counters.forward_passes - before[0]
         queries = engine.counters.query_tokens - before[1]
-        rank0, rank1 = engine.peers.comm()
+        rank0, rank1 = (r["comm"] for r in engine.peers.report(engine))
     finally:
         engine.close()
     card, d = engine.model.card, engine.model.config.d_model

@@ -306,6 +306,9 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.roofline import roofline
 
         return roofline(args.roofline, args.model_shape or "llada-8b", args.out)
+    if args.model_shape and args.tp > 1:  # bench_shape builds one random model in this process
+        raise UserError(f"--tp {args.tp} with --model-shape: not built yet (the shape benchmark runs one device; "
+                        "`bench --only wide --tp N` measures tensor parallelism on CPU)")
     if args.model_shape:
         import torch
 

@@ -294,3 +294,36 @@ def test_tokenizer_and_chat_template(saved):
     assert tok.decode(tok.encode(text), skip_special_tokens=True) == "user hi assistant"
     no_prompt = tok.apply_chat_template([{"role": "user", "content": " hi "}], add_generation_prompt=False)
     assert no_prompt == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+
+
+# --- where the loaded weights live ------------------------------------------------------------
+
+
+def _file_mappings(directory) -> list[tuple[int, int]]:
+    """This process's address ranges mapped from a file under ``directory`` (/proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith(str(directory)):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tp", [None, (0, 2), (1, 2)])
+def test_loaded_weights_are_the_process_own_memory_not_the_file_mapping(model, tmp_path, dtype, tp):
+    """As a GPU load: every weight is copied out of the safetensors file, whole or as a rank's
+    slice, also when no dtype conversion copies it. A weight left in the file's mapping counts
+    toward the process's memory only once read (a peak under the weights it holds) and is
+    dropped and read again from disk under memory pressure."""
+    from illada_batch.model.layers.linear import TPGroup
+
+    directory = save_checkpoint(model, tmp_path / "ckpt", dtype=dtype)
+    loaded = load_model(directory, device="cpu", dtype=dtype, tp=None if tp is None else TPGroup(*tp))
+    mapped = _file_mappings(directory)
+    inside = [name for name, p in loaded.named_parameters()
+              if any(lo <= p.data_ptr() < hi for lo, hi in mapped)]
+    assert inside == []
+    assert all(p.dtype == dtype for p in loaded.parameters())

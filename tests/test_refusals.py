@@ -299,6 +299,8 @@ BAD_ARGUMENTS = {  # each was a traceback, or a misleading exit, before
                                             "--model-shape dream-7b: needs a CUDA GPU"),
     "bench --model-shape without --random-weights": (["bench", "--model-shape", "tiny"],
                                                      "--model-shape needs --random-weights"),
+    "bench --model-shape with --tp": (["bench", "--model-shape", "tiny", "--random-weights", "--tp", "2"],
+                                      "--model-shape tiny --tp 2: needs 2 CUDA GPUs on one node"),
 }
 
 

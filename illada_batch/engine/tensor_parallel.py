@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import socket
 from typing import Any, Sequence
 
@@ -29,9 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from illada_batch.engine.rank_memory import memory, reset_peak
 from illada_batch.engine.requests import Request, Result
 from illada_batch.model.checkpoint import load_model
+from illada_batch.model.layers.comm import COMM
 from illada_batch.model.layers.linear import TPGroup
+
+REPORT = "rank report"  # rank 0 asks every rank for its report (``rank_report``)
 
 
 def free_address() -> str:
@@ -65,7 +70,10 @@ def agree(results: Sequence[Result]) -> None:
     """Every rank's results of one run against rank 0's; raises on rank 0 when one differs."""
     mine = digest(results)
     every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    if COMM.on:
+        COMM.timed("agree", len(mine) * len(every), lambda: dist.all_gather_object(every, mine))
+    else:
+        dist.all_gather_object(every, mine)
     odd = [r for r, d in enumerate(every) if d != every[0]]
     if odd and dist.get_rank() == 0:
         raise RuntimeError(f"tensor-parallel ranks {odd} chose other tokens than rank 0: the replica's ranks disagree")
@@ -78,7 +86,17 @@ class Peers:
         self.size, self.processes = size, list(processes)
 
     def send(self, requests: list[Request]) -> None:
-        dist.broadcast_object_list([requests], src=0)
+        if COMM.on:  # the pickled requests' bytes (pickled once more, only when timing)
+            COMM.timed("broadcast", len(pickle.dumps(requests)), lambda: dist.broadcast_object_list([requests], src=0))
+        else:
+            dist.broadcast_object_list([requests], src=0)
+
+    def report(self, engine) -> list[dict]:
+        """Every rank's ``rank_report`` (rank 0's from ``engine``), rank 0 first."""
+        dist.broadcast_object_list([REPORT], src=0)
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.gather_object(rank_report(engine), every, dst=0)
+        return every
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -88,6 +106,15 @@ class Peers:
             p.join(timeout=30)
 
 
+def rank_report(engine) -> dict:
+    """This rank's collectives since the last report (``layers/comm.py``, when timing is on),
+    its memory now and at its peak since the last report (then the peak is reset), and its
+    memory before and after it loaded its weights."""
+    out = {"comm": COMM.take(), "memory": memory(), "load": getattr(engine, "load_memory", {})}
+    reset_peak()
+    return out
+
+
 def serve(engine) -> None:
     """Ranks 1..N-1: run what rank 0 sends until it sends None."""
     while True:
@@ -95,6 +122,9 @@ def serve(engine) -> None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is None:
             break
+        if box[0] == REPORT:
+            dist.gather_object(rank_report(engine), None, dst=0)
+            continue
         try:
             results = engine.run(box[0])
         except Exception:  # noqa: BLE001 - rank 0 runs the same requests and reports the same error
@@ -114,8 +144,11 @@ def rank_engine(path: str, rank: int, size: int, init_method: str, device: str |
 
     _threads()
     dev = join_group(rank, size, init_method, device)
+    before = memory()
     model = load_model(path, device=dev, dtype=dtype, tp=TPGroup(rank, size))
-    return Engine(model, tensor_parallel_size=size, **engine_kwargs)
+    engine = Engine(model, tensor_parallel_size=size, **engine_kwargs)
+    engine.load_memory = {"before": before, "after": memory()}
+    return engine
 
 
 def _local_rank(path, rank, size, init_method, device, dtype, engine_kwargs) -> None:

@@ -67,7 +67,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
 
     device defaults to CUDA when available; dtype to bfloat16 on CUDA and float32 on CPU.
     ``tp``: load this rank's shard of a tensor-parallel replica: each split tensor is read as
-    its slice only (``safe_open(...).get_slice``), never whole.
+    its slice only (``safe_open(...).get_slice``), never whole. Every weight is the process's
+    own memory (copied out of the file's mapping on CPU), so memory measured is memory held.
     """
     directory = resolve_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -104,7 +105,11 @@ def load_model(name_or_path: str | Path, device: str | torch.device | None = Non
                 module_name, _, attr = name.rpartition(".")
                 module = model.get_submodule(module_name)
                 tensor = _read(handle, name, module, expected[name], f.name)
-                setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+                # copied out of the file's mapping on CPU, as a GPU load copies to the device: a
+                # weight left file-backed counts toward memory only once read, and is dropped and
+                # read again from disk under memory pressure
+                owned = tensor.to(device=device, dtype=dtype, copy=device.type == "cpu")
+                setattr(module, attr, torch.nn.Parameter(owned, requires_grad=False))
                 del tensor
     model.eval()
     if (directory / "tokenizer.json").exists():

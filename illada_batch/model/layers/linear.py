@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from illada_batch.model.layers.comm import COMM, nbytes
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -61,8 +63,18 @@ class TPGroup:
 
 
 def all_reduce(x: Tensor) -> Tensor:
-    dist.all_reduce(x)
+    if COMM.on:  # opt-in timing (layers/comm.py)
+        COMM.timed("all_reduce", nbytes(x), lambda: dist.all_reduce(x), x.is_cuda)
+    else:
+        dist.all_reduce(x)
     return x
+
+
+def all_gather(parts: list[Tensor], x: Tensor) -> None:
+    if COMM.on:
+        COMM.timed("all_gather", nbytes(x) * len(parts), lambda: dist.all_gather(parts, x), x.is_cuda)
+    else:
+        dist.all_gather(parts, x)
 
 
 class _Sliced(nn.Module):
@@ -147,7 +159,7 @@ def vocab_parallel_logits(hidden: Tensor, weight: Tensor, vocab: int, tp: TPGrou
     if local.shape[-1] < share:  # the last rank's short slice, padded for the gather
         local = F.pad(local, (0, share - local.shape[-1]))
     parts = [torch.empty_like(local) for _ in range(tp.size)]
-    dist.all_gather(parts, local.contiguous())
+    all_gather(parts, local.contiguous())
     return torch.cat(parts, dim=-1)[..., :vocab]  # [..., vocab]
 
 

@@ -99,23 +99,25 @@ FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_m
 
 
 @contextmanager
-def local_cluster(workers: int = 0):
+def local_cluster(workers: int = 0, fast_health_checks: bool = False):
     """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``): a head
     and ``workers`` worker nodes of 1 CPU each (80 MiB object stores), this process connected;
     yields (the cluster, its worker nodes). Nodes are added and removed by the caller, from
-    the main thread (Ray adds a node from there only); all stop at the end."""
+    the main thread (Ray adds a node from there only); all stop at the end.
+    ``fast_health_checks``: a node killed is noticed within about a second (for tests that
+    kill one; on a very busy machine a live node may then be taken for dead)."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():  # a Ray another module started
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20,
-                                                             "_system_config": FAST_HEALTH_CHECKS})
+    config = {"_system_config": FAST_HEALTH_CHECKS} if fast_health_checks else {}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20, **config})
     try:
         nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(workers)]
         ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
+        cluster.wait_for_nodes(timeout=120)  # a busy machine starts raylets slowly
         yield cluster, nodes
     finally:
         ray.shutdown()

@@ -81,7 +81,7 @@ def test_the_nightly_on_a_cluster_that_loses_a_node_and_gains_one(s3, tmp_path, 
     argv, env_vars = rendered_run(s3, capsys)
     out = f"{BUCKET}/outputs/nightly/{DATE}"
     committed = Committed(fs, out)
-    with local_cluster(workers=1) as (cluster, (lost,)):
+    with local_cluster(workers=1, fast_health_checks=True) as (cluster, (lost,)):
         env = {**os.environ, **env_vars, "RAY_ADDRESS": cluster.address, "RAY_USAGE_STATS_ENABLED": "0"}
         log = tmp_path / "run.log"
         with open(log, "w") as sink:

@@ -24,7 +24,7 @@ GOOD = "Input: lamb king bread\nOutput:"
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    with local_cluster(workers=1) as (cluster, (worker,)):
+    with local_cluster(workers=1, fast_health_checks=True) as (cluster, (worker,)):
         yield cluster, worker
 
 

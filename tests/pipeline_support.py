@@ -101,7 +101,8 @@ FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_m
 @contextmanager
 def local_cluster(workers: int = 0, fast_health_checks: bool = False):
     """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``): a head
-    and ``workers`` worker nodes of 1 CPU each (80 MiB object stores), this process connected;
+    and ``workers`` worker nodes of 1 CPU each (80 MiB object stores; no dashboard: nothing
+    here reads it, and its processes load a busy machine), this process connected;
     yields (the cluster, its worker nodes). Nodes are added and removed by the caller, from
     the main thread (Ray adds a node from there only); all stop at the end.
     ``fast_health_checks``: a node killed is noticed within about a second (for tests that
@@ -113,7 +114,8 @@ def local_cluster(workers: int = 0, fast_health_checks: bool = False):
     if ray.is_initialized():  # a Ray another module started
         ray.shutdown()
     config = {"_system_config": FAST_HEALTH_CHECKS} if fast_health_checks else {}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20, **config})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20,
+                                                             "include_dashboard": False, **config})
     try:
         nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(workers)]
         ray.init(address=cluster.address, log_to_driver=False)

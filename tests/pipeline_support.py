@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -90,6 +91,39 @@ class S3Server:
         import s3fs
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.options)
+
+
+# a dead node noticed within about a second, not Ray's default half minute
+FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                      "health_check_failure_threshold": 3}
+
+
+@contextmanager
+def local_cluster(workers: int = 0, fast_health_checks: bool = False):
+    """A Ray cluster of several nodes on this machine (``ray.cluster_utils.Cluster``): a head
+    and ``workers`` worker nodes of 1 CPU each (80 MiB object stores; no dashboard: nothing
+    here reads it, and its processes load a busy machine), this process connected;
+    yields (the cluster, its worker nodes). Nodes are added and removed by the caller, from
+    the main thread (Ray adds a node from there only); all stop at the end.
+    ``fast_health_checks``: a node killed is noticed within about a second (for tests that
+    kill one; on a very busy machine a live node may then be taken for dead)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():  # a Ray another module started
+        ray.shutdown()
+    config = {"_system_config": FAST_HEALTH_CHECKS} if fast_health_checks else {}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20,
+                                                             "include_dashboard": False, **config})
+    try:
+        nodes = [cluster.add_node(num_cpus=1, object_store_memory=80 << 20) for _ in range(workers)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes(timeout=120)  # a busy machine starts raylets slowly
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def write_prompts(fs, path: str, ids: list[str], prompts: list, row_group_size: int = 8, **extra) -> None:

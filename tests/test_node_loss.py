@@ -12,7 +12,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_support import assert_exactly_once, read_output
+from pipeline_support import assert_exactly_once, local_cluster, read_output
 
 from illada_batch.job.driver import run_job
 from illada_batch.job.spec import spec_from_dict
@@ -24,24 +24,8 @@ GOOD = "Input: lamb king bread\nOutput:"
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    import os
-
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():  # a Ray another module started
-        ray.shutdown()
-    # a dead node noticed within about a second, not Ray's default half minute
-    config = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20,
-                                                             "_system_config": config})
-    worker = cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    yield cluster, worker
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(workers=1, fast_health_checks=True) as (cluster, (worker,)):
+        yield cluster, worker
 
 
 def committed_pids(out) -> set[int]:

@@ -14,7 +14,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_support import assert_exactly_once, read_output
+from pipeline_support import assert_exactly_once, local_cluster, read_output
 
 from illada_batch.job.driver import run_job
 from illada_batch.job.spec import spec_from_dict
@@ -25,20 +25,8 @@ GOOD = "Input: lamb king bread\nOutput:"
 
 @pytest.fixture(scope="module")
 def growing_cluster():
-    import os
-
-    import ray
-    from ray.cluster_utils import Cluster
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 << 20})
-    ray.init(address=cluster.address, log_to_driver=False)
-    cluster.wait_for_nodes()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster() as (cluster, _):
+        yield cluster
 
 
 def _pids(out) -> set[int]:

@@ -89,7 +89,7 @@ def bench_memory(model, batch: int = 16) -> dict:
     return out
 
 
-SECTIONS = ("modes", "long", "batching", "memory", "pipeline", "driver")  # the default set
+SECTIONS = ("modes", "long", "batch", "batching", "memory", "pipeline", "driver")  # the default set
 ON_REQUEST = ("wide", "families", "blockdiff")  # run only when named in ``only``
 
 
@@ -117,13 +117,19 @@ def main(model_name: str = "tiny-llada", rows: int = 64, out_path: str = "bench.
               "refused_caches": refused}
     wide = _wide if tp == 1 else (lambda model, rows, caches: _wide_tp(tp, caches))
     for name, section in (("modes", _modes), ("long", _long), ("wide", wide), ("families", partial(_families, write_tiny=write_tiny)),
-                          ("blockdiff", _blockdiff),
+                          ("blockdiff", _blockdiff), ("batch", _batch),
                           ("batching", _batching), ("memory", _memory), ("pipeline", _pipeline), ("driver", _driver)):
         if name in only:
             report[name] = section(load_model(block_causal_model) if name == "blockdiff" else model, rows, caches)
     with open(out_path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {out_path}")
+    if report.get("batch"):
+        from illada_batch.bench.figures import batch_plot
+
+        plot = f"{os.path.splitext(out_path)[0]}-batch.png"
+        batch_plot(report["batch"], plot)
+        print(f"wrote {plot}")
     return 0
 
 
@@ -180,6 +186,14 @@ def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: 
     from illada_batch.bench.blockdiff import bench_blockdiff
 
     return bench_blockdiff(model, rows=min(rows, 16))
+
+
+def _batch(model, rows: int, caches: list[str]):  # tokens/s against batch size; plotted beside the JSON
+    from illada_batch.bench.batch_sizes import bench_batch_sizes, table
+
+    runs = bench_batch_sizes(model, max(1, rows // 5), caches)
+    print(table(runs), flush=True)
+    return runs
 
 
 def _batching(model, rows: int, caches: list[str]):

@@ -32,6 +32,7 @@ from illada_batch.job.figures import card_figures
 from illada_batch.job.idcheck import mark_duplicate_ids_bounded
 from illada_batch.job.manifest_index import IndexWriter
 from illada_batch.job.metrics import DriverMetrics
+from illada_batch.job.placements import Placements
 from illada_batch.job.pool import FATAL, ReplicaPool, cause_of, check_fits, death_reason
 from illada_batch.job.preflight import cache_text, foreign_refusal, model_problems, output_problems
 from illada_batch.job.progress import Progress, card, summary_table
@@ -39,7 +40,6 @@ from illada_batch.job.records import JobSummary, Manifest, RunStats
 from illada_batch.job.shards import Shard, plan_shards
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem, storage_errors
-from illada_batch.job.tp_ranks import Placements
 
 
 def run_job(spec: JobSpec, date: str | None = None, address: str | None = None, show_progress: bool = True,
@@ -162,20 +162,16 @@ class _Job:
         env = {"env_vars": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAYON_NUM_THREADS": threads,
                             "TOKENIZERS_PARALLELISM": "false"}}
 
-        placed = Placements(ranks, spec.resources.num_cpus, spec.resources.num_gpus) if ranks > 1 else None
+        placed = Placements(ranks, spec.resources.num_cpus, spec.resources.num_gpus)  # a group per replica
 
         def new_replica():
-            handle = Replica.options(num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus,
-                                     max_restarts=0, max_task_retries=0, runtime_env=env,
-                                     **(placed.options() if placed else {})).remote(
-                spec_json, self.out_url, self.fingerprint)
-            if placed:
-                placed.made(handle)
-            return handle
+            return placed.start(lambda **where: Replica.options(
+                num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus, max_restarts=0,
+                max_task_retries=0, runtime_env=env, **where).remote(spec_json, self.out_url, self.fingerprint))
 
         lo, hi = spec.replica_range
         pool = ReplicaPool(new_replica, min(hi, len(todo)), request, spec.placement_timeout_s,
-                           spec.max_retries + 1, self.log, end=placed.end if placed else ray.kill, needed=lo,
+                           spec.max_retries + 1, self.log, end=placed.end, reserved=placed.reserved, needed=lo,
                            can_grow=can_grow)
         queue: deque[tuple[Shard, int, float]] = deque((s, 0, 0.0) for s in todo)  # (shard, attempt, not before)
         inflight: dict = {}  # ObjectRef -> (replica index, shard, attempt)

@@ -1,8 +1,10 @@
 """The job's replicas and their lives: placed by Ray, started (model loaded), working, gone.
 
 Design note. A replica is given shards only once it has started, so a replica Ray cannot
-place never holds work: its shards stay in the queue for the replicas that did start. One
-not placed within ``placement_timeout_s`` is reported with what it asked for and what the
+place never holds work: its shards stay in the queue for the replicas that did start. Whether
+a replica not ready yet is placed is its placement group's state (``placements.py``, Ray's
+public API): reserved means placed, its worker maybe still starting on a busy node. One not
+placed within ``placement_timeout_s`` is reported with what it asked for and what the
 cluster has, and given up; when no replica is left, the job stops with that message (a
 ``ClusterError``) instead of waiting in silence. Starting a replica loads its model in
 ``start()``, a plain call, so the model's own error reaches the driver: an error no retry
@@ -12,7 +14,7 @@ times. A replica that dies while working is replaced by a new actor.
 
 Replicas as a range (``replicas: {min, max}``): the pool asks for ``max``. On a cluster that
 may grow, the unplaced ones beyond the ``min`` the job needs are never given up: they are
-pending actors, which Ray's autoscaler sees as demand, and they start when a node appears.
+pending placement groups, which Ray's autoscaler sees as demand, and they start when a node appears.
 Once no shard is left to hand out, idle replicas are stopped (``retire_idle``), so the
 cluster can shrink.
 """
@@ -59,9 +61,10 @@ class _Slot:
 
 class ReplicaPool:
     def __init__(self, make, count: int, request: dict, placement_timeout_s: float, max_start_failures: int,
-                 log, end=ray.kill, needed: int | None = None, can_grow: bool = False) -> None:
-        """``end(handle)``: how a replica is ended (a tensor-parallel one removes its placement group too)."""
-        self.make, self.timeout, self.log, self.end = make, placement_timeout_s, log, end
+                 log, end, reserved, needed: int | None = None, can_grow: bool = False) -> None:
+        """``end(handle)``: how a replica is ended (its placement group removed too);
+        ``reserved(handle)``: whether its resources are set aside on a node (``placements.py``)."""
+        self.make, self.timeout, self.log, self.end, self.reserved = make, placement_timeout_s, log, end, reserved
         self.needed = count if needed is None else min(needed, count)  # fewer placed than this: reported
         self.can_grow = can_grow
         self.waiting: set[int] = set()  # replicas beyond ``needed`` left pending as demand (said once each)
@@ -106,7 +109,7 @@ class ReplicaPool:
             raise ClusterError("no replica is running: " + "; ".join(self.gone[-3:]))
 
     def _poll_placement(self, i: int, slot: _Slot) -> bool:
-        """True when the replica is overdue: not ready after the timeout, and no worker yet."""
+        """True when the replica is overdue: not ready after the timeout, and not placed."""
         if ray.wait([slot.ready], timeout=0)[0]:
             try:
                 ray.get(slot.ready)
@@ -115,12 +118,11 @@ class ReplicaPool:
                 return False
             slot.ready, slot.started = None, slot.handle.start.remote()
             return False
-        return time.time() - slot.created > self.timeout and not _has_a_worker(slot.handle)
+        return time.time() - slot.created > self.timeout and not self.reserved(slot.handle)
 
     def _give_up_unplaced(self, overdue: list[int]) -> None:
-        """Give up the overdue replicas, except as many as the resources in use say may be
-        placed with their worker process still starting (a busy node): the last created go.
-        On a cluster that may grow, those beyond what the job needs stay, as demand."""
+        """Give up the overdue replicas; on a cluster that may grow, those beyond what the job
+        needs stay, as demand."""
         if self.can_grow:
             others = sum(1 for i, s in enumerate(self.slots) if s is not None and i not in overdue)
             keep = len(overdue) - max(0, self.needed - others)  # overdue replicas beyond the needed ones
@@ -130,10 +132,7 @@ class ReplicaPool:
                     self.log(f"replica {i + 1} waits for the cluster to grow: it asks for "
                              f"{resources_text(self.request)}; {cluster_resources_text()}")
             overdue = overdue[:len(overdue) - max(0, keep)]
-        holding = sum(1 for i, s in enumerate(self.slots) if s is not None and i not in overdue
-                      and (s.ready is None or _has_a_worker(s.handle)))
-        starting = max(0, _replicas_in_use(self.request) - holding)
-        for i in overdue[starting:]:
+        for i in overdue:
             why = (f"replica {i + 1} was not placed within {self.timeout:g} s: it asks for "
                    f"{resources_text(self.request)}; {cluster_resources_text()}")
             self._give_up(i, why)
@@ -203,28 +202,6 @@ class ReplicaPool:
                 pass
         for s in live:
             self.end(s.handle)
-
-
-def _has_a_worker(handle) -> bool:
-    """Whether Ray has granted the actor its resources and leased it a worker process (which
-    may still be starting on a busy node): then it is placed, only not ready yet. Read from
-    the GCS's actor table (Ray's private state API; if that ever fails, not-ready counts as
-    not placed)."""
-    try:
-        from ray._private import state
-
-        return bool(state.actors(handle._actor_id.hex()).get("Pid"))
-    except Exception:  # noqa: BLE001 - an internal API: fall back to readiness alone
-        return False
-
-
-def _replicas_in_use(request: dict) -> int:
-    """How many replicas the cluster's resources in use could be (an upper bound: other work
-    counts too)."""
-    if not request:
-        return 0
-    total, free = ray.cluster_resources(), ray.available_resources()
-    return min(int((total.get(k, 0) - free.get(k, 0)) // v) for k, v in request.items())
 
 
 def resources_text(res: dict) -> str:

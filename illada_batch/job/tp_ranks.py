@@ -1,7 +1,7 @@
 """A tensor-parallel replica on Ray: N ranks in one placement group (``STRICT_PACK``: one
 node), one device each (``resources`` is per rank).
 
-The driver places each replica as a placement group of N bundles (``placement``) and the
+The driver places each replica as a placement group of N bundles (``placements.py``) and the
 replica actor, its one handle, in bundle 0: Ray reports the actor ready only once the whole
 group is placed, so a cluster with no node of N free devices (or CPUs) is reported as
 unplaceable by the pool's placement timeout, as for one device. The replica actor is rank 0:
@@ -19,35 +19,7 @@ from __future__ import annotations
 import os
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-
-def bundle(num_cpus: float, num_gpus: float) -> dict:
-    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v}
-
-
-class Placements:
-    """The driver's side: each replica's placement group, made with it and removed with it."""
-
-    def __init__(self, ranks: int, num_cpus: float, num_gpus: float) -> None:
-        self.ranks, self.bundle = ranks, bundle(num_cpus, num_gpus)
-        self.groups: dict[str, object] = {}  # actor id -> its placement group
-
-    def options(self) -> dict:
-        """Replica.options for a new replica (rank 0 in bundle 0 of a new group)."""
-        pg = placement_group([self.bundle] * self.ranks, strategy="STRICT_PACK")
-        self._last = pg
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
-
-    def made(self, handle) -> None:
-        self.groups[handle._actor_id.hex()] = self._last
-
-    def end(self, handle) -> None:
-        ray.kill(handle)
-        pg = self.groups.pop(handle._actor_id.hex(), None)
-        if pg is not None:
-            remove_placement_group(pg)
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)

@@ -100,7 +100,7 @@ def test_json_parses(path):
 
 def test_the_example_jobs_are_what_they_say():
     nightly = load_spec(NIGHTLY)
-    assert (nightly.replicas, nightly.resources.num_gpus, nightly.resources.num_cpus, nightly.chat) == (8, 1, 8, True)
+    assert (nightly.replica_range, nightly.resources.num_gpus, nightly.resources.num_cpus, nightly.chat) == ((1, 8), 1, 8, True)
     assert (nightly.sampling.steps, nightly.sampling.gen_length, nightly.sampling.block_length,
             nightly.sampling.threshold, nightly.engine.cache) == (128, 256, 32, 0.9, "blocks")
     math = load_spec(ROOT / "jobs" / "synthetic-math.yaml")
@@ -179,7 +179,9 @@ def test_rayjob_cluster_follows_the_spec():
     spec = load_spec(NIGHTLY)
     cluster = rayjob()["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == spec.replicas == 8
+    # a range: the pods start at min and KubeRay's autoscaler grows them to max for the replicas not placed yet
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 8) == (1, *spec.replica_range)
+    assert cluster["enableInTreeAutoscaling"] is True
     pod = group["template"]["spec"]
     limits = pod["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1" and float(limits["cpu"]) >= spec.resources.num_cpus
@@ -187,7 +189,8 @@ def test_rayjob_cluster_follows_the_spec():
 
     cpu_only = rayjob(overrides=["resources.num_gpus=0", "replicas=3"])["spec"]["rayClusterSpec"]
     (group,) = cpu_only["workerGroupSpecs"]
-    assert group["replicas"] == 3
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    assert "enableInTreeAutoscaling" not in cpu_only  # a fixed number: nothing to grow
     assert "nvidia.com/gpu" not in group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "tolerations" not in group["template"]["spec"]
 
@@ -505,7 +508,7 @@ def test_aws_gpu_workers_fit_every_gpu_job():
             assert res["GPU"] >= spec.resources.num_gpus and res["CPU"] >= spec.resources.num_cpus, (name, spec.name)
         capacity = sum(types[n]["max_workers"] * int(types[n]["resources"]["GPU"] // spec.resources.num_gpus)
                        for n in ("gpu_spot", "gpu_ondemand"))
-        assert capacity >= spec.replicas, spec.name
+        assert capacity >= spec.replica_range[1], spec.name
 
 
 def _plan(node_types: dict, replicas: int) -> dict:
@@ -548,7 +551,7 @@ def test_kuberay_cluster_has_a_gpu_worker_group_with_the_replica_identity():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     for spec in gpu_jobs():
         assert float(container["resources"]["requests"]["cpu"]) >= spec.resources.num_cpus, spec.name
-        assert gpu["maxReplicas"] >= spec.replicas, spec.name
+        assert gpu["maxReplicas"] >= spec.replica_range[1], spec.name
     # The RayJob's worker pods carry the same toleration.
     rj_pod = rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert rj_pod["tolerations"] == pod["tolerations"]

@@ -140,18 +140,22 @@ def _cluster_spec(spec: JobSpec, image: str) -> dict:
         worker_req["nvidia.com/gpu"] = str(gpus)
     head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}]
+    lo, hi = spec.replica_range
+    autoscaling = {"enableInTreeAutoscaling": True} if lo < hi else {}  # KubeRay's autoscaler grows the group
     return {
+        **autoscaling,
         "headGroupSpec": {
             # The head runs the driver only (no torch); num-cpus 0 keeps replicas off it.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
             "template": _pod("ray-head", image, {"cpu": "2", "memory": "8Gi"}, gpus=0, ports=head_ports),
         },
         "workerGroupSpecs": [{
-            # One pod per replica: `replicas` min to max (a number: fixed for the run, no autoscaling to wait for).
+            # One pod per replica: `replicas` min to max (a range: Ray's autoscaler adds pods for the
+            # replicas the driver asks for and cannot place yet; a number: fixed for the run).
             "groupName": "replicas",
-            "replicas": spec.replica_range[0],
-            "minReplicas": spec.replica_range[0],
-            "maxReplicas": spec.replica_range[1],
+            "replicas": lo,
+            "minReplicas": lo,
+            "maxReplicas": hi,
             "rayStartParams": {},
             "template": _pod("ray-worker", image, worker_req, gpus=gpus, cache=True,
                              env=[{"name": "ILLADA_MODEL_CACHE", "value": MODEL_CACHE}]),

@@ -281,7 +281,8 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.scale import main as bench_scale
 
         sizes = [int(n) for n in args.shards.split(",") if n]
-        return bench_scale(sizes, args.out, args.rows_per_shard, ids=[int(n) for n in args.ids.split(",") if n])
+        return bench_scale(sizes, args.out, args.rows_per_shard, ids=[int(n) for n in args.ids.split(",") if n],
+                           store=args.store)
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
@@ -437,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "driver at many shards against simulated replicas")
     p.add_argument("--shards", default="1000,10000", help="--only scale: comma-separated shard counts (e.g. 100000)")
     p.add_argument("--rows-per-shard", type=int, default=4, help="--only scale: input rows per shard")
+    p.add_argument("--store", default="s3", choices=["s3", "local"],
+                   help="--only scale: input and output on the local S3 server (moto), or in local files")
     p.add_argument("--ids", default="", help="--only scale: also the duplicate-id check's memory on these id counts "
                    "(e.g. 10000000); --shards '' for this alone")
     p.add_argument("--tp", type=_positive, default=1,

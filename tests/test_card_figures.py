@@ -5,8 +5,12 @@ never written over a file of the user's."""
 from __future__ import annotations
 
 import re
+from collections import Counter
+from types import SimpleNamespace
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,7 +18,7 @@ from pipeline_support import job_dict, write_prompts
 
 from illada_batch.job.commit import CARD_MARK, Output
 from illada_batch.job.driver import run_job
-from illada_batch.job.figures import error_cause
+from illada_batch.job.figures import column_counts, error_cause
 from illada_batch.job.spec import spec_from_dict
 
 FS = fsspec.filesystem("file")
@@ -80,3 +84,28 @@ def test_a_causes_values_do_not_make_it_another_cause(value, row, file):
     causes stay few whatever the rows hold."""
     assert error_cause(f"duplicate id {value!r} (first seen at row {row} of {file})") == "duplicate id …"
     assert error_cause(f"cannot render the row: KeyError: {value!r}") == "cannot render the row"
+
+
+_rows = st.lists(st.tuples(st.none() | st.integers(0, 40), st.none() | st.sampled_from(["eos", "length", "error"]),
+                           st.none() | st.sampled_from(["duplicate id 'a'", "empty prompt", "too long: 9 tokens"])),
+                 max_size=30)
+
+
+@given(st.lists(_rows, min_size=1, max_size=5))
+def test_the_cards_counts_are_every_rows(tmp_path_factory, files):
+    """``column_counts`` (files read at once, counted by pyarrow) counts each row as a plain
+    loop over the rows does: lengths of rows without an error, finish reasons (none for a
+    null), error rows by cause."""
+    root = tmp_path_factory.mktemp("counts")
+    manifests = []
+    for k, rows in enumerate(files):
+        tokens, reasons, errors = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+        table = pa.table({"num_tokens": pa.array(tokens, pa.int32()), "finish_reason": pa.array(reasons, pa.string()),
+                          "error": pa.array(errors, pa.string())})
+        pq.write_table(table, root / f"f{k}.parquet", row_group_size=7)
+        manifests.append(SimpleNamespace(data_key=f"f{k}.parquet"))
+    rows = [r for f in files for r in f]
+    want = (Counter(t for t, _, e in rows if e is None and t is not None),
+            Counter("none" if r is None else r for _, r, _ in rows),
+            Counter(error_cause(e) for _, _, e in rows if e is not None))
+    assert column_counts(FS, str(root), manifests) == want

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import asdict
 
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from illada_batch.job.commit import Output
 from illada_batch.job.driver import status
 from illada_batch.job.manifest_index import IndexWriter, read_manifests
-from illada_batch.job.records import JobSummary, RowRange, ShardStats
+from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
 from illada_batch.job.storage import filesystem
 
 
@@ -91,3 +92,22 @@ def test_a_reader_hands_back_what_it_read_outside_the_index_so_a_resume_compacts
     assert sorted(m.shard_id for m in out.unindexed) == ["s1", "s2"]
     index.add_all(out.unindexed)
     assert sorted(out.manifests()) == ["s0", "s1", "s2"] and out.unindexed == []
+
+
+_text = st.text(max_size=12)
+_manifests = st.builds(
+    Manifest, _text, _text, st.integers(0, 10**6), _text, _text, st.floats(allow_nan=False),
+    st.none() | st.builds(RowRange, _text, st.integers(0, 10**9), st.none() | _text, st.integers(0, 10**6),
+                          st.integers(0, 10**6)),
+    st.builds(ShardStats, st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6),
+              st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False), _text,
+              st.integers(0, 10**6)),
+    st.none() | st.integers(0, 10**9), st.none() | _text, st.lists(st.integers(0, 10**6), max_size=4).map(tuple))
+
+
+@given(_manifests)
+def test_a_manifests_bytes_are_its_fields_as_json_and_read_back_to_it(m):
+    """The index trusts an entry by the MD5 of the manifest's bytes: the driver's encoding of a
+    manifest it received is the replica's, byte for byte, and reads back to the same manifest."""
+    assert m.to_json() == json.dumps(asdict(m)).encode()
+    assert Manifest.from_json(json.loads(m.to_json())) == m

@@ -2,7 +2,9 @@
 
 The driver runs in a child process against simulated replicas (``sim_replica.py``: they
 commit each shard at once with the real ``Output.write_shard``) on a local Ray, with input
-and output on an S3-compatible server (moto) on 127.0.0.1. For each size it measures:
+and output on an S3-compatible server (moto) on 127.0.0.1, a bucket per size, or in local
+files (``store="local"``: the same code, without moto's 10-30 commits a second; there the
+manifest index is not used, a local listing having no content hash). For each size it measures:
 
 - plan: listing the input and reading its footers (``plan_shards``), and the duplicate-id
   pass (``mark_duplicate_ids``), in this process;
@@ -13,7 +15,8 @@ and output on an S3-compatible server (moto) on 127.0.0.1. For each size it meas
   had before ``run_job``;
 - ``status`` on the finished output.
 Growth per shard between sizes is (peak at the larger - peak at the smaller) / (shards
-difference). Prints a table and writes JSON.
+difference). Prints a table and writes JSON. ``ILLADA_SCALE_PROFILE=1``: each driver's
+cProfile and tracemalloc diff beside its log (``_Profile``).
 """
 
 from __future__ import annotations
@@ -33,22 +36,23 @@ import pyarrow.parquet as pq
 SHARDS_PER_FILE = 1000
 
 
-def _spec_dict(n_shards: int, rows_per_shard: int, replicas: int, opts: dict) -> dict:
+def _spec_dict(base: str, n_shards: int, rows_per_shard: int, replicas: int, opts: dict) -> dict:
     return {"name": f"scale-{n_shards}", "model": {"path": "tiny-llada"},
-            "input": {"url": f"s3://scale/in-{n_shards}/", "storage_options": opts, "passthrough": []},
+            "input": {"url": f"{base}/in/", "storage_options": opts, "passthrough": []},
             "sampling": {"steps": 1, "gen_length": 1, "block_length": 1},
-            "output": {"url": f"s3://scale/out-{n_shards}", "storage_options": opts},
+            "output": {"url": f"{base}/out", "storage_options": opts},
             "replicas": replicas, "shard_rows": rows_per_shard, "resources": {"num_cpus": 0},
             "stall_warning_s": 3600}
 
 
-def _write_input(fs, n_shards: int, rows_per_shard: int) -> int:
+def _write_input(fs, folder: str, n_shards: int, rows_per_shard: int) -> int:
     rows, start = 0, 0
+    fs.makedirs(folder, exist_ok=True)
     while start < n_shards:
         k = min(SHARDS_PER_FILE, n_shards - start)
         n = k * rows_per_shard
         table = pa.table({"id": [f"r{rows + i}" for i in range(n)], "prompt": ["Input: lamb\nOutput:"] * n})
-        with fs.open(f"scale/in-{n_shards}/part-{start // SHARDS_PER_FILE:05d}.parquet", "wb") as f:
+        with fs.open(f"{folder}/part-{start // SHARDS_PER_FILE:05d}.parquet", "wb") as f:
             pq.write_table(table, f, row_group_size=max(1, min(n, 10_000)))
         rows, start = rows + n, start + k
     return rows
@@ -57,7 +61,8 @@ def _write_input(fs, n_shards: int, rows_per_shard: int) -> int:
 def _driver(spec: dict, gcs: str, tmp: Path, tag: str, crash_at: int | None) -> dict:
     """Run the driver in a child process; its measurements, or {} when it was killed."""
     args = {"spec": spec, "gcs": gcs, "counter": str(tmp / f"{tag}.count"), "crash_at": crash_at,
-            "first_call": str(tmp / f"{tag}.first"), "result": str(tmp / f"{tag}.json")}
+            "first_call": str(tmp / f"{tag}.first"), "result": str(tmp / f"{tag}.json"),
+            "profile": str(tmp / tag) if os.environ.get("ILLADA_SCALE_PROFILE") else None}
     t0 = time.time()
     with open(tmp / f"{tag}.log", "w") as log:
         proc = subprocess.run([sys.executable, "-m", "illada_batch.bench.scale", json.dumps(args)], stdout=log,
@@ -82,13 +87,42 @@ def _child(args: dict) -> None:
     spec = spec_from_dict(args["spec"])
     replica = sim_replica(args["counter"], args["crash_at"], os.getpid(), args["first_call"])
     rss0 = _rss_kb()
+    profiler = _Profile(args["profile"]) if args.get("profile") else None
     t0, cpu0 = time.time(), time.process_time()
     summary = run_job(spec, show_progress=False, log=lambda *a: print(*a, flush=True), replica=replica)
     cpu, wall = time.process_time() - cpu0, time.time() - t0
+    if profiler is not None:
+        profiler.stop()
     Path(args["result"]).write_text(json.dumps({
         "t_start": t0, "run_s": wall, "driver_cpu_s": cpu, "shards_this_run": summary.this_run.shards,
         "skipped": summary.this_run.skipped, "status": summary.verdict(), "rss_before_kb": rss0,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+class _Profile:
+    """``ILLADA_SCALE_PROFILE=1``: the driver's cProfile (``<tag>.prof``) and its Python
+    allocations still held after ``run_job`` against those before, by line
+    (``<tag>.mem.txt``: tracemalloc, which slows the driver: its CPU figures are not kept)."""
+
+    def __init__(self, path: str) -> None:
+        import cProfile
+        import tracemalloc
+
+        self.path = path
+        tracemalloc.start(4)
+        self.before = tracemalloc.take_snapshot()
+        self.prof = cProfile.Profile()
+        self.prof.enable()
+
+    def stop(self) -> None:
+        import tracemalloc
+
+        self.prof.disable()
+        self.prof.dump_stats(f"{self.path}.prof")
+        peak = tracemalloc.get_traced_memory()[1]
+        diff = tracemalloc.take_snapshot().compare_to(self.before, "lineno")
+        Path(f"{self.path}.mem.txt").write_text(f"peak traced {peak / 1e6:.1f} MB\n" +
+                                                 "\n".join(str(d) for d in diff[:40]))
 
 
 def _rss_kb() -> int:
@@ -96,30 +130,33 @@ def _rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def bench_scale(n_shards: int, fs, opts: dict, gcs: str, tmp: Path, rows_per_shard: int = 4, replicas: int = 8) -> dict:
+def bench_scale(n_shards: int, store: "_Store", gcs: str, tmp: Path, rows_per_shard: int = 4,
+                replicas: int = 8) -> dict:
     from illada_batch.job.driver import status
     from illada_batch.job.idcheck import mark_duplicate_ids_bounded as mark_duplicate_ids
     from illada_batch.job.shards import plan_shards
 
-    spec = _spec_dict(n_shards, rows_per_shard, replicas, opts)
-    rows = _write_input(fs, n_shards, rows_per_shard)
+    base = store.base(n_shards)
+    spec = _spec_dict(base, n_shards, rows_per_shard, replicas, store.opts)
+    rows = _write_input(store.fs, store.path(base) + "/in", n_shards, rows_per_shard)
     t0 = time.perf_counter()
-    shards, _ = plan_shards(spec["input"]["url"], opts, rows_per_shard, ["id", "prompt"], "id", "prompt")
+    shards, _ = plan_shards(spec["input"]["url"], store.opts, rows_per_shard, ["id", "prompt"], "id", "prompt")
     plan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mark_duplicate_ids(spec["input"]["url"], opts, shards, "id")
+    mark_duplicate_ids(spec["input"]["url"], store.opts, shards, "id")
     dup_s = time.perf_counter() - t0
+    del shards
     crashed = _driver(spec, gcs, tmp, f"crash-{n_shards}", crash_at=n_shards // 2)
     t0 = time.perf_counter()
-    half = status(spec["output"]["url"], opts)
+    half = status(spec["output"]["url"], store.opts)
     status_half_s = time.perf_counter() - t0
     resumed = _driver(spec, gcs, tmp, f"resume-{n_shards}", crash_at=None)
     t0 = time.perf_counter()
-    final = status(spec["output"]["url"], opts)
+    final = status(spec["output"]["url"], store.opts)
     status_s = time.perf_counter() - t0
     done = resumed.get("shards_this_run", 0)
     return {
-        "shards": n_shards, "rows": rows, "plan_s": plan_s, "duplicate_id_pass_s": dup_s,
+        "store": store.name, "shards": n_shards, "rows": rows, "plan_s": plan_s, "duplicate_id_pass_s": dup_s,
         "crashed_run_s": crashed["wall_s"], "crashed_returncode": crashed["returncode"],
         "committed_before_crash": half.shards_committed, "status_interrupted_s": status_half_s,
         "resume_to_first_shard_s": resumed.get("to_first_shard_s"), "resume_run_s": resumed.get("run_s"),
@@ -130,7 +167,7 @@ def bench_scale(n_shards: int, fs, opts: dict, gcs: str, tmp: Path, rows_per_sha
         "complete": final.shards_committed == n_shards and final.samples == rows}
 
 
-COLUMNS = [("shards", "{:,}"), ("plan_s", "{:.1f}"), ("duplicate_id_pass_s", "{:.1f}"), ("status_interrupted_s", "{:.1f}"),
+COLUMNS = [("store", "{}"), ("shards", "{:,}"), ("plan_s", "{:.1f}"), ("duplicate_id_pass_s", "{:.1f}"), ("status_interrupted_s", "{:.1f}"),
            ("resume_to_first_shard_s", "{:.1f}"), ("resume_run_s", "{:.1f}"), ("driver_cpu_ms_per_shard", "{:.2f}"),
            ("driver_peak_rss_mb", "{:.0f}"), ("driver_growth_mb", "{:.1f}"), ("status_finished_s", "{:.2f}"),
            ("complete", "{}")]
@@ -155,38 +192,57 @@ def growth_per_shard(results: list[dict]) -> list[dict]:
     return out
 
 
-def _sizes(sizes: list[int], rows_per_shard: int, replicas: int) -> tuple[list[dict], str]:
-    """``bench_scale`` at each size, on one S3 server and one local Ray; (results, logs folder)."""
+class _Store:
+    """Where a size's input and output live: a bucket of its own on the S3 server (moto lists a
+    bucket by walking every key in it), or a local folder."""
+
+    def __init__(self, name: str, fs, opts: dict, root: Path) -> None:
+        self.name, self.fs, self.opts, self.root = name, fs, opts, root
+
+    def base(self, n_shards: int) -> str:
+        if self.name == "s3":
+            self.fs.mkdir(f"scale-{n_shards}")
+            return f"s3://scale-{n_shards}"
+        return str(self.root / f"scale-{n_shards}")
+
+    def path(self, base: str) -> str:
+        return base.removeprefix("s3://")
+
+
+def _sizes(sizes: list[int], rows_per_shard: int, replicas: int, store: str = "s3") -> tuple[list[dict], str]:
+    """``bench_scale`` at each size, on one local Ray and one S3 server (or local files); (results, logs folder)."""
+    import fsspec
     import ray
     import s3fs
 
     from illada_batch.bench.pipeline import _moto
 
-    proc, opts = _moto()
     tmp = Path(tempfile.mkdtemp(prefix="illada-scale-"))
+    proc, opts = _moto() if store == "s3" else (None, {})
     results = []
     try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
-        fs.mkdir("scale")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts) if proc else fsspec.filesystem("file")
+        where = _Store(store, fs, opts, tmp)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         gcs = ray.get_runtime_context().gcs_address
         for n in sizes:
-            results.append(bench_scale(n, fs, opts, gcs, tmp, rows_per_shard, replicas))
+            results.append(bench_scale(n, where, gcs, tmp, rows_per_shard, replicas))
             print(table(results[-1:]), flush=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        proc.terminate()
+        if proc:
+            proc.terminate()
     return results, str(tmp)
 
 
 def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: int = 4, replicas: int = 8,
-         ids: list[int] = ()) -> int:
+         ids: list[int] = (), store: str = "s3") -> int:
     from illada_batch.bench.idcheck_mem import bench_idcheck
 
     id_checks = [r for n in ids for r in bench_idcheck(n)]
-    results, logs = _sizes(sizes, rows_per_shard, replicas) if sizes else ([], None)
-    report = {"rows_per_shard": rows_per_shard, "replicas": replicas, "sizes": results, "id_checks": id_checks,
+    results, logs = _sizes(sizes, rows_per_shard, replicas, store) if sizes else ([], None)
+    report = {"store": store, "rows_per_shard": rows_per_shard, "replicas": replicas, "sizes": results, "id_checks": id_checks,
               "growth": growth_per_shard(results), "logs": logs}
     if results:
         print(table(results))

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from illada_batch.job.commit import Output
 from illada_batch.job.records import Manifest, ShardStats
+from illada_batch.job.rows import OUTPUT_SCHEMA
 from illada_batch.job.shards import Shard
 from illada_batch.job.spec import JobSpec
 from illada_batch.job.storage import filesystem
@@ -46,9 +47,7 @@ class SimShardReplica:
         shard = Shard.from_dict(shard_dict)
         n = self.spec.n
         ids = [f"{shard.shard_id}:{k}" for k in range(shard.num_rows) for _ in range(n)]
-        table = pa.table({"id": ids, "sample_index": [j for _ in range(shard.num_rows) for j in range(n)],
-                          "generation": ["x"] * len(ids), "num_tokens": [1] * len(ids),
-                          "error": pa.nulls(len(ids), pa.string())})
+        table = _rows(ids, [j for _ in range(shard.num_rows) for j in range(n)])
         stats = ShardStats(len(ids), 0, len(ids), 0.0, time.time() - t0, t0, os.uname().nodename, os.getpid())
         manifest = self.out.write_shard(shard.shard_id, shard.row_range(), table, self.fingerprint, stats)
         if self.counter:
@@ -66,6 +65,17 @@ class SimShardReplica:
 
     def close(self) -> None:
         pass
+
+
+def _rows(ids: list[str], samples: list[int]) -> pa.Table:
+    """Output rows in the real schema (``rows.OUTPUT_SCHEMA``: the card's plots read it), each
+    generated: one token, finished at the end of its text; the other columns null."""
+    k = len(ids)
+    given = {"sample_index": samples, "generation": ["x"] * k, "num_tokens": [1] * k, "steps": [1] * k,
+             "finish_reason": ["eos"] * k}
+    return pa.table([pa.array(ids, pa.string())] + [pa.array(given[f.name], f.type) if f.name in given
+                                                     else pa.nulls(k, f.type) for f in OUTPUT_SCHEMA],
+                    names=["id", *OUTPUT_SCHEMA.names])
 
 
 def sim_replica(counter: str | None = None, crash_at: int | None = None, driver_pid: int | None = None,

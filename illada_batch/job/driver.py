@@ -89,6 +89,7 @@ class _Job:
             previous = out.summary()
         for sid, why in sorted(redo.items()):
             self.log(f"shard {sid} is not committed: {why}; it is generated again")
+        del plan, redo  # what the driver holds through the run is the plan's shards, nothing per manifest
         todo = [s for s in shards if s.shard_id not in committed]
         if (not todo and not bad_files and previous is not None and previous.fingerprint == self.fingerprint
                 and previous.error_budget == spec.error_budget and previous.complete):
@@ -110,6 +111,8 @@ class _Job:
             out.acquire_lock(self.owner)  # LockHeld: another run is writing this output; nothing was touched
             # what the last run left unindexed (it crashed before writing a segment), indexed now
             self.index.add_all([m for m in out.unindexed if m.shard_id in committed])
+        out.unindexed, n_shards = [], len(shards)
+        del manifests, unreadable, committed, shards
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(out, self.owner, stop), daemon=True)
         beat.start()
@@ -121,15 +124,15 @@ class _Job:
                 out.record_failure(sid, self.fingerprint, error, attempts=1)
                 self.log(f"shard failed: {error}")
             if self.run_stats.skipped:
-                self.log(f"resuming: {self.run_stats.skipped} of {len(shards)} shards already committed, "
+                self.log(f"resuming: {self.run_stats.skipped} of {n_shards} shards already committed, "
                          f"{len(todo)} to go")
             try:
                 if todo:
                     self._dispatch(todo, address, show_progress)
             except (JobStopped, ClusterError) as exc:  # recorded in _FAILED.json, then the one-line error
-                self._finish(len(shards) + len(bad_files), stopped=str(exc))
+                self._finish(n_shards + len(bad_files), stopped=str(exc))
                 raise
-            return self._finish(len(shards) + len(bad_files))
+            return self._finish(n_shards + len(bad_files))
         finally:
             stop.set()
             beat.join()

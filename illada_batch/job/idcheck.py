@@ -20,6 +20,7 @@ import math
 import os
 import posixpath
 import tempfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -179,4 +180,4 @@ def _marked(by_file: dict, paths: list[str], root: str, file_base: np.ndarray, b
         if holder in committed:
             where += f", already in the output in shard {holder}"
         dups.setdefault(int(k), []).append((int(d - starts[k]), where))
-    return [Shard(**{**s.__dict__, "duplicates": tuple(dups[k])}) if k in dups else s for k, s in enumerate(kept)]
+    return [replace(s, duplicates=tuple(dups[k])) if k in dups else s for k, s in enumerate(kept)]

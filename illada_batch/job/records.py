@@ -14,10 +14,11 @@ verdict and exits with the same code as the run that finished it.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardStats:
     samples: int  # output rows written: rows x n
     errors: int  # of those, rows with `error` set
@@ -29,7 +30,7 @@ class ShardStats:
     pid: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RowRange:
     """Rows ``row_start .. row_start + num_rows - 1`` of ``file`` as it was when planned:
     ``file_size`` and ``file_version`` (the S3 ETag, or the local mtime) tell a file that
@@ -55,7 +56,7 @@ class RowRange:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Manifest:
     shard_id: str
     data_key: str  # data/part-<shard>-<attempt>.parquet, relative to the output root
@@ -74,18 +75,37 @@ class Manifest:
     duplicate_rows: tuple[int, ...] = ()
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        """``json.dumps(asdict(self))``, byte for byte (the index checks a manifest by its bytes'
+        MD5), without ``asdict``'s deep copies: the driver encodes every manifest it receives."""
+        body = {f: getattr(self, f) for f in _MANIFEST_FIELDS}
+        body["rows"] = None if self.rows is None else {f: getattr(self.rows, f) for f in _ROW_FIELDS}
+        body["stats"] = {f: getattr(self.stats, f) for f in _STATS_FIELDS}
+        return json.dumps(body).encode()
 
     @classmethod
     def from_json(cls, body: dict) -> "Manifest":
+        """From a manifest's JSON. The texts that many manifests repeat (fingerprint, input file
+        and its version, node) are interned: a driver holds 10^5 manifests at its summary."""
         if "stats" not in body:  # the first format: stats merged into the top level, `rows` = samples
             stats = {f.name: body.get(f.name, 0) for f in fields(ShardStats)}
             stats["samples"] = body.get("samples", body.get("rows", 0))
-            return cls(body["shard_id"], body["data_key"], stats["samples"], body["sha256"], body["fingerprint"],
-                       body["committed_at"], None, ShardStats(**stats))
-        return cls(**{**body, "rows": RowRange(**body["rows"]) if body.get("rows") else None,
-                      "stats": ShardStats(**body["stats"]),
+            return cls(body["shard_id"], body["data_key"], stats["samples"], body["sha256"], _shared(body["fingerprint"]),
+                       body["committed_at"], None, ShardStats(**{**stats, "node": _shared(stats["node"])}))
+        rows = body.get("rows")
+        rows = RowRange(**{**rows, "file": _shared(rows["file"]), "file_version": _shared(rows["file_version"])}) \
+            if rows else None
+        return cls(**{**body, "fingerprint": _shared(body["fingerprint"]), "rows": rows,
+                      "stats": ShardStats(**{**body["stats"], "node": _shared(body["stats"]["node"])}),
                       "duplicate_rows": tuple(int(k) for k in body.get("duplicate_rows", ()))})
+
+
+_MANIFEST_FIELDS = [f.name for f in fields(Manifest)]
+_ROW_FIELDS = [f.name for f in fields(RowRange)]
+_STATS_FIELDS = [f.name for f in fields(ShardStats)]
+
+
+def _shared(text):
+    return sys.intern(text) if isinstance(text, str) else text
 
 
 @dataclass

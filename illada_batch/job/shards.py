@@ -32,7 +32,7 @@ from illada_batch.job.records import RowRange
 from illada_batch.job.storage import filesystem, is_transient, storage_errors
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     shard_id: str
     path: str  # full path inside the filesystem (no protocol)

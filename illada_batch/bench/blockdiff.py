@@ -1,5 +1,5 @@
 """``illada-batch bench --only blockdiff``: the exact block-causal cache (``engine/block_causal.py``)
-against the cache off, on the tiny LLaDA 2.x checkpoint (``cli`` writes it to a temporary folder), CPU.
+against the cache off, on the tiny LLaDA 2.x checkpoint (``cli`` writes it to a temporary folder, with a 4k context), CPU.
 
 Rows share a 400-token system prompt and differ after it (random token ids: the model is
 random, so text would not be more telling); EOS is suppressed and early stop off, so every

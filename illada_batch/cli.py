@@ -333,7 +333,10 @@ def cmd_bench(args) -> int:
     if args.only and "blockdiff" in args.only.split(","):  # the tiny LLaDA 2.x checkpoint, written for this run
         import tempfile
 
-        block_causal = str(write_tiny("llada2", tempfile.mkdtemp(prefix="tiny-llada2-")))
+        from illada_batch.train.tiny_llada2 import write_tiny_llada2
+
+        # the same weights with a 4k context: room for gen 1024 and a 2k-token prompt
+        block_causal = str(write_tiny_llada2(tempfile.mkdtemp(prefix="tiny-llada2-"), max_position_embeddings=4096))
     return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
                       write_tiny=write_tiny, block_causal_model=block_causal)
 

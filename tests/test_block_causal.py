@@ -100,3 +100,72 @@ def test_every_mode_but_off_is_the_exact_cache_for_a_block_causal_card(model, mo
     params = model.card.resolve(SamplingParams(gen_length=8, block_length=4, steps=4))
     plan = choose_plan(model, engine.cache, (), 20, engine.pool, engine.kv, "k", Counters(), params=params)
     assert isinstance(plan, BlockCausalCache) and plan.block == 4
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 60), min_size=1, max_size=4), system=st.sampled_from([0, 16, 40]),
+       block=st.sampled_from([4, 8]), blocks=st.integers(1, 3), steps_per_block=st.integers(1, 4),
+       threshold=st.sampled_from([None, 0.6]), editing=st.sampled_from([None, 0.3]), batch=st.integers(1, 4),
+       page=st.sampled_from([4, 16]), chunk=st.integers(1, 30), seed=st.integers(0, 99))
+def test_chunked_prefill_gives_the_cache_off_loop_s_tokens_and_steps(model, lengths, system, block, blocks,
+                                                                      steps_per_block, threshold, editing, batch,
+                                                                      page, chunk, seed):
+    """Every chunk size (under a block: one block; not a multiple: rounded down), long and
+    short prompts mixed, rows sharing a system prompt whose pages another row is still
+    prefilling: tokens, finish reasons and sampler steps are cache off's (prefill-only
+    iterations are not steps); the shared pages are prefilled once (the same query tokens as
+    without chunking); no iteration runs more than the budget of prompt tokens beside each
+    row's (at most two) blocks."""
+    spb = min(steps_per_block, block)
+    extra = {} if editing is None else {"editing_threshold": editing, "max_post_steps": 2}
+    params = SamplingParams(steps=spb * blocks, gen_length=block * blocks, block_length=block, threshold=threshold,
+                            transfer_rule="block_schedule", **extra)
+    prompts = _prompts(lengths, system, seed)
+    want = _run(Engine(model, cache="off", max_batch_size=batch), prompts, params)
+    whole = Engine(model, cache="prefix", max_batch_size=batch, page_size=page, kv_budget=2**22)
+    chunked = Engine(model, cache="prefix", max_batch_size=batch, page_size=page, kv_budget=2**22, prefill_chunk=chunk)
+    assert _run(whole, prompts, params) == want
+    assert _run(chunked, prompts, params) == want
+    assert chunked.counters.query_tokens == whole.counters.query_tokens
+    budget = max(block, chunk // block * block)
+    assert max((s.query_tokens for s in chunked.traffic.steps), default=0) <= budget + batch * 2 * block
+    chunked.pool.check_invariants()
+    assert chunked.pool.num_free_pages == chunked.pool.num_pages
+
+
+def test_a_long_prompt_joining_is_prefilled_in_chunks_beside_a_decoding_row(model):
+    """A 200-token prompt joins beside a row that decodes from its first iteration: with a
+    one-block budget no forward runs more than that block of prompt beside the rows' blocks
+    (without it, the first forward runs all 200), and both rows' tokens and steps are the same."""
+    params = SamplingParams(steps=32, gen_length=32, block_length=8, transfer_rule="block_schedule", suppress_eos=True)
+    prompts = _prompts([5, 200], 0, seed=3)
+    whole = Engine(model, cache="prefix", max_batch_size=2, page_size=8, kv_budget=2**22)
+    chunked = Engine(model, cache="prefix", max_batch_size=2, page_size=8, kv_budget=2**22, prefill_chunk=8)
+    assert _run(chunked, prompts, params) == _run(whole, prompts, params)
+    assert max(s.query_tokens for s in whole.traffic.steps) >= 200
+    per_step = [s.query_tokens for s in chunked.traffic.steps if s.forwards]
+    assert max(per_step) <= 8 + 2 * 16
+    # the long row prefilled a block in each of the first 24 forwards (192 of its 200 tokens)
+    # while the short row ran its block in each (at a block's first step the one before too)
+    assert all(q - 8 in (8, 16) for q in per_step[:24])
+
+
+def test_a_row_hitting_pages_still_being_prefilled_waits_for_them():
+    """Row 1 hits the 4 prompt pages row 0 registered but has not written: with a one-block
+    budget row 0 writes them over two iterations; row 1 runs nothing until the iteration that
+    writes the last of them, then runs in the same forward (writes precede reads)."""
+    from illada_batch.engine.pages import PagePool
+    from illada_batch.engine.prefill import PrefillSchedule, Span
+
+    pool, block = PagePool(64, 4), 8
+    schedule = PrefillSchedule(block, 4, chunk=10)  # rounded down to one block
+    a = pool.allocate(list(range(16)), "k", 16 + 16, block)
+    b = pool.allocate(list(range(16)), "k", 16 + 16, block)
+    schedule.join(0, a)
+    schedule.join(1, b)
+    assert b.num_cached_tokens == 16 and schedule.waits_for[1] == set(a.pages[:4])
+    assert schedule.plan([(0, 16, 24), (1, 16, 24)]) == [Span(0, 8, False), Span(16, 16, False)]
+    schedule.check()
+    assert schedule.plan([(0, 16, 24), (1, 16, 24)]) == [Span(8, 24, True), Span(16, 24, True)]
+    schedule.check()
+    assert not schedule.unwritten and schedule.cached == {0: 16, 1: 16}

@@ -185,7 +185,7 @@ def _wide_tp(tp: int, caches: list[str]):  # each rank's peak memory against 1/N
 def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: its own model, tiny LLaDA 2.x
     from illada_batch.bench.blockdiff import bench_blockdiff
 
-    return bench_blockdiff(model, rows=min(rows, 16))
+    return bench_blockdiff(model, rows=rows)
 
 
 def _batch(model, rows: int, caches: list[str]):  # tokens/s against batch size; plotted beside the JSON

@@ -191,7 +191,27 @@ def _window(prompt: list[int], params: SamplingParams, mask_id: int, pad_id: int
     return lead, prompt[len(prompt) - lead:] + list(ids) + tail, [-1] * lead + list(slots) + tail_slots
 
 
-class FullForward:
+class Forward:
+    """The cache parameter of ``denoise_step``: how a step's logits for the current block are
+    computed. A forward gives ``block_logits`` for every row it is handed; one that may also
+    run rows without decoding them (chunked prefill) overrides ``step_logits``."""
+
+    query_tokens = 0  # query positions run
+
+    def block_logits(self, model: DiffusionLM, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
+                     params: SamplingParams) -> Tensor:
+        """Logits [b, BL, V] at the current block's columns ``cols`` [b, BL] of ``rows`` [b]."""
+        raise NotImplementedError
+
+    def step_logits(self, model: DiffusionLM, batch: "DecodeBatch", rows: Tensor, cols: Tensor,
+                    params: SamplingParams) -> tuple[Tensor, Tensor]:
+        """(logits [d, BL, V], decoding [d]): the logits of the rows of ``rows`` that decode this
+        step, and which those are (indices into ``rows``); the others ran without choosing a
+        token (no step counted). Default: every row decodes."""
+        return self.block_logits(model, batch, rows, cols, params), torch.arange(len(rows), device=rows.device)
+
+
+class FullForward(Forward):
     """A step's forward over each row's whole sequence: ``[prefix | prompt | response]``
     (cache off; ``isolate_prefix``: the prefix attends only to itself), or ``[prompt |
     response]`` also attending to a shared prefix's cached K/V (``prefix_kv``). The loop
@@ -223,17 +243,23 @@ class FullForward:
         return logits
 
 
-def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams, forward: FullForward | None = None) -> None:
+def denoise_step(model: DiffusionLM, batch: DecodeBatch, params: SamplingParams, forward: Forward | None = None) -> None:
     """One forward pass for the unfinished rows (through ``forward``, the cache; default:
-    the whole sequence), then each row unmasks its chosen positions of the current block."""
+    the whole sequence), then each row that decoded unmasks its chosen positions of the
+    current block (a row the forward only prefilled keeps its block, step and generator)."""
     card = model.card
     mask_id, W, BL = card.mask_token_id, batch.window, params.block_length
     rows = (~batch.done).nonzero().squeeze(-1)  # finished rows cost nothing
     if len(rows) == 0:
         return
-    x, L = batch.x[rows], batch.x.shape[1]
-    cols = (L - W) + batch.block[rows][:, None] * BL + torch.arange(BL, device=x.device)  # [b, BL] current block
-    logits = (forward or FullForward()).block_logits(model, batch, rows, cols, params)  # [b, BL, V]
+    L = batch.x.shape[1]
+    cols = (L - W) + batch.block[rows][:, None] * BL + torch.arange(BL, device=rows.device)  # [b, BL] current block
+    logits, decoding = (forward or FullForward()).step_logits(model, batch, rows, cols, params)  # [d, BL, V], [d]
+    if len(decoding) < len(rows):  # the others only prefilled: no token chosen, no step counted
+        if not len(decoding):
+            return
+        rows, cols = rows[decoding], cols[decoding]
+    x = batch.x[rows]
     if params.suppress_eos:
         logits[..., card.eos_token_id] = -torch.inf
     gens = [batch.generators[i] for i in rows.tolist()]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from illada_batch.decoding.loop import DecodeBatch
+from illada_batch.decoding.loop import DecodeBatch, Forward
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
 from illada_batch.model.base import DiffusionLM
@@ -40,7 +40,7 @@ from illada_batch.model.layers.attention import LayerKV
 from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, page_runs
 
 
-class BlockCacheForward:
+class BlockCacheForward(Forward):
     """``denoise_step``'s forward for the block cache: refresh at a block's first step, the
     block's tokens only at its other steps."""
 

@@ -125,13 +125,14 @@ class BlockCausalCache(_Plan):
     complete prompt blocks (the prefix is part of them: rows carry ``[prefix | prompt]``) are
     keyed page by page, each page's key running to the end of its block, so rows sharing a
     leading system prompt share its pages, and later rows reuse whatever is still in the pool;
-    its other pages are private. A row that does not fit waits for a finishing row's pages."""
+    its other pages are private. A row that does not fit waits for a finishing row's pages.
+    ``prefill_chunk``: at most that many prompt tokens prefilled per iteration (``prefill``)."""
 
     def __init__(self, prefix_ids: tuple[int, ...], pool: PagePool, kv: KVCache, block: int, model_key: str,
-                 counters: Counters) -> None:
+                 counters: Counters, prefill_chunk: int | None = None) -> None:
         self.prefix_ids, self.pool, self.block, self.counters = prefix_ids, pool, block, counters
         self.key = f"{model_key}:block-causal:{block}"  # K/V depend on the block size: never shared across sizes
-        self.forward = BlockCausalForward(kv, block)
+        self.forward = BlockCausalForward(kv, block, prefill_chunk)
         self.row_pages: dict[int, PrefixPages] = {}
 
     def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:
@@ -149,7 +150,8 @@ class BlockCausalCache(_Plan):
             self.counters.prefix_pages_hit += hits
             self.counters.prefix_pages_missed += len(pages.hashes) - hits
             self.counters.prefix_pages_read += len(pages.hashes)  # the row's shareable pages, hit or not
-            self.row_pages[i], self.forward.cached[i] = pages, pages.num_cached_tokens
+            self.row_pages[i] = pages
+            self.forward.schedule.join(i, pages)
             taken.append(queue.popleft())
         return taken
 
@@ -159,7 +161,7 @@ class BlockCausalCache(_Plan):
 
     def release(self, index: int) -> None:
         self.pool.free(self.row_pages.pop(index))
-        del self.forward.cached[index]
+        self.forward.schedule.leave(index)
 
     def close(self) -> None:
         assert not self.row_pages, f"rows {sorted(self.row_pages)} still hold pages at the group's end"
@@ -184,7 +186,7 @@ def _batch(model: DiffusionLM, params: SamplingParams, new: list[tuple[int, Requ
 
 def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...], longest_row: int, pool: PagePool | None,
                 kv: KVCache | None, model_key: str, counters: Counters,
-                paged: bool = True, params: SamplingParams | None = None) -> CachePlan:
+                paged: bool = True, params: SamplingParams | None = None, prefill_chunk: int | None = None) -> CachePlan:
     """The plan for one group. ``longest_row``: the most tokens one of its rows holds
     (prompt + gen_length, prefix excluded). The shared prefix comes from pages when the mode
     shares it and it fits the pool (a block cache also needs room for one row beside it);
@@ -192,11 +194,12 @@ def choose_plan(model: DiffusionLM, mode: CacheMode, prefix_ids: tuple[int, ...]
     encoded for this group alone (``prefix+blocks``): either way the same numbers. ``paged``:
     the block cache reads pages in place (False: copies them, ``BlockCacheForward``).
     A block-causal model (its card's attention, whatever its family) gets its exact cache in
-    every mode but ``off``, when its attention block is the sampler's ``block_length``."""
+    every mode but ``off``, when its attention block is the sampler's ``block_length``
+    (``prefill_chunk``: its prefill token budget per iteration, ``engine/prefill.py``)."""
     block = None if params is None else causal_block(model, params)
     if mode is not CacheMode.OFF and pool is not None and block is not None:
         if block == params.block_length:
-            return BlockCausalCache(prefix_ids, pool, kv, block, model_key, counters)
+            return BlockCausalCache(prefix_ids, pool, kv, block, model_key, counters, prefill_chunk)
         return NoCache(prefix_ids, isolate_prefix=False)
     if mode is CacheMode.BLOCKS or (mode.block_cache and not prefix_ids):
         return BlockCache(prefix_ids, None, None, pool, kv, paged)

@@ -46,7 +46,7 @@ from illada_batch.model.layers.traffic import Traffic, counting
 class Engine:
     def __init__(self, model: DiffusionLM, cache: CacheMode | str = CacheMode.AUTO, max_batch_size: int = 16,
                  kv_budget: int | float | None = None, page_size: int = 16, paged: bool = True,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, prefill_chunk: int | None = None) -> None:
         """``cache``: ``auto`` (the default) is resolved once from the model's family card
         (``CacheMode.resolve``: the exact block-causal cache for block-causal models, ``prefix``
         otherwise); ``self.cache`` is the concrete mode, ``cache_text`` says it for people.
@@ -57,7 +57,14 @@ class Engine:
         modes need room for one row of the model's longest sequence. ``paged=False``: the block
         cache's block-only steps copy each row's K/V out of the pages (the reference path).
         ``tensor_parallel_size``: the ranks ``model`` is split over (``model.tp``); each rank's
-        ``kv_budget`` holds the K/V of its own KV heads (``engine/tensor_parallel.py``)."""
+        ``kv_budget`` holds the K/V of its own KV heads (``engine/tensor_parallel.py``).
+        ``prefill_chunk``: block-causal models prefill at most that many prompt tokens per
+        iteration (rounded down to whole blocks, at least one), so a long prompt joining does
+        not stall the rows decoding; None: a row's whole prefill in its first forward. Speed
+        only, never the tokens (``engine/prefill.py``)."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ParamsError(f"prefill_chunk={prefill_chunk}: must be at least 1 token (None: no chunking)")
+        self.prefill_chunk = prefill_chunk
         ranks = 1 if model.tp is None else model.tp.size
         if ranks != tensor_parallel_size:
             raise ParamsError(f"tensor_parallel_size={tensor_parallel_size}, but the model is split over {ranks} "
@@ -207,7 +214,7 @@ class Engine:
         params = self.model.card.resolve(params)  # the family's own defaults for settings left unset
         longest = max(len(r.prompt_ids) for _, r in todo) + params.gen_length
         plan = choose_plan(self.model, self.cache, prefix_ids, longest, self.pool, self.kv, self.model_key,
-                           self.counters, self.paged, params)
+                           self.counters, self.paged, params, self.prefill_chunk)
         if isinstance(plan, BlockCausalCache):  # its rows' pages depend on the block: known only now
             self._check_row_fits(self.pool.num_pages, self.pool.page_size,
                                  self.model.card.longest_row(params.gen_length, params.block_length))

@@ -107,9 +107,10 @@ def build_engine(spec: JobSpec):
 
         return start_ranks(str(resolve_model_path(fetch_model(spec))), e.tensor_parallel_size, spec.resources.num_cpus,
                            spec.resources.num_gpus, dtype,
-                           dict(cache=e.cache, max_batch_size=e.max_batch_size, kv_budget=budget))
+                           dict(cache=e.cache, max_batch_size=e.max_batch_size, kv_budget=budget,
+                                prefill_chunk=e.prefill_chunk))
     return Engine.from_pretrained(fetch_model(spec), cache=e.cache, dtype=dtype, max_batch_size=e.max_batch_size,
-                                  kv_budget=budget)
+                                  kv_budget=budget, prefill_chunk=e.prefill_chunk)
 
 
 class RowGenerator:

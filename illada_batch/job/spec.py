@@ -128,6 +128,10 @@ class EngineSpec(_Strict):
     # N: a model N times larger per replica, at the cost of two all-reduces per layer. Must divide the model's
     # heads, KV heads and MLP width (config.json); each rank's kv_budget holds its own KV heads' pages
     tensor_parallel_size: int = Field(1, ge=1)
+    # block-causal models (LLaDA 2.x): at most this many prompt tokens prefilled per iteration, over all rows
+    # (rounded down to whole blocks, at least one), so a long prompt joining does not stall the rows decoding;
+    # unset: a row's whole prefill rides in its first forward (fewer forwards). Speed only, never the tokens
+    prefill_chunk: int | None = Field(None, ge=1)
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -376,13 +380,13 @@ class JobSpec(_Strict):
 # resume may change them. Where and how the job runs (output, replicas, resources, retries,
 # timeouts, credentials); how rows are batched and cached in memory (a sample's tokens do not
 # depend on its batch neighbours, nor on how many pages the budget holds: tests/test_engine.py
-# and tests/test_block_cache.py hold it), nor on how many ranks a replica is split over
-# (tests/test_tensor_parallel.py); shard_rows (a resume checks each shard's rows
+# and tests/test_block_cache.py hold it), nor on the prefill chunk (tests/test_block_causal.py), nor
+# on how many ranks a replica is split over (tests/test_tensor_parallel.py); shard_rows (a resume checks each shard's rows
 # instead); the exit code's error_budget. `prefix` enters as the hash of its text.
 TOKEN_NEUTRAL = frozenset({
     "name", "base_dir", "output", "replicas", "resources", "shard_rows", "max_retries", "retry_backoff_s",
     "error_budget", "placement_timeout_s", "stall_warning_s", "model.storage_options", "input.storage_options",
-    "engine.max_batch_size", "engine.kv_budget", "engine.tensor_parallel_size", "prefix",
+    "engine.max_batch_size", "engine.kv_budget", "engine.tensor_parallel_size", "engine.prefill_chunk", "prefix",
 })
 
 

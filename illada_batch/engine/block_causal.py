@@ -43,9 +43,9 @@ class BlockCausalForward(Forward):
     to the end of its current block, against its pages, packed into one forward; which
     tokens a row runs in an iteration (chunked prefill, waits for pages) is ``schedule``'s."""
 
-    def __init__(self, kv: KVCache, block: int, prefill_chunk: int | None = None) -> None:
+    def __init__(self, kv: KVCache, block: int, page_size: int, prefill_chunk: int | None = None) -> None:
         self.kv, self.block = kv, block
-        self.schedule = PrefillSchedule(block, kv.page_size, prefill_chunk)
+        self.schedule = PrefillSchedule(block, page_size, prefill_chunk)
         self.query_tokens = 0  # query positions run (no padding: queries are packed)
 
     def step_logits(self, model: DiffusionLM, batch: DecodeBatch, rows: Tensor, cols: Tensor,

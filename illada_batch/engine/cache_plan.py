@@ -132,7 +132,7 @@ class BlockCausalCache(_Plan):
                  counters: Counters, prefill_chunk: int | None = None) -> None:
         self.prefix_ids, self.pool, self.block, self.counters = prefix_ids, pool, block, counters
         self.key = f"{model_key}:block-causal:{block}"  # K/V depend on the block size: never shared across sizes
-        self.forward = BlockCausalForward(kv, block, prefill_chunk)
+        self.forward = BlockCausalForward(kv, block, pool.page_size, prefill_chunk)
         self.row_pages: dict[int, PrefixPages] = {}
 
     def take(self, queue: Waiting, room: int, params: SamplingParams) -> list[tuple[int, Request]]:

@@ -101,6 +101,10 @@ def _flat(keys):
     return st.lists(st.tuples(keys, st.integers(0, 10**6)), max_size=4).map(lambda kv: tuple(x for p in kv for x in p))
 
 
+def _pairs(flat) -> str:
+    return " ".join(f"{k}:{v}" for k, v in zip(flat[::2], flat[1::2]))
+
+
 _manifests = st.builds(
     Manifest, _text, _text, st.integers(0, 10**6), _text, _text, st.floats(allow_nan=False),
     st.none() | st.builds(RowRange, _text, st.integers(0, 10**9), st.none() | _text, st.integers(0, 10**6),
@@ -109,7 +113,7 @@ _manifests = st.builds(
               st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False), _text,
               st.integers(0, 10**6)),
     st.none() | st.integers(0, 10**9), st.none() | _text, st.lists(st.integers(0, 10**6), max_size=4).map(tuple),
-    st.none() | st.builds(ShardCounts, _flat(st.integers(0, 10**4)), _flat(_text), _flat(_text)))
+    st.none() | st.builds(ShardCounts, _flat(st.integers(0, 10**4)).map(_pairs), _flat(_text), _flat(_text)))
 
 
 @given(_manifests)

@@ -4,6 +4,7 @@ never written over a file of the user's."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from types import SimpleNamespace
@@ -16,9 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pipeline_support import job_dict, write_prompts
 
+from illada_batch.job.card_counts import card_counts, column_counts, error_cause
 from illada_batch.job.commit import CARD_MARK, Output
 from illada_batch.job.driver import run_job
-from illada_batch.job.figures import column_counts, error_cause
+from illada_batch.job.records import RowRange, ShardStats
 from illada_batch.job.spec import spec_from_dict
 
 FS = fsspec.filesystem("file")
@@ -91,6 +93,20 @@ _rows = st.lists(st.tuples(st.none() | st.integers(0, 40), st.none() | st.sample
                  max_size=30)
 
 
+def _table(rows) -> pa.Table:
+    tokens, reasons, errors = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+    return pa.table({"num_tokens": pa.array(tokens, pa.int32()), "finish_reason": pa.array(reasons, pa.string()),
+                     "error": pa.array(errors, pa.string())})
+
+
+def _loop_counts(files) -> tuple[Counter, Counter, Counter]:
+    """The counts by a plain loop over every row."""
+    rows = [r for f in files for r in f]
+    return (Counter(t for t, _, e in rows if e is None and t is not None),
+            Counter("none" if r is None else r for _, r, _ in rows),
+            Counter(error_cause(e) for _, _, e in rows if e is not None))
+
+
 @given(st.lists(_rows, min_size=1, max_size=5))
 def test_the_cards_counts_are_every_rows(tmp_path_factory, files):
     """``column_counts`` (files read at once, counted by pyarrow) counts each row as a plain
@@ -99,13 +115,42 @@ def test_the_cards_counts_are_every_rows(tmp_path_factory, files):
     root = tmp_path_factory.mktemp("counts")
     manifests = []
     for k, rows in enumerate(files):
-        tokens, reasons, errors = (list(c) for c in zip(*rows)) if rows else ([], [], [])
-        table = pa.table({"num_tokens": pa.array(tokens, pa.int32()), "finish_reason": pa.array(reasons, pa.string()),
-                          "error": pa.array(errors, pa.string())})
-        pq.write_table(table, root / f"f{k}.parquet", row_group_size=7)
+        pq.write_table(_table(rows), root / f"f{k}.parquet", row_group_size=7)
         manifests.append(SimpleNamespace(data_key=f"f{k}.parquet"))
-    rows = [r for f in files for r in f]
-    want = (Counter(t for t, _, e in rows if e is None and t is not None),
-            Counter("none" if r is None else r for _, r, _ in rows),
-            Counter(error_cause(e) for _, _, e in rows if e is not None))
-    assert column_counts(FS, str(root), manifests) == want
+    assert column_counts(FS, str(root), manifests) == _loop_counts(files)
+
+
+def _committed_output(root, files, old) -> list:
+    """Each file of rows committed as a shard through ``Output.write_shard``; the manifests of
+    the shards ``old`` names rewritten as older code wrote them (no counts), the data files of
+    the others removed (the card must not need them). The manifests, read back from the output."""
+    out = Output(FS, str(root))
+    for k, rows in enumerate(files):
+        m = out.write_shard(f"s{k}", RowRange("in.parquet", 1, None, k, len(rows)), _table(rows), "fp",
+                            ShardStats(len(rows), 0, 0, 0.0, 0.0, 0.0, "node", 1))
+        if k in old:
+            body = json.loads(m.to_json())
+            del body["counts"]
+            (root / "_manifest" / f"s{k}.json").write_text(json.dumps(body))
+        else:
+            (root / m.data_key).unlink()
+    return sorted(out.manifests().values(), key=lambda m: m.shard_id)
+
+
+@given(st.lists(_rows, min_size=1, max_size=5), st.sets(st.integers(0, 4)))
+def test_the_cards_counts_from_manifests_are_every_rows(tmp_path_factory, files, old):
+    """Each replica counts the shard it writes into its manifest; the card sums the manifests
+    and reads no data file, but for shards whose manifests older code wrote (without counts):
+    the counts are those of a plain loop over every row, whichever shards are old."""
+    root = tmp_path_factory.mktemp("manifest-counts")
+    manifests = _committed_output(root, files, old)
+    assert [m.counts is None for m in manifests] == [k in old for k in range(len(files))]
+    assert card_counts(FS, str(root), manifests) == _loop_counts(files)
+
+
+def test_an_output_whose_manifests_lack_the_counts_gets_the_cards_counts(tmp_path):
+    """An output written before manifests carried counts: every shard's data file is read."""
+    files = [[(3, "eos", None), (None, None, "empty prompt")], [(4, "length", None), (4, "eos", "duplicate id 'a'")]]
+    manifests = _committed_output(tmp_path, files, old={0, 1})
+    assert card_counts(FS, str(tmp_path), manifests) == (Counter({3: 1, 4: 1}), Counter({"eos": 2, "length": 1, "none": 1}),
+                                                        Counter({"empty prompt": 1, "duplicate id …": 1}))

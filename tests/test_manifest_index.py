@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from illada_batch.job.commit import Output
 from illada_batch.job.driver import status
 from illada_batch.job.manifest_index import IndexWriter, read_manifests
-from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
+from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardCounts, ShardStats
 from illada_batch.job.storage import filesystem
 
 
@@ -95,6 +95,16 @@ def test_a_reader_hands_back_what_it_read_outside_the_index_so_a_resume_compacts
 
 
 _text = st.text(max_size=12)
+
+
+def _flat(keys):
+    return st.lists(st.tuples(keys, st.integers(0, 10**6)), max_size=4).map(lambda kv: tuple(x for p in kv for x in p))
+
+
+def _pairs(flat) -> str:
+    return " ".join(f"{k}:{v}" for k, v in zip(flat[::2], flat[1::2]))
+
+
 _manifests = st.builds(
     Manifest, _text, _text, st.integers(0, 10**6), _text, _text, st.floats(allow_nan=False),
     st.none() | st.builds(RowRange, _text, st.integers(0, 10**9), st.none() | _text, st.integers(0, 10**6),
@@ -102,7 +112,8 @@ _manifests = st.builds(
     st.builds(ShardStats, st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6),
               st.floats(allow_nan=False), st.floats(allow_nan=False), st.floats(allow_nan=False), _text,
               st.integers(0, 10**6)),
-    st.none() | st.integers(0, 10**9), st.none() | _text, st.lists(st.integers(0, 10**6), max_size=4).map(tuple))
+    st.none() | st.integers(0, 10**9), st.none() | _text, st.lists(st.integers(0, 10**6), max_size=4).map(tuple),
+    st.none() | st.builds(ShardCounts, _flat(st.integers(0, 10**4)).map(_pairs), _flat(_text), _flat(_text)))
 
 
 @given(_manifests)

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from illada_batch.errors import FingerprintMismatch, LockHeld, RowRangeMismatch
 from illada_batch.job import storage
+from illada_batch.job.card_counts import shard_counts
 from illada_batch.job.figures import FOLDER as CARD_FOLDER
 from illada_batch.job.figures import PNG_MARK
 from illada_batch.job.manifest_index import read_manifests
@@ -66,8 +67,9 @@ class Output:
 
     def write_shard(self, shard_id: str, rows: RowRange, table: pa.Table, fingerprint: str,
                     stats: ShardStats, duplicate_rows=()) -> Manifest:
-        """An attempt record, the data to an attempt-unique key, then the manifest. Returns the
-        manifest. A write the store refuses (read-only, access denied) is an ``OutputError``."""
+        """An attempt record, the data to an attempt-unique key, then the manifest (with the card's
+        counts of ``table``: the card sums them and reads no data file). Returns the manifest. A
+        write the store refuses (read-only, access denied) is an ``OutputError``."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
@@ -80,7 +82,8 @@ class Output:
             self.store.mark_committed(self.key("data", f"{name}.parquet"))
             manifest = Manifest(shard_id, f"data/{name}.parquet", table.num_rows, hashlib.sha256(data).hexdigest(),
                                 fingerprint, time.time(), rows, stats, len(data),
-                                self.store.etag(self.key("data", f"{name}.parquet")), tuple(duplicate_rows))
+                                self.store.etag(self.key("data", f"{name}.parquet")), tuple(duplicate_rows),
+                                shard_counts(table))
             self.store.put(self.key("_manifest", f"{shard_id}.json"), manifest.to_json())
         return manifest
 

@@ -5,11 +5,9 @@
     finish_reasons.png  samples by ``finish_reason``
     errors.png          error rows by cause (the error text without its values), when any
 
-The data files are read ``READ_AHEAD`` at once, three columns (``num_tokens``,
-``finish_reason``, ``error``), and counted by pyarrow a batch at a time (only error rows one
-by one), into counters whose size does not grow with the rows: lengths are
-bounded by ``gen_length``, finish reasons are a few, causes are folded into "other" past
-``MAX_CAUSES``. matplotlib is imported here only, with the Agg backend; each PNG carries
+The counts of the last three are the manifests' (each replica counts the shard it writes),
+summed; only shards whose manifests were written before they carried counts are read
+(``card_counts.py``). matplotlib is imported here only, with the Agg backend; each PNG carries
 ``PNG_MARK`` in its text chunks, which is how ``commit.Output`` tells the job's own plots
 from a user's file.
 """
@@ -17,32 +15,15 @@ from a user's file.
 from __future__ import annotations
 
 import io
-import re
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from illada_batch.job.card_counts import card_counts
 from illada_batch.job.records import Manifest
 
 PNG_MARK = "written by illada-batch"
 FOLDER = "_card"
-MAX_CAUSES = 1000
 BINS = 40  # time bins of the throughput plot
-BATCH_ROWS = 1 << 16
-READ_AHEAD = 16  # data files read at once
-COLUMNS = ["num_tokens", "finish_reason", "error"]
-
-
-def error_cause(error: str) -> str:
-    """An error row's cause: its text without quoted values, parentheses, numbers and what
-    follows the first colon ("duplicate id 'x' (first seen at row 3 of a.parquet)" ->
-    "duplicate id …")."""
-    text = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "…", error)
-    text = re.sub(r"\([^)]*\)", "", text).split(": ", 1)[0]
-    return " ".join(re.sub(r"\d+", "N", text).split())[:80] or "error"
 
 
 def throughput(manifests: list[Manifest], bins: int = BINS) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -60,37 +41,6 @@ def throughput(manifests: list[Manifest], bins: int = BINS) -> tuple[np.ndarray,
         rates.setdefault(replica, np.zeros(bins))
         rates[replica] += tokens * overlap / (end - start) / width
     return (edges[:-1] + width / 2) - t0, rates
-
-
-def column_counts(fs, root: str, manifests: list[Manifest]) -> tuple[Counter, Counter, Counter]:
-    """(samples by num_tokens, by finish_reason, error rows by cause) over the data files.
-    ``READ_AHEAD`` files are read at once (on S3 the driver would otherwise wait out one round
-    trip per shard) and counted in the order of ``manifests``, a batch at a time by pyarrow:
-    only error rows are seen one by one (their cause is a text pattern)."""
-    lengths, reasons, causes = Counter(), Counter(), Counter()
-    paths = [f"{root.rstrip('/')}/{m.data_key}" for m in manifests]
-    with ThreadPoolExecutor(READ_AHEAD) as pool:
-        for i in range(0, len(paths), READ_AHEAD):
-            for batches in pool.map(lambda p: _batches(fs, p), paths[i:i + READ_AHEAD]):
-                for batch in batches:
-                    _count(batch, lengths, reasons, causes)
-    return lengths, reasons, causes
-
-
-def _batches(fs, path: str) -> list:
-    with fs.open(path, "rb") as f:
-        return list(pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=COLUMNS))
-
-
-def _count(batch, lengths: Counter, reasons: Counter, causes: Counter) -> None:
-    tokens, reason, error = (batch.column(c) for c in COLUMNS)
-    for counts, values in ((lengths, pc.filter(tokens, pc.and_(pc.is_null(error), pc.is_valid(tokens)))),
-                           (reasons, pc.fill_null(reason, "none"))):
-        for v in pc.value_counts(values).to_pylist():
-            counts[v["values"]] += v["counts"]
-    for e in pc.drop_null(error).to_pylist():
-        c = error_cause(e)
-        causes[c if c in causes or len(causes) < MAX_CAUSES else "other"] += 1
 
 
 def card_figures(fs, root: str, manifests: list[Manifest]) -> dict[str, tuple[str, bytes]]:
@@ -117,7 +67,7 @@ def card_figures(fs, root: str, manifests: list[Manifest]) -> dict[str, tuple[st
     ax.set(xlabel="seconds since the first shard started", ylabel="tokens/s", title="Throughput")
     ax.legend(fontsize="small", loc="upper right")
     figures["throughput.png"] = ("Tokens/s over time, overall and per replica", png(fig))
-    lengths, reasons, causes = column_counts(fs, root, manifests)
+    lengths, reasons, causes = card_counts(fs, root, manifests)
     for name, title, counts, xlabel in (
             ("lengths.png", "Generated lengths (num_tokens)", lengths, "num_tokens"),
             ("finish_reasons.png", "Samples by finish_reason", reasons, None),

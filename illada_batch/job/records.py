@@ -1,6 +1,7 @@
 """The typed records that cross files of the job layer.
 
     ShardStats   what a replica measured on one shard (replica -> manifest -> driver)
+    ShardCounts  the card's counts of one shard's rows (replica -> manifest -> card)
     RowRange     which input rows a shard holds (plan -> manifest -> resume check)
     Manifest     one committed shard: ``_manifest/<shard>.json``
     JobSummary   the job's state, computed from the output alone: the closing table,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -28,6 +30,33 @@ class ShardStats:
     started: float  # wall clock when the replica took the shard
     node: str
     pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCounts:
+    """A shard's samples by generated length, by finish reason, and error rows by cause
+    (``card_counts.py``). Lengths, which can be as many as ``gen_length``, are one text of
+    ``length:count`` pairs, by length, space-separated ("1:4 7:2"): about 5 bytes a length in
+    the driver (10^5 manifests at its summary), a third of a tuple's. Reasons and causes, a few,
+    are flat tuples ``(key, count, key, count, ...)`` by key, their keys interned. All encode as
+    plain JSON (a text, lists)."""
+    lengths: str = ""
+    finish_reasons: tuple = ()
+    causes: tuple = ()
+
+    @classmethod
+    def of(cls, lengths: Counter, reasons: Counter, causes: Counter) -> "ShardCounts":
+        return cls(" ".join(f"{k}:{lengths[k]}" for k in sorted(lengths)),
+                   *(tuple(x for k in sorted(c) for x in (k, c[k])) for c in (reasons, causes)))
+
+    def counters(self) -> tuple[Counter, Counter, Counter]:
+        lengths = Counter({int(k): int(v) for k, v in (pair.split(":") for pair in self.lengths.split())})
+        return (lengths, *(Counter(dict(zip(flat[::2], flat[1::2]))) for flat in (self.finish_reasons, self.causes)))
+
+    @classmethod
+    def from_json(cls, body: dict) -> "ShardCounts":
+        return cls(_shared(body.get("lengths", "")),
+                   *(tuple(_shared(x) for x in body.get(f, ())) for f in ("finish_reasons", "causes")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +102,9 @@ class Manifest:
     # offsets of the shard's rows written as error rows because another shard's row has their
     # id: these rows do not hold their id in the output (the next run's duplicate check)
     duplicate_rows: tuple[int, ...] = ()
+    # the card's counts of the shard's rows; None in manifests written before they were (the card
+    # reads those shards' data files)
+    counts: ShardCounts | None = None
 
     def to_json(self) -> bytes:
         """``json.dumps(asdict(self))``, byte for byte (the index checks a manifest by its bytes'
@@ -80,6 +112,7 @@ class Manifest:
         body = {f: getattr(self, f) for f in _MANIFEST_FIELDS}
         body["rows"] = None if self.rows is None else {f: getattr(self.rows, f) for f in _ROW_FIELDS}
         body["stats"] = {f: getattr(self.stats, f) for f in _STATS_FIELDS}
+        body["counts"] = None if self.counts is None else {f: getattr(self.counts, f) for f in _COUNTS_FIELDS}
         return json.dumps(body).encode()
 
     @classmethod
@@ -96,12 +129,14 @@ class Manifest:
             if rows else None
         return cls(**{**body, "fingerprint": _shared(body["fingerprint"]), "rows": rows,
                       "stats": ShardStats(**{**body["stats"], "node": _shared(body["stats"]["node"])}),
-                      "duplicate_rows": tuple(int(k) for k in body.get("duplicate_rows", ()))})
+                      "duplicate_rows": tuple(int(k) for k in body.get("duplicate_rows", ())),
+                      "counts": ShardCounts.from_json(body["counts"]) if body.get("counts") is not None else None})
 
 
 _MANIFEST_FIELDS = [f.name for f in fields(Manifest)]
 _ROW_FIELDS = [f.name for f in fields(RowRange)]
 _STATS_FIELDS = [f.name for f in fields(ShardStats)]
+_COUNTS_FIELDS = [f.name for f in fields(ShardCounts)]
 
 
 def _shared(text):

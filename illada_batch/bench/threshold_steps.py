@@ -5,14 +5,13 @@ tokens the model ran per generated token, and exact-match accuracy::
 
     python -m illada_batch.bench.threshold_steps --model illada_batch/models/tiny-llada2 --threshold 0.9
 
-``--random`` measures the random tiny LLaDA 2.x (``train/tiny_llada2.py``) instead.
+The random tiny LLaDA 2.x to compare with: ``python -m illada_batch.train.tiny_llada2 --out /tmp/tiny-llada2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
@@ -40,18 +39,12 @@ def measure(model, threshold: float, rows_per_task: int = 10, gen_length: int = 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="illada_batch/models/tiny-llada2")
-    ap.add_argument("--random", action="store_true", help="the random tiny LLaDA 2.x instead of --model")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--rows-per-task", type=int, default=10)
     ap.add_argument("--gen-length", type=int, default=64)
     args = ap.parse_args(argv)
-    path = args.model
-    if args.random:
-        from illada_batch.train.tiny_llada2 import write_tiny_llada2
-
-        path = str(write_tiny_llada2(tempfile.mkdtemp(prefix="tiny-llada2-")))
-    out = measure(load_model(path, device="cpu"), args.threshold, args.rows_per_task, args.gen_length)
-    print(json.dumps({"model": "random tiny-llada2" if args.random else args.model, **out}, indent=1))
+    out = measure(load_model(args.model, device="cpu"), args.threshold, args.rows_per_task, args.gen_length)
+    print(json.dumps({"model": args.model, **out}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from illada_batch.tasks.evaluate import evaluate, suite_rows
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("illada_batch/models/tiny-llada2", device="cpu")
+    return load_model("tiny-llada2", device="cpu")  # shipped: found by name
 
 
 def test_loads_as_the_block_causal_family(model):

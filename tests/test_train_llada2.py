@@ -4,6 +4,8 @@ every noisy block what generation computes for it (its clean past, block-causal)
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -44,3 +46,13 @@ def test_each_noisy_block_sees_what_generation_shows_it(converted, L, block, pad
             causal = (blk[:, None] >= blk[None, :])[None]
             alone = converted.run(seq, attention_mask=causal, return_logits=False).hidden[0, k:end]
             torch.testing.assert_close(trained[k:end], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_recipe_writes_a_loadable_block_causal_checkpoint_and_its_log(tmp_path):
+    from illada_batch.train import train_llada2
+
+    out = tmp_path / "run"
+    train_llada2.main(["--out", str(out), "--steps", "2", "--eval-every", "2", "--eval-rows", "5", "--batch-size", "2"])
+    model = load_model(out)
+    assert model.card.family == "llada2" and model.card.attention.name == "BLOCK_CAUSAL"
+    assert [e["step"] for e in json.loads((out / "train_log.json").read_text())["log"]] == [0, 2]

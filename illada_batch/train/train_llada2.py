@@ -18,7 +18,7 @@ block to itself and the clean blocks before it (block-causal). Loss: cross-entro
 masked positions weighted 1/t (``train.diffusion_loss``), so every block of every document
 is trained in one forward, each with its clean past, as at generation time::
 
-    python -m illada_batch.train.train_llada2 --out runs/tiny-llada2 --steps 1500 --threads 1
+    python -m illada_batch.train.train_llada2 --out runs/tiny-llada2 --steps 600 --eval-every 100 --max-minutes 32
 """
 
 from __future__ import annotations

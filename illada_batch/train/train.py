@@ -103,6 +103,14 @@ def train_step(model: LLaDA, batch, mask_id: int) -> torch.Tensor:
     noisy = torch.where(masked, mask_id, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = model.run(noisy, attention_mask=attn, return_logits=False).hidden  # [B, L, d]
+    return diffusion_loss(model, hidden, ids, masked, t, n_answer)
+
+
+def diffusion_loss(model, hidden: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                   n_answer: torch.Tensor) -> torch.Tensor:
+    """The masked-diffusion loss: cross-entropy at the masked positions of ``hidden`` [B, L, d]
+    weighted 1/t, summed over the batch's answer tokens (``n_answer``)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model.logits(hidden[masked]).float()  # [N, V]: only where something is masked
     ce = F.cross_entropy(logits, ids[masked], reduction="none")
     return (ce / t[masked]).sum() / n_answer.clamp(min=1)

@@ -116,14 +116,15 @@ def diffusion_loss(model, hidden: torch.Tensor, ids: torch.Tensor, masked: torch
     return (ce / t[masked]).sum() / n_answer.clamp(min=1)
 
 
-def evaluate_suite(model: LLaDA, prefixes, rows) -> dict[str, float]:
-    """Exact-match accuracy with the cache off, steps = gen_length = 32 (no training RNG used)."""
+def evaluate_suite(model, prefixes, rows, **sampling) -> dict[str, float]:
+    """Exact-match accuracy with the cache off, steps = gen_length = 32 (no training RNG used);
+    ``sampling``: other ``SamplingParams`` fields (default early stop), e.g. a ``threshold``."""
     from illada_batch.decoding.params import SamplingParams
     from illada_batch.engine.diffusion import Engine
     from illada_batch.tasks.evaluate import evaluate
 
     model.eval()
-    params = SamplingParams(steps=32, gen_length=32, block_length=32, early_stop=True)
+    params = SamplingParams(steps=32, gen_length=32, block_length=32, **({"early_stop": True} | sampling))
     with torch.no_grad():
         acc = evaluate(Engine(model, cache="off", max_batch_size=25), prefixes, rows, params)["accuracy"]
     model.train()

@@ -37,7 +37,7 @@ from illada_batch.model.checkpoint import load_model
 from illada_batch.model.tokenizer import Tokenizer
 from illada_batch.tasks import suite as tasks
 from illada_batch.train.tiny_llada2 import config as llada2_config
-from illada_batch.train.train import Documents, diffusion_loss
+from illada_batch.train.train import Documents, diffusion_loss, evaluate_suite
 
 TINY_LLADA = Path(__file__).resolve().parent.parent / "models" / "tiny-llada"
 
@@ -120,20 +120,6 @@ def train_step(model, batch, mask_id: int) -> torch.Tensor:
     return diffusion_loss(model, hidden, ids, masked, t, n_answer)
 
 
-def evaluate_suite(model, prefixes, rows, threshold: float) -> dict[str, float]:
-    """Exact-match accuracy, cache off, the family's sampler at ``threshold``, gen 32."""
-    from illada_batch.decoding.params import SamplingParams
-    from illada_batch.engine.diffusion import Engine
-    from illada_batch.tasks.evaluate import evaluate
-
-    model.eval()
-    params = SamplingParams(steps=32, gen_length=32, block_length=32, threshold=threshold)
-    with torch.no_grad():
-        acc = evaluate(Engine(model, cache="off", max_batch_size=25), prefixes, rows, params)["accuracy"]
-    model.train()
-    return acc
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tiny-llada2")
@@ -177,7 +163,7 @@ def main(argv=None) -> None:
     log, t0, ema = [], time.time(), None
 
     def checkpoint(step: int) -> dict[str, float]:
-        acc = evaluate_suite(model, eval_prefixes, eval_rows, args.threshold)
+        acc = evaluate_suite(model, eval_prefixes, eval_rows, threshold=args.threshold)
         print(f"step {step:5d} eval accuracy " + "  ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
         log.append({"step": step, "loss": ema, "minutes": (time.time() - t0) / 60, **acc})
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),

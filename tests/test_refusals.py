@@ -194,7 +194,8 @@ def test_every_spec_field_is_in_the_fingerprint_or_declared_token_neutral(tmp_pa
     """Before: engine.cache was in neither, and a resume under another cache mode mixed
     outputs. Each field, changed alone, changes the fingerprint unless it is one of
     ``TOKEN_NEUTRAL`` (the prefix enters as its text's hash, from text or file alike)."""
-    from illada_batch.job.spec import TOKEN_NEUTRAL, JobSpec, spec_from_dict
+    from illada_batch.job.fingerprint import TOKEN_NEUTRAL
+    from illada_batch.job.spec import JobSpec, spec_from_dict
 
     assert set(leaf_fields(JobSpec)) == set(OTHER), "give a new field a value here, and decide its side"
     (tmp_path / "prefix.txt").write_text("From a file.")

@@ -6,8 +6,6 @@ work starts. Each field's comment says its trade-off.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import re
 import typing
 from pathlib import Path
@@ -29,6 +27,7 @@ from illada_batch.decoding import params as params_mod
 from illada_batch.decoding.params import CacheMode, SamplingParams
 from illada_batch.decoding.template import ResponseTemplate
 from illada_batch.errors import VLLM_INSTALL, ParamsError, SpecError
+from illada_batch.job.fingerprint import fingerprint_of
 
 
 class _Strict(BaseModel):
@@ -368,32 +367,8 @@ class JobSpec(_Strict):
         """What makes outputs comparable: every field that can change a token or an output
         column (model, dtype, backend, cache mode, sampling, template, prefix text, seed, n,
         input), that is every field but the ``TOKEN_NEUTRAL`` ones, so a new field is in it
-        until someone shows it cannot change a token. A field left unset (None) is left out,
-        so a setting added later does not change the fingerprints of outputs made before it."""
-        parts = _without(self.model_dump(mode="json"), TOKEN_NEUTRAL)
-        parts["sampling"] = _without(self._sampling_identity(), frozenset())
-        parts["prefix"] = hashlib.sha256(self.prefix_text().encode()).hexdigest()  # the text, from a file or not
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# The fields that cannot change a token or an output column, left out of the fingerprint: a
-# resume may change them. Where and how the job runs (output, replicas, resources, retries,
-# timeouts, credentials); how rows are batched and cached in memory (a sample's tokens do not
-# depend on its batch neighbours, nor on how many pages the budget holds: tests/test_engine.py
-# and tests/test_block_cache.py hold it), nor on the prefill chunk (tests/test_block_causal.py), nor
-# on how many ranks a replica is split over (tests/test_tensor_parallel.py); shard_rows (a resume checks each shard's rows
-# instead); the exit code's error_budget. `prefix` enters as the hash of its text.
-TOKEN_NEUTRAL = frozenset({
-    "name", "base_dir", "output", "replicas", "resources", "shard_rows", "max_retries", "retry_backoff_s",
-    "error_budget", "placement_timeout_s", "stall_warning_s", "model.storage_options", "input.storage_options",
-    "engine.max_batch_size", "engine.kv_budget", "engine.tensor_parallel_size", "engine.prefill_chunk", "prefix",
-})
-
-
-def _without(d: dict, paths: frozenset[str], at: str = "") -> dict:
-    """``d`` without the dotted ``paths`` and without unset (None) values."""
-    return {k: _without(v, paths, f"{at}{k}.") if isinstance(v, dict) else v
-            for k, v in d.items() if f"{at}{k}" not in paths and v is not None}
+        until someone shows it cannot change a token (``job/fingerprint.py``)."""
+        return fingerprint_of(self.model_dump(mode="json"), self._sampling_identity(), self.prefix_text())
 
 
 class _AnyKeys(dict):

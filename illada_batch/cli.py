@@ -273,9 +273,6 @@ def _replicas_text(spec) -> str:
     return f"{lo}" if lo == hi else f"{lo} to {hi}"
 
 
-CPU_SHAPE_PARAMETERS = 10**9  # a --model-shape larger than this needs a GPU
-
-
 def cmd_bench(args) -> int:
     if args.only == "scale":  # the driver at 10^3..10^5 shards, simulated replicas (no model, no torch)
         from illada_batch.bench.scale import main as bench_scale
@@ -302,30 +299,10 @@ def cmd_bench(args) -> int:
         from illada_batch.bench.roofline import roofline
 
         return roofline(args.roofline, args.model_shape or "llada-8b", args.out)
-    if args.model_shape:
-        import torch
+    if args.model_shape:  # a real shape, random weights: its placement over --tp ranks, or its modes table
+        from illada_batch.bench.shape import shape_command
 
-        family, cfg = shapes()[args.model_shape]
-        params = family.card(cfg).parameters
-        if args.tp > 1:  # the placement first: does the shape split, what a rank holds
-            from illada_batch.bench.tp_plan import plan_line, tp_plan
-
-            print(plan_line(tp_plan(args.model_shape, family, cfg, args.tp)))
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if gpus < args.tp:
-                raise UserError(f"--model-shape {args.model_shape} --tp {args.tp}: needs {args.tp} CUDA GPUs on one "
-                                f"node, found {gpus} ({params / 1e9:.1f}B parameters; on CPU, `bench --only wide "
-                                f"--tp 2` runs a few layers)")
-            raise UserError(f"--model-shape {args.model_shape} --tp {args.tp}: the sharded modes table is not built "
-                            f"yet; run a job with engine.tensor_parallel_size: {args.tp}")
-        if params > CPU_SHAPE_PARAMETERS and not torch.cuda.is_available():
-            raise UserError(f"--model-shape {args.model_shape}: needs a CUDA GPU ({params / 1e9:.1f}B parameters, "
-                            f"{params * 2 / 1e9:.0f} GB in bf16; on CPU, `bench --only wide` runs a few layers of it)")
-        if not args.random_weights:
-            raise UserError("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
-        from illada_batch.bench.shape import bench_shape
-
-        return bench_shape(args.model_shape, args.rows, caches, args.out)
+        return shape_command(args.model_shape, args.tp, args.random_weights, args.rows, caches, args.out)
     from illada_batch.bench.modes import main as bench_main
     from illada_batch.train.tiny_families import write_tiny
 

@@ -82,6 +82,35 @@ def measured_vs_roofline(modes: list[dict], cfg) -> str:
     return "\n".join(lines)
 
 
+CPU_SHAPE_PARAMETERS = 10**9  # a --model-shape larger than this needs a GPU
+
+
+def shape_command(shape: str, tp: int, random_weights: bool, rows: int, caches: list[str], out: str) -> int:
+    """``bench --model-shape``: with ``tp`` > 1 the placement (what each rank holds) and a
+    refusal without ``tp`` GPUs; else the modes table at that shape, refused in one line where
+    it cannot run (a shape too large for a CPU, no ``--random-weights``)."""
+    from illada_batch.errors import UserError
+
+    family, cfg = shapes()[shape]
+    params = family.card(cfg).parameters
+    if tp > 1:  # the placement first: does the shape split, what a rank holds
+        from illada_batch.bench.tp_plan import plan_line, tp_plan
+
+        print(plan_line(tp_plan(shape, family, cfg, tp)))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < tp:
+            raise UserError(f"--model-shape {shape} --tp {tp}: needs {tp} CUDA GPUs on one node, found {gpus} "
+                            f"({params / 1e9:.1f}B parameters; on CPU, `bench --only wide --tp 2` runs a few layers)")
+        raise UserError(f"--model-shape {shape} --tp {tp}: the sharded modes table is not built yet; run a job "
+                        f"with engine.tensor_parallel_size: {tp}")
+    if params > CPU_SHAPE_PARAMETERS and not torch.cuda.is_available():
+        raise UserError(f"--model-shape {shape}: needs a CUDA GPU ({params / 1e9:.1f}B parameters, "
+                        f"{params * 2 / 1e9:.0f} GB in bf16; on CPU, `bench --only wide` runs a few layers of it)")
+    if not random_weights:
+        raise UserError("--model-shape needs --random-weights (no checkpoint of that shape is shipped)")
+    return bench_shape(shape, rows, caches, out)
+
+
 def bench_shape(shape: str = "llada-8b", rows: int = 64, caches: list[str] | None = None,
                 out_path: str = "bench.json") -> int:
     """The modes table at ``shape`` with random weights (a GPU for llada-8b); writes ``out_path``."""

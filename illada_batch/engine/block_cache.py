@@ -37,7 +37,7 @@ from illada_batch.engine.kv_cache import KVCache
 from illada_batch.model.base import DiffusionLM
 from illada_batch.model.layers import traffic
 from illada_batch.model.layers.attention import LayerKV
-from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, page_runs
+from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, plan_pages
 
 
 class BlockCacheForward(Forward):
@@ -99,11 +99,11 @@ class BlockCacheForward(Forward):
         block_tok = cols - (L - length)[:, None]  # [l, BL] the block's token indices in its row
         slots = (table.gather(1, block_tok // ps) * ps + block_tok % ps).reshape(-1)  # [l * BL]
         mask = AttnMask(key_len=length)  # every block query sees the row's every token
-        runs = page_runs(table, length, ps)
+        plan = plan_pages(table, mask, ps)  # once for every layer
 
         def attend_pages(layer: int, k: Tensor, v: Tensor) -> PagedKV:  # k, v [l, Hkv, BL, hd] fresh
             self.kv.write_slots(layer, slots, k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1))
-            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, runs)
+            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, plan)
 
         self.query_tokens += l * BL
         return model.run(batch.x[rows].gather(1, cols), positions=batch.positions[rows].gather(1, cols),

@@ -35,7 +35,7 @@ from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.kv_cache import KVCache
 from illada_batch.engine.prefill import PrefillSchedule
 from illada_batch.model.base import DiffusionLM
-from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, page_runs
+from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, plan_pages
 
 
 class BlockCausalForward(Forward):
@@ -78,12 +78,12 @@ class BlockCausalForward(Forward):
         slots = table[row_of, tok // ps] * ps + tok % ps  # [N]
         q_index = (start[:, None] + torch.arange(int(count.max()), device=dev)).clamp(max=(stop - 1)[:, None])  # [r, longest]
         mask = AttnMask(key_len=stop, q_index=q_index, block=self.block)
-        runs = page_runs(table, stop, ps)
         segments = list(zip(offset.tolist(), count.tolist()))
+        plan = plan_pages(table, mask, ps, segments)  # once for every layer
 
         def attend_pages(layer: int, k: Tensor, v: Tensor) -> PagedKV:  # k, v [1, Hkv, N, hd]
             self.kv.write_slots(layer, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, runs, segments)
+            return PagedKV(self.kv.k[layer], self.kv.v[layer], table, mask, plan, segments)
 
         self.query_tokens += len(tok)
         last = torch.tensor([k for k, j in enumerate(ran) if spans[j].decodes], dtype=torch.long, device=dev)  # [d]

@@ -39,7 +39,8 @@ def merge_lse(parts: list[tuple[Tensor, Tensor]], keep_lse: bool = False):
     """Softmax over the union of key sets from each part's (out [..., L, hd], lse [..., L]):
     the parts weighted by exp(lse_part - lse_total), in float32 -> out (and its lse)."""
     top = torch.stack([lse for _, lse in parts]).amax(0)  # [..., L]
+    top = top.masked_fill(top == -torch.inf, 0)  # a query no part gives a key: out 0, lse -inf (no NaN)
     w = [(lse - top).exp()[..., None] for _, lse in parts]  # [..., L, 1]
     total = sum(w)
-    out = sum(o.float() * wi for (o, _), wi in zip(parts, w)) / total
+    out = sum(o.float() * wi for (o, _), wi in zip(parts, w)) / total.clamp_min(torch.finfo(torch.float32).tiny)
     return (out, top + total[..., 0].log()) if keep_lse else out

@@ -1,0 +1,96 @@
+"""Paged attention (``model/layers/paged_attention.py``) against dense attention over the same
+keys under the same mask (``AttnMask.visible``): rows of any lengths, pages anywhere in the
+pool (one run or many), leading pages shared by every row (attended once for the batch),
+block-causal masks with queries that see none of a run's keys, packed or stacked queries."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, paged_attention, plan_pages
+
+H, HKV, HD = 4, 2, 8
+
+
+def _dense(q_rows, k_rows, v_rows, seen_rows):
+    """Each row on its own: q [1, H, Lr, hd] over its keys [1, Hkv, T, hd] under ``seen`` [Lr, T]."""
+    out = []
+    for q, k, v, seen in zip(q_rows, k_rows, v_rows, seen_rows):
+        k, v = (t.repeat_interleave(H // HKV, dim=1) for t in (k, v))
+        out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=seen[None, None]))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    ps = data.draw(st.sampled_from([2, 4, 8]))
+    block = data.draw(st.sampled_from([None, 4, 8]))
+    packed = data.draw(st.booleans())
+    B = data.draw(st.integers(1, 4))
+    shared_pages = data.draw(st.integers(0, 3))  # leading pages every row holds (a system prompt's)
+    lengths = [shared_pages * ps + data.draw(st.integers(1, 20)) for _ in range(B)]
+    pool = 64
+    free = data.draw(st.permutations(range(shared_pages, pool)))  # pages anywhere: rows of one run or many
+    tables, at = [], 0
+    width = max(-(-n // ps) for n in lengths)
+    for n in lengths:
+        own = list(free[at:at + width - shared_pages])
+        at += width - shared_pages
+        tables.append(list(range(shared_pages)) + own)
+    table = torch.tensor(tables)
+    kpool, vpool = torch.randn(pool, ps, HKV, HD, generator=g), torch.randn(pool, ps, HKV, HD, generator=g)
+    # each row's queries: its last `count` tokens (a block's, or a prefill's), every one a real token
+    counts = [data.draw(st.integers(1, n)) for n in lengths]
+    key_len = torch.tensor(lengths)
+    longest = max(counts)
+    q_index = torch.stack([torch.arange(n - c, n - c + longest).clamp(max=n - 1) for n, c in zip(lengths, counts)])
+    mask = AttnMask(key_len=key_len, q_index=q_index, block=block)
+    segments = None
+    if packed:
+        offsets = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
+        segments = list(zip(offsets.tolist(), counts))
+        q = torch.randn(1, H, sum(counts), HD, generator=g)
+        q_rows = [q[:, :, o:o + c] for o, c in segments]
+    else:  # stacked rows, each with `longest` queries (padded ones repeat the last token)
+        counts = [longest] * B
+        q = torch.randn(B, H, longest, HD, generator=g)
+        q_rows = [q[r:r + 1] for r in range(B)]
+    plan = plan_pages(table, mask, ps, segments)
+    note(f"{lengths=} {counts=} {tables=} {q_index.tolist()=} {plan=}")
+    got = paged_attention(q, PagedKV(kpool, vpool, table, mask, plan, segments), None)
+
+    k_rows, v_rows, seen_rows = [], [], []
+    for r, n in enumerate(lengths):
+        slots = torch.tensor([table[r, t // ps] * ps + t % ps for t in range(n)])
+        k_rows.append(kpool.flatten(0, 1)[slots].transpose(0, 1)[None])
+        v_rows.append(vpool.flatten(0, 1)[slots].transpose(0, 1)[None])
+        seen_rows.append(mask.visible(torch.tensor([[r]]), q_index[r, :counts[r], None], torch.arange(n)[None]))
+    want = _dense(q_rows, k_rows, v_rows, seen_rows)
+    got_rows = [got[:, :, o:o + c] for o, c in segments] if packed else [got[r:r + 1] for r in range(B)]
+    for r in range(B):
+        torch.testing.assert_close(got_rows[r], want[r], rtol=1e-5, atol=1e-5)
+    if B > 1 and shared_pages and block is None:
+        assert plan.shared == (0, shared_pages * ps)  # the shared pages were read once for the batch
+
+
+def test_a_part_no_query_sees_gives_no_weight():
+    """A prefilling row whose first block's queries see none of its next block's keys, the
+    row's pages in two runs: the kernel's log-sum-exp for a query that sees nothing must not
+    weigh that part (the CPU flash kernel reports 0 there, not -inf)."""
+    ps, block = 4, 8
+    table = torch.tensor([[0, 1, 7, 8]])  # two runs: tokens 0-7 and 8-15
+    kpool, vpool = torch.randn(16, ps, HKV, HD), torch.randn(16, ps, HKV, HD)
+    mask = AttnMask(key_len=torch.tensor([16]), q_index=torch.arange(16)[None], block=block)
+    q = torch.randn(1, H, 16, HD)
+    got = paged_attention(q, PagedKV(kpool, vpool, table, mask, plan_pages(table, mask, ps)), None)
+    slots = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 28, 29, 30, 31, 32, 33, 34, 35])
+    k, v = (t.flatten(0, 1)[slots].transpose(0, 1)[None] for t in (kpool, vpool))
+    seen = mask.visible(torch.tensor([[0]]), torch.arange(16)[:, None], torch.arange(16)[None])
+    want = _dense([q], [k], [v], [seen])[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

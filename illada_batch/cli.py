@@ -283,7 +283,7 @@ def cmd_bench(args) -> int:
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
-        return bench_vllm(model=args.model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
+        return bench_vllm(model=args.model or "tiny-llada", ar_model=args.ar_model, rows=args.rows, out_path=args.out)
     from illada_batch.bench.modes import ON_REQUEST, SECTIONS
     from illada_batch.bench.shape import shapes
     from illada_batch.errors import UserError
@@ -306,15 +306,15 @@ def cmd_bench(args) -> int:
     from illada_batch.bench.modes import main as bench_main
     from illada_batch.train.tiny_families import write_tiny
 
-    block_causal = None
-    if args.only and "blockdiff" in args.only.split(","):  # the tiny LLaDA 2.x checkpoint, written for this run
+    block_causal = args.model  # blockdiff's model: --model when given, else the tiny LLaDA 2.x written for this run
+    if args.only and "blockdiff" in args.only.split(",") and args.model is None:
         import tempfile
 
         from illada_batch.train.tiny_llada2 import write_tiny_llada2
 
         # the same weights with a 4k context: room for gen 1024 and a 2k-token prompt
         block_causal = str(write_tiny_llada2(tempfile.mkdtemp(prefix="tiny-llada2-"), max_position_embeddings=4096))
-    return bench_main(args.model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
+    return bench_main(args.model or "tiny-llada", args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
                       write_tiny=write_tiny, block_causal_model=block_causal)
 
 
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("bench", help="engine benchmark: cache and decoding modes on the tiny model")
-    p.add_argument("--model", default="tiny-llada")
+    p.add_argument("--model", default=None, help="default tiny-llada (--only blockdiff: a tiny LLaDA 2.x with a 4k context)")
     p.add_argument("--rows", type=_positive, default=64)
     p.add_argument("--out", default="bench.json")
     p.add_argument("--model-shape", default=None, help="e.g. llada-8b (with --random-weights)")

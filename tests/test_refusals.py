@@ -335,3 +335,11 @@ def test_validate_names_the_files_an_output_holds_that_the_job_did_not_write(tmp
     code, text = validate(spec_file(tmp_path), capsys=capsys)
     assert code == 1 and "holds files this job did not write (README.md, data/mine.parquet)" in text, text
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_blockdiff_bench_on_a_model_without_block_causal_attention_is_refused(tmp_path, capsys):
+    """`bench --only blockdiff --model M` runs M (it used to run the tiny LLaDA 2.x whatever
+    --model said); a bidirectional M has no exact block cache to measure: one line, exit 2."""
+    assert cli_run("bench", "--only", "blockdiff", "--model", "tiny-llada", "--out", str(tmp_path / "b.json")) == 2
+    err = capsys.readouterr().err
+    assert "llada is not block-causal" in err and "--model" in err and "Traceback" not in err

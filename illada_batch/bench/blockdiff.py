@@ -27,12 +27,13 @@ from illada_batch.engine.requests import Request, sample_seed
 
 BLOCK = 32
 OFF_STEPS = {256: 8, 1024: 4}  # steps of the cache-off loop timed per cell
+SYSTEM, LONGEST_TAIL = 400, 40  # rows: a shared system prompt, then 8 to 39 tokens of their own
 
 
 def _rows(n: int, system: int, seed: int, vocab: int) -> list[tuple[int, ...]]:
     rng = random.Random(seed)
     shared = [rng.randrange(3, vocab) for _ in range(system)]
-    return [tuple(shared + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, 40))]) for _ in range(n)]
+    return [tuple(shared + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, LONGEST_TAIL))]) for _ in range(n)]
 
 
 def _requests(prompts, params: SamplingParams) -> list[Request]:
@@ -63,9 +64,13 @@ def _speed(model, rows: int, gens, batches) -> list[dict]:
             f"{'query/tok':>10}{'off query/tok':>14}{'peak MB':>8}{'off peak MB':>12}")
     print(f"{head}\n{'-' * len(head)}", flush=True)
     for gen in gens:
+        if SYSTEM + LONGEST_TAIL + gen > model.card.max_sequence_length:
+            print(f"{gen:>5}  skipped: a {SYSTEM}-token system prompt, up to {LONGEST_TAIL} more and gen {gen} pass the "
+                  f"model's {model.card.max_sequence_length} tokens", flush=True)
+            continue
         params = SamplingParams(steps=gen, gen_length=gen, block_length=BLOCK, threshold=0.9, suppress_eos=True,
                                 early_stop=False)
-        reqs = _requests(_rows(max(batches), 400, seed=gen, vocab=model.card.vocab_size), params)
+        reqs = _requests(_rows(max(batches), SYSTEM, seed=gen, vocab=model.card.vocab_size), params)
         for batch in batches:
             if batch > rows:
                 print(f"{gen:>5}{batch:>6}  skipped: --rows {rows} holds no batch of {batch}", flush=True)
@@ -103,5 +108,7 @@ def _hit_rates(model, rows: int, systems) -> list[dict]:
 
 def bench_blockdiff(model, rows: int = 64, gens=(256, 1024), batches=(1, 16, 64),
                     systems=(64, 100, 400, 1000)) -> dict:
-    return {"speed": _speed(model, rows, gens, batches), "hit_rates": _hit_rates(model, min(rows, 16), systems),
-            "stall": bench_stall(model, BLOCK)}
+    room = model.card.max_sequence_length - LONGEST_TAIL - BLOCK  # the longest system prompt a row fits beside
+    return {"speed": _speed(model, rows, gens, batches),
+            "hit_rates": _hit_rates(model, min(rows, 16), [s for s in systems if s <= room]),
+            "stall": bench_stall(model, BLOCK, long_prompt=min(2000, model.card.max_sequence_length - 256))}

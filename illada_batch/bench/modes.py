@@ -19,6 +19,7 @@ from illada_batch.bench.measure import run_requests, strip, table, with_agreemen
 from illada_batch.decoding.params import SamplingParams
 from illada_batch.engine.diffusion import Engine
 from illada_batch.engine.requests import Request
+from illada_batch.errors import UserError
 from illada_batch.tasks.evaluate import accuracy, suite_requests, suite_rows
 
 GEN = 32
@@ -182,9 +183,13 @@ def _wide_tp(tp: int, caches: list[str]):  # each rank's peak memory against 1/N
     return out
 
 
-def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: its own model, tiny LLaDA 2.x
+def _blockdiff(model, rows: int, caches: list[str]):  # not in the default set: its own model (block-causal)
     from illada_batch.bench.blockdiff import bench_blockdiff
+    from illada_batch.model.family import AttentionKind
 
+    if model.card.attention is not AttentionKind.BLOCK_CAUSAL:
+        raise UserError(f"bench --only blockdiff: {model.card.family} is not block-causal (it has no exact block "
+                        f"cache); give --model a block-causal checkpoint (LLaDA 2.x), or leave --model out")
     return bench_blockdiff(model, rows=rows)
 
 

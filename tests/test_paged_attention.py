@@ -1,7 +1,8 @@
 """Paged attention (``model/layers/paged_attention.py``) against dense attention over the same
 keys under the same mask (``AttnMask.visible``): rows of any lengths, pages anywhere in the
 pool (one run or many), leading pages shared by every row (attended once for the batch),
-block-causal masks with queries that see none of a run's keys, packed or stacked queries."""
+block-causal and isolated-prefix masks (the plan decides from a range's corners when no
+mask is needed), queries that see none of a run's keys, packed or stacked queries."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
     key_len = torch.tensor(lengths)
     longest = max(counts)
     q_index = torch.stack([torch.arange(n - c, n - c + longest).clamp(max=n - 1) for n, c in zip(lengths, counts)])
-    mask = AttnMask(key_len=key_len, q_index=q_index, block=block)
+    prefix_end = torch.tensor([data.draw(st.integers(0, n)) for n in lengths]) if data.draw(st.booleans()) else None
+    mask = AttnMask(key_len=key_len, q_index=q_index, prefix_end=prefix_end, block=block)
     segments = None
     if packed:
         offsets = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
@@ -75,7 +77,7 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
     got_rows = [got[:, :, o:o + c] for o, c in segments] if packed else [got[r:r + 1] for r in range(B)]
     for r in range(B):
         torch.testing.assert_close(got_rows[r], want[r], rtol=1e-5, atol=1e-5)
-    if B > 1 and shared_pages and block is None:
+    if B > 1 and shared_pages and mask.keys_only:
         assert plan.shared == (0, shared_pages * ps)  # the shared pages were read once for the batch
 
 

@@ -35,6 +35,7 @@ CPU kernel in 203 s, again for each new shape). So:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -68,6 +69,15 @@ class AttnMask:
         if self.block is not None:
             ok = ok & (k // self.block <= q // self.block)
         return ok
+
+    def sees_all(self, r: int, lowest: int, start: int, n: int) -> bool:
+        """``visible`` over a whole range at once: whether every query of row ``r`` (the
+        lowest at token index ``lowest``) sees every key ``start`` to ``start + n`` (keys
+        within the row's ``key_len``). Both rules are monotone, so the corners decide."""
+        if self.block is not None and (start + n - 1) // self.block > lowest // self.block:
+            return False
+        end = None if self.prefix_end is None else int(self.prefix_end[r])
+        return end is None or not lowest < end < start + n
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,12 @@ def plan_pages(table: Tensor, mask: AttnMask, page_size: int,
     ps, key_len = page_size, mask.key_len.tolist()
     L = 0 if mask.q_index is None else mask.q_index.shape[1]
     counts = [L] * len(key_len) if segments is None else [c for _, c in segments]  # each row's queries
-    shared = _shared_pages(table, mask, ps, counts)
+    lowest = None  # each row's lowest query token index
+    if not mask.keys_only:
+        live = torch.arange(L, device=table.device)[None] < torch.tensor(counts, device=table.device)[:, None]
+        lowest = mask.q_index.masked_fill(~live, torch.iinfo(mask.q_index.dtype).max).amin(1).tolist()
+    seen = partial(_seen, mask, counts, lowest)
+    shared = _shared_pages(table, mask, ps, seen)
     skip = 0 if shared is None else shared[1]
     rows = []
     for r, (pages, n) in enumerate(zip(table.tolist(), key_len)):
@@ -147,11 +162,11 @@ def plan_pages(table: Tensor, mask: AttnMask, page_size: int,
                 runs.append([pages[i], i * ps, ps])
         if runs:
             runs[-1][2] = n - runs[-1][1]  # the last page holds the row's last tokens only
-        rows.append([Part(p, start, c, _seen(mask, r, counts[r], start, c)) for p, start, c in runs])
+        rows.append([Part(p, start, c, seen(r, start, c)) for p, start, c in runs])
     return PagePlan(shared, rows)
 
 
-def _shared_pages(table: Tensor, mask: AttnMask, ps: int, counts: list[int]) -> tuple[int, int] | None:
+def _shared_pages(table: Tensor, mask: AttnMask, ps: int, seen) -> tuple[int, int] | None:
     """(first page, tokens) of the consecutive pages every row's table starts with, whole in
     every row's keys and seen whole by every query; None when there are none (or one row)."""
     if table.shape[0] < 2:
@@ -163,20 +178,20 @@ def _shared_pages(table: Tensor, mask: AttnMask, ps: int, counts: list[int]) -> 
     tokens = min(int(run.long().cumprod(0).sum()) * ps, int(mask.key_len.min()))
     if tokens == 0:
         return None
-    if any(_seen(mask, r, c, 0, tokens) is not None for r, c in enumerate(counts)):
+    if any(seen(r, 0, tokens) is not None for r in range(table.shape[0])):
         return None  # a query that must not see all of them (a row prefilling them): each row on its own
     return int(first[0, 0]), tokens
 
 
-def _seen(mask: AttnMask, r: int, count: int, start: int, n: int) -> Tensor | None:
-    """Which of row ``r``'s ``count`` queries see which of its keys ``start`` to ``start + n``:
-    [count, n] boolean, or None when every query sees every one."""
-    if mask.keys_only:
+def _seen(mask: AttnMask, counts: list[int], lowest: list[int] | None, r: int, start: int, n: int) -> Tensor | None:
+    """Which of row ``r``'s ``counts[r]`` queries (the lowest at token index ``lowest[r]``)
+    see which of its keys ``start`` to ``start + n``: [count, n] boolean, or None when every
+    query sees every one (decided without building it: the common case)."""
+    if mask.keys_only or mask.sees_all(r, lowest[r], start, n):
         return None
     rows = torch.tensor([r], device=mask.key_len.device)
     keys = torch.arange(start, start + n, device=mask.key_len.device)
-    seen = mask.visible(rows[:, None], mask.q_index[r, :count, None], keys[None])  # [count, n]
-    return None if bool(seen.all()) else seen
+    return mask.visible(rows[:, None], mask.q_index[r, :counts[r], None], keys[None])  # [count, n]
 
 
 def paged_attention(q: Tensor, kv: PagedKV, prefix: tuple[Tensor, Tensor] | None) -> Tensor:

@@ -175,7 +175,7 @@ def _shared_pages(table: Tensor, mask: AttnMask, ps: int, seen) -> tuple[int, in
     same = (first == first[:1]).all(0)  # [n] pages every row holds at the same place
     common = int(same.long().cumprod(0).sum())  # leading ones
     run = first[0, :common] - first[0, 0] == torch.arange(common, device=table.device)
-    tokens = min(int(run.long().cumprod(0).sum()) * ps, int(mask.key_len.min()))
+    tokens = min(int(run.long().cumprod(0).sum()), int(mask.key_len.min()) // ps) * ps  # whole pages
     if tokens == 0:
         return None
     if any(seen(r, 0, tokens) is not None for r in range(table.shape[0])):

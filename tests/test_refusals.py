@@ -343,3 +343,23 @@ def test_blockdiff_bench_on_a_model_without_block_causal_attention_is_refused(tm
     assert cli_run("bench", "--only", "blockdiff", "--model", "tiny-llada", "--out", str(tmp_path / "b.json")) == 2
     err = capsys.readouterr().err
     assert "llada is not block-causal" in err and "--model" in err and "Traceback" not in err
+
+
+def test_prefill_chunk_where_nothing_would_chunk_is_refused(tmp_path, capsys):
+    """`engine.prefill_chunk` did nothing, silently, for a bidirectional model (no prefill to
+    chunk: its prompt is re-read every step) and for the vLLM backend (its own scheduler
+    chunks prompts): validate, the Engine and the spec now say so, naming the field."""
+    from illada_batch.engine.diffusion import Engine
+    from illada_batch.errors import ParamsError, SpecError
+    from illada_batch.job.spec import spec_from_dict
+
+    code, out = validate(spec_file(tmp_path, engine={"prefill_chunk": 64}), capsys=capsys)
+    assert code == 1 and "PROBLEM   engine.prefill_chunk: chunked prefill is for block-causal models" in out, out
+    assert "llada attends bidirectionally" in out
+    with pytest.raises(ParamsError, match="prefill_chunk=64: chunked prefill is for block-causal models"):
+        Engine.from_pretrained("tiny-llada", prefill_chunk=64)
+    raw = {"name": "v", "backend": "vllm", "model": {"path": "tiny-qwen2"}, "input": {"url": str(tmp_path)},
+           "output": {"url": str(tmp_path / "out")}, "engine": {"prefill_chunk": 64}}
+    with pytest.raises(SpecError, match="engine.prefill_chunk: the diffusion engine's chunked prefill; vLLM"):
+        spec_from_dict(raw, runs_here=False)
+    assert Engine.from_pretrained("tiny-llada2", prefill_chunk=64).prefill_chunk == 64  # block-causal: honoured

@@ -64,6 +64,9 @@ class Engine:
         only, never the tokens (``engine/prefill.py``)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ParamsError(f"prefill_chunk={prefill_chunk}: must be at least 1 token (None: no chunking)")
+        if prefill_chunk is not None and model.card.attention is not AttentionKind.BLOCK_CAUSAL:
+            raise ParamsError(f"prefill_chunk={prefill_chunk}: chunked prefill is for block-causal models; "
+                              f"{model.card.family} attends bidirectionally and has no prefill to chunk")
         self.prefill_chunk = prefill_chunk
         ranks = 1 if model.tp is None else model.tp.size
         if ranks != tensor_parallel_size:

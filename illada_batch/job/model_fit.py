@@ -89,7 +89,8 @@ def tp_problems(spec: JobSpec, problem: str | None) -> list[str]:
 def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
     """What the model's family card refuses: a ``block_length`` other than the block its
     attention declares (block-causal models; every cache mode runs: ``off``, or the exact
-    block cache), and a sampling setting that only another family honours (``owners``:
+    block cache), ``prefill_chunk`` on a model without block-causal attention (it would do
+    nothing), and a sampling setting that only another family honours (``owners``:
     setting -> family)."""
     problems = []
     block = card.attention_block
@@ -99,6 +100,10 @@ def family_problems(spec: JobSpec, card, owners: dict[str, str]) -> list[str]:
     if card.attention.value == "block-causal" and spec.engine.cache.value != "off" and spec.sampling.cfg_scale > 0:
         problems.append(f"sampling.cfg_scale: {card.family}'s block cache (engine.cache '{spec.engine.cache.value}') "
                         f"keeps no unconditional K/V: set engine.cache: off, or cfg_scale: 0")
+    if card.attention.value != "block-causal" and spec.engine.prefill_chunk is not None:
+        problems.append(f"engine.prefill_chunk: chunked prefill is for block-causal models, whose prompt is prefilled "
+                        f"once into pages; {card.family} attends bidirectionally and has no prefill to chunk "
+                        f"(leave it unset)")
     for name, owner in sorted(owners.items()):
         if owner != card.family and getattr(spec.sampling, name, None) not in (None, SAMPLING_DEFAULTS.get(name)):
             problems.append(f"sampling.{name}: a setting of the {owner} family's sampler; this model is "

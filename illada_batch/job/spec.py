@@ -257,6 +257,9 @@ class JobSpec(_Strict):
         if self.backend == "vllm" and self.sampling.cfg_scale > 0:
             raise ValueError("sampling.cfg_scale: classifier-free guidance is a diffusion option; "
                              "the vllm backend needs cfg_scale 0")
+        if self.backend == "vllm" and self.engine.prefill_chunk is not None:
+            raise ValueError("engine.prefill_chunk: the diffusion engine's chunked prefill; vLLM chunks long "
+                             "prompts by its own scheduler (leave it unset with backend vllm)")
         if (self.backend == "diffusion" and self.sampling.cfg_scale > 0 and self.engine.cache is not CacheMode.OFF
                 and (self.engine.cache.block_cache or self.prefix.text or self.prefix.file)):
             raise ValueError(f"sampling.cfg_scale: classifier-free guidance masks the whole prompt (a shared "

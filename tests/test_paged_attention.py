@@ -1,8 +1,10 @@
 """Paged attention (``model/layers/paged_attention.py``) against dense attention over the same
 keys under the same mask (``AttnMask.visible``): rows of any lengths, pages anywhere in the
-pool (one run or many), leading pages shared by every row (attended once for the batch),
-block-causal and isolated-prefix masks (the plan decides from a range's corners when no
-mask is needed), queries that see none of a run's keys, packed or stacked queries."""
+pool (one run or many), leading pages shared by every row or by some (a system prompt's,
+anywhere in the pool, consecutive or not; attended once for the batch when every row has
+them), twin rows (one prompt's samples), block-causal and isolated-prefix masks (the plan
+decides from a range's corners when no mask is needed), queries that see none of a run's
+keys, packed or stacked queries, a shared ``prefix``, float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from illada_batch.model.layers.paged_attention import AttnMask, PagedKV, paged_attention, plan_pages
 
 H, HKV, HD = 4, 2, 8
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _dense(q_rows, k_rows, v_rows, seen_rows):
@@ -25,6 +28,28 @@ def _dense(q_rows, k_rows, v_rows, seen_rows):
     return out
 
 
+def _tables(data, lengths: list[int], ps: int, shared_pages: int, pool: int) -> tuple[list[list[int]], int | None]:
+    """Each row's page table: ``shared_pages`` leading pages that rows may share (a system
+    prompt's: from anywhere in the pool, consecutive or not), the rest its own pages anywhere
+    (one run or many); a row may be its predecessor's twin (the same table). -> (tables, the
+    first shared page when every row holds the shared pages on consecutive ids, else None)."""
+    first = data.draw(st.integers(0, 8))
+    step = data.draw(st.sampled_from([1, 2]))  # consecutive page ids or not
+    common = [first + step * i for i in range(shared_pages)]
+    free = iter(data.draw(st.permutations([p for p in range(pool) if p not in common])))
+    width = max(shared_pages, *(-(-n // ps) for n in lengths))
+    tables, every_row_shares = [], True
+    for r in range(len(lengths)):
+        kind = "shares" if r == 0 else data.draw(st.sampled_from(["shares", "own", "twin"]))
+        if kind == "twin":
+            tables.append(list(tables[-1]))
+            continue
+        lead = common if kind == "shares" else [next(free) for _ in common]
+        every_row_shares &= kind == "shares"
+        tables.append(lead + [next(free) for _ in range(width - shared_pages)])
+    return tables, (first if every_row_shares and step == 1 else None)
+
+
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
@@ -33,20 +58,17 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
     ps = data.draw(st.sampled_from([2, 4, 8]))
     block = data.draw(st.sampled_from([None, 4, 8]))
     packed = data.draw(st.booleans())
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
     B = data.draw(st.integers(1, 4))
-    shared_pages = data.draw(st.integers(0, 3))  # leading pages every row holds (a system prompt's)
+    shared_pages = data.draw(st.integers(0, 3))  # leading pages rows may share (a system prompt's)
     # a row's keys may end inside the shared pages (a row prefilling them, chunk by chunk)
     lengths = [max(1, shared_pages * ps + data.draw(st.integers(-2 * ps, 20))) for _ in range(B)]
-    pool = 64
-    free = data.draw(st.permutations(range(shared_pages, pool)))  # pages anywhere: rows of one run or many
-    tables, at = [], 0
-    width = max(shared_pages, *(-(-n // ps) for n in lengths))
-    for n in lengths:
-        own = list(free[at:at + width - shared_pages])
-        at += width - shared_pages
-        tables.append(list(range(shared_pages)) + own)
+    pool = 96
+    tables, first_shared = _tables(data, lengths, ps, shared_pages, pool)
     table = torch.tensor(tables)
-    kpool, vpool = torch.randn(pool, ps, HKV, HD, generator=g), torch.randn(pool, ps, HKV, HD, generator=g)
+    kpool, vpool = (torch.randn(pool, ps, HKV, HD, generator=g).to(dtype) for _ in range(2))
+    P = data.draw(st.sampled_from([0, 3]))  # a shared prefix's keys, seen by every query
+    prefix = tuple(torch.randn(P, HKV, HD, generator=g).to(dtype) for _ in range(2)) if P else None
     # each row's queries: its last `count` tokens (a block's, or a prefill's), every one a real token
     counts = [data.draw(st.integers(1, n)) for n in lengths]
     key_len = torch.tensor(lengths)
@@ -58,28 +80,34 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
     if packed:
         offsets = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
         segments = list(zip(offsets.tolist(), counts))
-        q = torch.randn(1, H, sum(counts), HD, generator=g)
+        q = torch.randn(1, H, sum(counts), HD, generator=g).to(dtype)
         q_rows = [q[:, :, o:o + c] for o, c in segments]
     else:  # stacked rows, each with `longest` queries (padded ones repeat the last token)
         counts = [longest] * B
-        q = torch.randn(B, H, longest, HD, generator=g)
+        q = torch.randn(B, H, longest, HD, generator=g).to(dtype)
         q_rows = [q[r:r + 1] for r in range(B)]
     plan = plan_pages(table, mask, ps, segments)
     note(f"{lengths=} {counts=} {tables=} {q_index.tolist()=} {plan=}")
-    got = paged_attention(q, PagedKV(kpool, vpool, table, mask, plan, segments), None)
+    got = paged_attention(q, PagedKV(kpool, vpool, table, mask, plan, segments), prefix)
+    assert got.dtype == dtype
 
     k_rows, v_rows, seen_rows = [], [], []
     for r, n in enumerate(lengths):
         slots = torch.tensor([table[r, t // ps] * ps + t % ps for t in range(n)])
-        k_rows.append(kpool.flatten(0, 1)[slots].transpose(0, 1)[None])
-        v_rows.append(vpool.flatten(0, 1)[slots].transpose(0, 1)[None])
-        seen_rows.append(mask.visible(torch.tensor([[r]]), q_index[r, :counts[r], None], torch.arange(n)[None]))
-    want = _dense(q_rows, k_rows, v_rows, seen_rows)
+        k, v = (t.flatten(0, 1)[slots] for t in (kpool, vpool))  # [n, Hkv, hd]
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k]), torch.cat([prefix[1], v])
+        k_rows.append(k.float().transpose(0, 1)[None])
+        v_rows.append(v.float().transpose(0, 1)[None])
+        seen = mask.visible(torch.tensor([[r]]), q_index[r, :counts[r], None], torch.arange(n)[None])
+        seen_rows.append(torch.cat([torch.ones(counts[r], P, dtype=torch.bool), seen.expand(counts[r], n)], 1))
+    want = _dense([t.float() for t in q_rows], k_rows, v_rows, seen_rows)
     got_rows = [got[:, :, o:o + c] for o, c in segments] if packed else [got[r:r + 1] for r in range(B)]
     for r in range(B):
-        torch.testing.assert_close(got_rows[r], want[r], rtol=1e-5, atol=1e-5)
-    if B > 1 and mask.keys_only and min(lengths) >= shared_pages * ps > 0:
-        assert plan.shared == (0, shared_pages * ps)  # the shared pages were read once for the batch
+        torch.testing.assert_close(got_rows[r].float(), want[r], rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+    if B > 1 and mask.keys_only and first_shared is not None and min(lengths) >= shared_pages * ps > 0:
+        page, tokens = plan.shared  # the shared pages were read once for the batch
+        assert page == first_shared and tokens >= shared_pages * ps
 
 
 def test_a_part_no_query_sees_gives_no_weight():

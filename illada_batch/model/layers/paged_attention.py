@@ -218,7 +218,7 @@ def paged_attention(q: Tensor, kv: PagedKV, prefix: tuple[Tensor, Tensor] | None
     if prefix is not None:
         pk, pv = (t.to(q.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1) for t in prefix)  # [B, Hkv, P, hd] views
         parts.append(attention_lse(q, pk, pv, None))
-    return merge_lse(parts).to(q.dtype) if len(parts) > 1 else parts[0][0]
+    return (merge_lse(parts) if len(parts) > 1 else parts[0][0]).to(q.dtype)  # (a row's runs merge in float32)
 
 
 def _view(kv: PagedKV, page: int, n: int) -> tuple[Tensor, Tensor]:

@@ -125,3 +125,18 @@ def test_a_part_no_query_sees_gives_no_weight():
     seen = mask.visible(torch.tensor([[0]]), torch.arange(16)[:, None], torch.arange(16)[None])
     want = _dense([q], [k], [v], [seen])[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 70), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_every_mask_the_plan_makes_has_rows_aligned_for_torch_s_efficient_attention(n, dtype):
+    """Off CPU without flash-attn the masks go to torch's efficient attention, which refuses an
+    additive mask whose rows do not start 16-element aligned ("attn_bias is not correctly
+    aligned"; SDPA pads the mask for it, the direct call does not): a prefilling row's mask
+    over any number of keys has a row stride of a multiple of 16, and its values are the mask."""
+    table = torch.arange(n)[None]  # pages of one token: a part of any key count
+    mask = AttnMask(key_len=torch.tensor([n]), q_index=torch.arange(n)[None], block=1)
+    plan = plan_pages(table, mask, 1, [(0, n)])
+    add, sees_none = plan.additive(0, 0, dtype)
+    assert add.stride(-1) == 1 and add.stride(-2) % 16 == 0
+    assert torch.equal(add[0, 0] == 0, plan.rows[0][0].seen) and not sees_none.any()

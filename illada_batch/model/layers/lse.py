@@ -20,7 +20,8 @@ def fused_lse_here(q: Tensor) -> bool:
 
 def attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """q [B, H, L, hd], k/v [B, Hkv, T, hd] (H a multiple of Hkv), mask additive [B, 1, L, T]
-    in q's dtype or None -> (out [B, H, L, hd] in q's dtype, log-sum-exp of the scaled scores
+    in q's dtype or None (off CPU its rows 16-element aligned: the efficient kernel refuses
+    others) -> (out [B, H, L, hd] in q's dtype, log-sum-exp of the scaled scores
     [B, H, L] float32). On CPU the fused flash kernel (grouped heads broadcast in it);
     elsewhere torch's efficient attention (grouped heads repeated: a counted copy)."""
     if fused_lse_here(q):

@@ -114,7 +114,11 @@ class PagePlan:
             return None
         key = (r, i, dtype)
         if key not in self._additive:
-            add = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, -torch.inf)
+            # rows 16-element aligned (storage wider than the keys): torch's efficient attention,
+            # the kernel off CPU, refuses others ("attn_bias is not correctly aligned")
+            Lr, n = seen.shape
+            add = torch.zeros(Lr, -(-n // 16) * 16, dtype=dtype, device=seen.device)[:, :n]
+            add.masked_fill_(~seen, -torch.inf)
             self._additive[key] = add[None, None], ~seen.any(-1)
         return self._additive[key]
 

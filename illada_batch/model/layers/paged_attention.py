@@ -15,18 +15,17 @@ computes scores over every physical slot) and 124 ms compiled (``torch.compile``
 CPU kernel in 203 s, again for each new shape). So:
 
 - CPU (and any device without flash-attn): ``plan_pages`` works out, once per forward for
-  every layer, how the pages are read. Leading pages every row's table starts with (a shared
-  system prompt's) are attended once for the whole batch, every row's queries in one fused
-  call (cascade attention). The rest of a row's table splits into runs of consecutive pages
-  (the pool hands a row's pages out in order, so usually one run); each run is a view of
-  the pool ``[n * page_size, Hkv, hd]``, one fused call per (row, run), with a mask only
-  where some query must not see some key (a row decoding its last block needs none). The
-  parts merge by log-sum-exp (``lse.merge_lse``). Grouped heads are broadcast by the
-  kernel, never repeated. Off CPU without flash-attn, torch's efficient attention serves the
-  same calls (its GQA repeat is counted as a copy). Measured (``bench --only blockdiff``,
-  gen 256, 16 rows over a 400-token system prompt): a mask built per layer and per run and
-  the shared pages read once per row were 4.7 of the attention's 6.7 s; the plan took the
-  exact cache from 6.6x to 12x the cache-off loop's tokens/s.
+  every layer, how the pages are read: each row's table splits into runs of consecutive
+  pages (the pool hands a row's pages out in order, so usually one run, or two for a row
+  that hit a system prompt's pages); each run is a view of the pool ``[n * page_size, Hkv,
+  hd]``, one fused call per (row, run), with a mask only where some query must not see some
+  key (a row decoding its last block needs none). The runs, and a shared prefix (attended
+  once for the batch), merge by log-sum-exp (``lse.merge_lse``). Grouped heads are broadcast
+  by the kernel, never repeated. Off CPU without flash-attn, torch's efficient attention
+  serves the same calls (its GQA repeat is counted as a copy). Measured (``bench --only
+  blockdiff``, gen 256, 16 rows over a 400-token system prompt): a mask built per layer and
+  per run was most of the attention's time before the plan (see ``PagePlan`` for why the
+  shared pages are not read once for all rows).
 - CUDA with flash-attn: ``flash_attn_with_kvcache(block_table=...)`` reads the pages in
   its kernel (imported lazily; flash-attn 2 takes pages of a multiple of 256 tokens:
   ``Engine(page_size=256)``). Not yet run: no GPU has run this code.
@@ -94,15 +93,19 @@ class Part:
 
 @dataclass(frozen=True)
 class PagePlan:
-    """How one forward's attention reads the pages, worked out once and shared by its layers.
+    """How one forward's attention reads the pages, worked out once and shared by its layers:
+    each row's keys as ``Part``s, its runs of consecutive pages in token order (usually one or
+    two: the pool hands a row's pages out in order, and a row that hit a system prompt's
+    pages starts with those), each with its mask where it needs one.
 
-    ``shared``: (first page, tokens) of the leading consecutive pages every row's table
-    starts with and every query sees whole (rows sharing a system prompt's pages): attended
-    once for the whole batch, every row's queries in one call, as cascade attention does.
-    ``rows``: each row's other keys as ``Part``s (usually one: the pool hands a row's pages
-    out in order)."""
+    Every kernel call and every merge is one row's own, of shapes that row alone decides, so a
+    row gets the same numbers whoever shares its batch (DESIGN's determinism, in bf16 as in
+    float32, at any thread count). Reading pages that rows share once for all of them
+    (cascade attention: every row's queries in one call) was measured 1.2x faster at gen
+    256 and batch 16, and broke that: the CPU kernel's result for a query changes with the
+    other queries in its call (with two threads even across batch entries), and the row that
+    wrote the shared pages reads them whole alone but split in a batch."""
 
-    shared: tuple[int, int] | None
     rows: list[list[Part]]
     _additive: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -144,9 +147,9 @@ class PagedKV:
 def plan_pages(table: Tensor, mask: AttnMask, page_size: int,
                segments: list[tuple[int, int]] | None = None) -> PagePlan:
     """The ``PagePlan`` of rows with page ``table`` [B, n] under ``mask`` (see ``PagedKV``
-    for ``segments``): the leading pages every row shares, then each row's runs of
-    consecutive pages holding the rest of its ``key_len`` tokens, each with its mask."""
-    ps, key_len = page_size, mask.key_len.tolist()
+    for ``segments``): each row's runs of consecutive pages holding its ``key_len`` tokens,
+    each with its mask."""
+    key_len = mask.key_len.tolist()
     L = 0 if mask.q_index is None else mask.q_index.shape[1]
     counts = [L] * len(key_len) if segments is None else [c for _, c in segments]  # each row's queries
     lowest = None  # each row's lowest query token index
@@ -154,37 +157,22 @@ def plan_pages(table: Tensor, mask: AttnMask, page_size: int,
         live = torch.arange(L, device=table.device)[None] < torch.tensor(counts, device=table.device)[:, None]
         lowest = mask.q_index.masked_fill(~live, torch.iinfo(mask.q_index.dtype).max).amin(1).tolist()
     seen = partial(_seen, mask, counts, lowest)
-    shared = _shared_pages(table, mask, ps, seen)
-    skip = 0 if shared is None else shared[1]
-    rows = []
-    for r, (pages, n) in enumerate(zip(table.tolist(), key_len)):
-        runs: list[list[int]] = []
-        for i in range(skip // ps, -(-n // ps)):
-            if runs and pages[i] == runs[-1][0] + runs[-1][2] // ps:
-                runs[-1][2] += ps
-            else:
-                runs.append([pages[i], i * ps, ps])
-        if runs:
-            runs[-1][2] = n - runs[-1][1]  # the last page holds the row's last tokens only
-        rows.append([Part(p, start, c, seen(r, start, c)) for p, start, c in runs])
-    return PagePlan(shared, rows)
+    return PagePlan([[Part(p, start, n, seen(r, start, n)) for p, start, n in _runs(pages, n, page_size)]
+                     for r, (pages, n) in enumerate(zip(table.tolist(), key_len))])
 
 
-def _shared_pages(table: Tensor, mask: AttnMask, ps: int, seen) -> tuple[int, int] | None:
-    """(first page, tokens) of the consecutive pages every row's table starts with, whole in
-    every row's keys and seen whole by every query; None when there are none (or one row)."""
-    if table.shape[0] < 2:
-        return None
-    first = table[:, :-(-int(mask.key_len.min()) // ps)]
-    same = (first == first[:1]).all(0)  # [n] pages every row holds at the same place
-    common = int(same.long().cumprod(0).sum())  # leading ones
-    run = first[0, :common] - first[0, 0] == torch.arange(common, device=table.device)
-    tokens = min(int(run.long().cumprod(0).sum()), int(mask.key_len.min()) // ps) * ps  # whole pages
-    if tokens == 0:
-        return None
-    if any(seen(r, 0, tokens) is not None for r in range(table.shape[0])):
-        return None  # a query that must not see all of them (a row prefilling them): each row on its own
-    return int(first[0, 0]), tokens
+def _runs(pages: list[int], n: int, ps: int) -> list[tuple[int, int, int]]:
+    """A row's ``n`` tokens on its ``pages`` as runs of consecutive pages: (first page, first
+    token index, tokens), in token order."""
+    runs: list[list[int]] = []
+    for i in range(-(-n // ps)):
+        if runs and pages[i] == runs[-1][0] + runs[-1][2] // ps:
+            runs[-1][2] += ps
+        else:
+            runs.append([pages[i], i * ps, ps])
+    if runs:
+        runs[-1][2] = n - runs[-1][1]  # the last page holds the row's last tokens only
+    return [tuple(r) for r in runs]
 
 
 def _seen(mask: AttnMask, counts: list[int], lowest: list[int] | None, r: int, start: int, n: int) -> Tensor | None:
@@ -212,14 +200,9 @@ def paged_attention(q: Tensor, kv: PagedKV, prefix: tuple[Tensor, Tensor] | None
         parts = [_flash_paged(q, kv)]
     else:
         parts = [_rows_over_views(q, kv)]
-        if kv.plan.shared is not None:  # every row's queries over the shared pages in one call
-            page, n = kv.plan.shared
-            flat = q if kv.segments is not None else q.transpose(0, 1).reshape(1, H, B * L, hd)
-            o, lse = attention_lse(flat, *_view(kv, page, n), None)
-            if kv.segments is None:
-                o, lse = o.view(H, B, L, hd).transpose(0, 1), lse.view(H, B, L).transpose(0, 1)
-            parts.append((o, lse))
-    if prefix is not None:
+    if prefix is not None:  # (stacked rows only: one call over packed rows' queries would tie them together)
+        if kv.segments is not None:
+            raise ValueError("paged attention: packed queries take no shared prefix (the block-causal path has none)")
         pk, pv = (t.to(q.dtype).transpose(0, 1)[None].expand(B, -1, -1, -1) for t in prefix)  # [B, Hkv, P, hd] views
         parts.append(attention_lse(q, pk, pv, None))
     return (merge_lse(parts) if len(parts) > 1 else parts[0][0]).to(q.dtype)  # (a row's runs merge in float32)
@@ -233,27 +216,25 @@ def _view(kv: PagedKV, page: int, n: int) -> tuple[Tensor, Tensor]:
 
 def _rows_over_views(q: Tensor, kv: PagedKV) -> tuple[Tensor, Tensor]:
     """Per row, per part of its pages (``kv.plan``): the fused kernel over a view of the
-    pool; -> (out [B, H, L, hd], lse [B, H, L] float32)."""
+    pool, the parts merged by log-sum-exp; -> (out [B, H, L, hd], lse [B, H, L] float32)."""
     outs, lses = [], []
     for r, parts in enumerate(kv.plan.rows):
-        qr = q[r:r + 1]  # [1, H, Lr, hd]
-        if kv.segments is not None:
-            offset, count = kv.segments[r]
-            qr = q[:, :, offset:offset + count]
-        runs = []
-        for i, part in enumerate(parts):
-            m = kv.plan.additive(r, i, q.dtype)
-            o, lse = attention_lse(qr, *_view(kv, part.page, part.n), None if m is None else m[0])
-            if m is not None:  # a query that sees none of this part's keys (a later block) gets no weight
-                o, lse = o.masked_fill(m[1][:, None], 0), lse.masked_fill(m[1], -torch.inf)  # (the CPU kernel says lse 0)
-            runs.append((o, lse))
-        if not runs:  # every key of the row is in the shared pages
-            runs.append((torch.zeros_like(qr), torch.full(qr.shape[:-1], -torch.inf, device=q.device)))
+        qr = q[r:r + 1] if kv.segments is None else q[:, :, kv.segments[r][0]:sum(kv.segments[r])]  # [1, H, Lr, hd]
+        runs = [_attend_part(qr, kv, r, i) for i in range(len(parts))]
         o, lse = merge_lse(runs, keep_lse=True) if len(runs) > 1 else runs[0]
         outs.append(o)
         lses.append(lse)
     dim = 0 if kv.segments is None else 2  # rows stacked, or packed queries in their order
     return torch.cat(outs, dim), torch.cat(lses, dim)
+
+
+def _attend_part(qr: Tensor, kv: PagedKV, r: int, i: int) -> tuple[Tensor, Tensor]:
+    """Row ``r``'s queries ``qr`` [1, H, Lr, hd] over its part ``i`` -> (out, lse)."""
+    part, m = kv.plan.rows[r][i], kv.plan.additive(r, i, qr.dtype)
+    o, lse = attention_lse(qr, *_view(kv, part.page, part.n), None if m is None else m[0])
+    if m is not None:  # a query that sees none of this part's keys (a later block) gets no weight
+        o, lse = o.masked_fill(m[1][:, None], 0), lse.masked_fill(m[1], -torch.inf)  # (the CPU kernel says lse 0)
+    return o, lse
 
 
 def _flash_attn():

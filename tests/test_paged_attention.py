@@ -2,7 +2,7 @@
 keys under the same mask (``AttnMask.visible``): rows of any lengths, pages anywhere in the
 pool (one run or many), leading pages shared by every row or by some (a system prompt's,
 anywhere in the pool, consecutive or not), twin rows (one prompt's samples), block-causal
-and isolated-prefix masks (the plan decides from a range's corners when no mask is needed),
+masks (the plan decides from a range's corners when no mask is needed),
 queries that see none of a run's keys, packed or stacked queries, a shared ``prefix``,
 float32 and bfloat16; and each row's result is, bit for bit, what it gets alone."""
 
@@ -72,8 +72,7 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
     key_len = torch.tensor(lengths)
     longest = max(counts)
     q_index = torch.stack([torch.arange(n - c, n - c + longest).clamp(max=n - 1) for n, c in zip(lengths, counts)])
-    prefix_end = torch.tensor([data.draw(st.integers(0, n)) for n in lengths]) if data.draw(st.booleans()) else None
-    mask = AttnMask(key_len=key_len, q_index=q_index, prefix_end=prefix_end, block=block)
+    mask = AttnMask(key_len=key_len, q_index=q_index, block=block)
     segments = None
     if packed:
         offsets = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
@@ -105,8 +104,7 @@ def test_paged_attention_equals_dense_attention_for_any_tables_and_masks(data):
         torch.testing.assert_close(got_rows[r].float(), want[r], rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
     # DESIGN's determinism: a row's numbers are those it gets alone, bit for bit (bf16 too)
     for r in range(B):
-        one = AttnMask(key_len=key_len[r:r + 1], q_index=q_index[r:r + 1, :counts[r]], block=block,
-                       prefix_end=None if prefix_end is None else prefix_end[r:r + 1])
+        one = AttnMask(key_len=key_len[r:r + 1], q_index=q_index[r:r + 1, :counts[r]], block=block)
         seg = [(0, counts[r])] if packed else None
         alone = paged_attention(q_rows[r], PagedKV(kpool, vpool, table[r:r + 1], one,
                                                    plan_pages(table[r:r + 1], one, ps, seg), seg), prefix)

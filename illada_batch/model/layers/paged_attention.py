@@ -3,7 +3,7 @@ never gathered into a fresh tensor (the block cache's block-only step writes the
 fresh K/V into the row's pages first, then attends to the pages).
 
 The mask is data (``AttnMask``): each row's key count (padding), and optionally each query's
-token index with an isolated prefix's end and a block size (block-causal). ``visible`` is
+token index with a block size (block-causal). ``visible`` is
 its one predicate; every kernel takes the mask through it (a dense boolean slice on CPU,
 flash-attn's ``cache_seqlens`` for the key count alone).
 
@@ -46,37 +46,29 @@ from illada_batch.model.layers.lse import attention_lse, merge_lse
 @dataclass(frozen=True)
 class AttnMask:
     """Which keys a query may see. ``key_len`` [B]: a row's keys are its first key_len tokens
-    (padding past them). With ``q_index`` [B, L] (each query's token index in its row):
-    ``prefix_end`` [B], tokens before it attend only to each other (an isolated prefix);
+    (padding past them). With ``q_index`` [B, L] (each query's token index in its row) and
     ``block``, a query sees keys of its own block and earlier ones (block-causal)."""
 
     key_len: Tensor
     q_index: Tensor | None = None
-    prefix_end: Tensor | None = None
     block: int | None = None
 
     @property
     def keys_only(self) -> bool:
-        return self.prefix_end is None and self.block is None
+        return self.block is None
 
     def visible(self, rows: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """The predicate: may query token ``q`` of row ``rows`` see key token ``k`` (broadcast)."""
         ok = k < self.key_len[rows]
-        if self.prefix_end is not None:
-            end = self.prefix_end[rows]
-            ok = ok & ((q >= end) | (k < end))
         if self.block is not None:
             ok = ok & (k // self.block <= q // self.block)
         return ok
 
-    def sees_all(self, r: int, lowest: int, start: int, n: int) -> bool:
-        """``visible`` over a whole range at once: whether every query of row ``r`` (the
-        lowest at token index ``lowest``) sees every key ``start`` to ``start + n`` (keys
-        within the row's ``key_len``). Both rules are monotone, so the corners decide."""
-        if self.block is not None and (start + n - 1) // self.block > lowest // self.block:
-            return False
-        end = None if self.prefix_end is None else int(self.prefix_end[r])
-        return end is None or not lowest < end < start + n
+    def sees_all(self, lowest: int, start: int, n: int) -> bool:
+        """``visible`` over a whole range at once: whether every query of a row (the lowest at
+        token index ``lowest``) sees every key ``start`` to ``start + n`` (keys within the
+        row's ``key_len``). The block rule is monotone, so the corners decide."""
+        return self.block is None or (start + n - 1) // self.block <= lowest // self.block
 
 
 @dataclass(frozen=True)
@@ -179,7 +171,7 @@ def _seen(mask: AttnMask, counts: list[int], lowest: list[int] | None, r: int, s
     """Which of row ``r``'s ``counts[r]`` queries (the lowest at token index ``lowest[r]``)
     see which of its keys ``start`` to ``start + n``: [count, n] boolean, or None when every
     query sees every one (decided without building it: the common case)."""
-    if mask.keys_only or mask.sees_all(r, lowest[r], start, n):
+    if mask.keys_only or mask.sees_all(lowest[r], start, n):
         return None
     rows = torch.tensor([r], device=mask.key_len.device)
     keys = torch.arange(start, start + n, device=mask.key_len.device)

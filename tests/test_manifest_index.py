@@ -122,3 +122,23 @@ def test_a_manifests_bytes_are_its_fields_as_json_and_read_back_to_it(m):
     manifest it received is the replica's, byte for byte, and reads back to the same manifest."""
     assert m.to_json() == json.dumps(asdict(m)).encode()
     assert Manifest.from_json(json.loads(m.to_json())) == m
+
+
+def test_a_resumes_start_lists_each_of_its_folders_once(s3, monkeypatch):
+    """What the driver does before its first shard (``read_manifests``, ``foreign_files``,
+    ``damaged``) asks the store for one listing of ``_manifest/``, ``data/`` and
+    ``_attempts/`` each: at 10^5 shards a listing is a hundred requests and 10^5 entries parsed."""
+    fs, root = filesystem(f"s3://bucket/idx-{uuid.uuid4().hex[:8]}", s3.options)
+    out = Output(fs, root)
+    for k in range(3):
+        _commit(out, f"s{k}")
+    listed, iterdir = [], fs._iterdir
+
+    def counting(bucket, max_items=None, delimiter="/", prefix="", versions=False):
+        listed.append(prefix.rstrip("/").rsplit("/", 1)[-1])
+        return iterdir(bucket, max_items, delimiter, prefix, versions)
+
+    monkeypatch.setattr(fs, "_iterdir", counting)
+    manifests, unreadable = out.read_manifests()
+    assert out.foreign_files(manifests) == [] and out.untrusted(manifests, unreadable) == {}
+    assert sorted(k for k in listed if k in ("_manifest", "data", "_attempts")) == ["_attempts", "_manifest", "data"]

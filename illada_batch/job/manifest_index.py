@@ -57,14 +57,24 @@ class IndexWriter:
         self.last = time.time()
 
 
-def read_manifests(fs, root: str, unindexed: list | None = None) -> tuple[dict[str, Manifest], dict[str, str]]:
+def read_manifests(fs, root: str, unindexed: list | None = None,
+                   others: list | None = None) -> tuple[dict[str, Manifest], dict[str, str]]:
     """(every readable manifest under ``root``, {shard id: why its manifest cannot be read}):
     index entries the listing confirms, the rest read (and appended to ``unindexed``, for a
-    writer to index them: a resume compacts what a crashed run left unindexed)."""
+    writer to index them: a resume compacts what a crashed run left unindexed). ``others``
+    gets the listing's entries that are not manifests (name, is a folder): what
+    ``Output.foreign_files`` would list ``_manifest/`` again for."""
     try:
-        listed = {f["name"]: _etag(f) for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
+        entries = fs.ls(f"{root}/_manifest", detail=True)
     except FileNotFoundError:
         return {}, {}
+    listed = {}
+    for f in entries:
+        if f["name"].endswith(".json") and f["type"] != "directory":
+            listed[f["name"]] = _etag(f)
+        elif others is not None:
+            others.append((f["name"].rstrip("/").rsplit("/", 1)[-1], f["type"] == "directory"))
+    del entries
     fs.invalidate_cache(f"{root}/_manifest")  # the listing's details are not kept for the run
     hashed = any(listed.values())  # else the index cannot be checked: not used
     indexed = _index_entries(fs, root) if hashed else {}

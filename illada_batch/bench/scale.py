@@ -86,6 +86,7 @@ def _child(args: dict) -> None:
     ray.init(address=args["gcs"], log_to_driver=False)
     spec = spec_from_dict(args["spec"])
     replica = sim_replica(args["counter"], args["crash_at"], os.getpid(), args["first_call"])
+    requests = _count_requests(spec)
     rss0, threads0 = _rss_kb(), _thread_cpu()
     profiler = _Profile(args["profile"]) if args.get("profile") else None
     t0, cpu0 = time.time(), time.process_time()
@@ -96,7 +97,8 @@ def _child(args: dict) -> None:
     Path(args["result"]).write_text(json.dumps({
         "t_start": t0, "run_s": wall, "driver_cpu_s": cpu, "shards_this_run": summary.this_run.shards,
         "skipped": summary.this_run.skipped, "status": summary.verdict(), "rss_before_kb": rss0,
-        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "cpu_by_thread_s": {
+        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "s3_requests": dict(requests),
+        "cpu_by_thread_s": {
             name: round(t - threads0.get(name, 0.0), 2) for name, t in sorted(_thread_cpu().items())}}))
 
 
@@ -137,6 +139,23 @@ class _Profile:
             diff = tracemalloc.take_snapshot().compare_to(self.before, "lineno")
             Path(f"{self.path}.mem.txt").write_text(f"peak traced {peak / 1e6:.1f} MB\n" +
                                                      "\n".join(str(d) for d in diff[:40]))
+
+
+def _count_requests(spec):
+    """The driver's S3 requests by operation (a Counter filled as it runs; empty on local files):
+    counted on the s3fs instance the driver's ``filesystem`` calls get (fsspec caches it)."""
+    from collections import Counter
+
+    from illada_batch.job.storage import filesystem
+
+    counts, (fs, _) = Counter(), filesystem(spec.output.url, spec.output.storage_options)
+    call = getattr(fs, "_call_s3", None)
+    if call is not None:
+        async def counted(method, *args, **kwargs):
+            counts[method] += 1
+            return await call(method, *args, **kwargs)
+        fs._call_s3 = counted
+    return counts
 
 
 def _thread_cpu() -> dict[str, float]:
@@ -199,7 +218,7 @@ def bench_scale(n_shards: int, store: "_Store", gcs: str, tmp: Path, rows_per_sh
         "driver_peak_rss_mb": resumed.get("peak_rss_kb", 0) / 1024,
         "driver_growth_mb": (resumed.get("peak_rss_kb", 0) - resumed.get("rss_before_kb", 0)) / 1024,
         "status_finished_s": status_s, "final_status": final.verdict(),
-        "driver_cpu_by_thread_s": resumed.get("cpu_by_thread_s"),
+        "driver_cpu_by_thread_s": resumed.get("cpu_by_thread_s"), "driver_s3_requests": resumed.get("s3_requests"),
         "complete": final.shards_committed == n_shards and final.samples == rows}
 
 
@@ -289,6 +308,9 @@ def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: i
         top = sorted((r.get("driver_cpu_by_thread_s") or {}).items(), key=lambda kv: -kv[1])[:6]
         print(f"{r['shards']:,} shards: the resume's driver CPU by thread: " +
               ", ".join(f"{name} {s:.1f} s" for name, s in top))
+        if r.get("driver_s3_requests"):
+            print(f"{r['shards']:,} shards: the resume's driver S3 requests: " +
+                  ", ".join(f"{op} {n:,}" for op, n in sorted(r["driver_s3_requests"].items())))
     for r in id_checks:
         print(f"duplicate-id check ({r['check']}) of {r['ids']:,} ids: {r['seconds']:.1f} s, peak memory "
               f"{r['peak_rss_mb']:.0f} MB, {r['repeats']:,} repeats")

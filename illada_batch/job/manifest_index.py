@@ -19,7 +19,7 @@ import time
 import uuid
 
 from illada_batch.job.records import Manifest
-from illada_batch.job.storage import writing
+from illada_batch.job.storage import cat_files, writing
 
 SEGMENT_MANIFESTS = 1000  # manifests per index segment
 SEGMENT_SECONDS = 60.0  # or a segment at least this often while manifests arrive
@@ -105,7 +105,7 @@ def _fetch(fs, paths: list[str]):
     """(path, bytes) of each file, ``READ_BATCH`` fetched at once (concurrently on an async store)."""
     for i in range(0, len(paths), READ_BATCH):
         chunk = paths[i:i + READ_BATCH]
-        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
+        bodies = cat_files(fs, chunk)
         for p in chunk:
             yield p, bodies[p]
 
@@ -119,7 +119,7 @@ def _index_entries(fs, root: str) -> dict[str, tuple[str, str]]:
     entries: dict[str, tuple[str, str]] = {}
     for i in range(0, len(segments), SEGMENT_BATCH):
         chunk = segments[i:i + SEGMENT_BATCH]
-        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
+        bodies = cat_files(fs, chunk)
         for seg in chunk:
             for line in bodies.pop(seg).decode().splitlines():
                 if line:

@@ -2,9 +2,11 @@
 
 The driver runs in a child process against simulated replicas (``sim_replica.py``: they
 commit each shard at once with the real ``Output.write_shard``) on a local Ray, with input
-and output on an S3-compatible server (moto) on 127.0.0.1, a bucket per size, or in local
-files (``store="local"``: the same code, without moto's 10-30 commits a second; there the
-manifest index is not used, a local listing having no content hash). For each size it measures:
+and output on an S3-compatible server on 127.0.0.1, a bucket per size, or in local files
+(``store="local"``: the same code, without the server's 30-40 commits a second; there the
+manifest index is not used, a local listing having no content hash). The server is moto with
+S3's listing complexity (``moto_listing.py``: moto's own answers, each page in O(page) as on
+S3; moto itself sorts the whole bucket for every page of 1,000). For each size it measures:
 
 - plan: listing the input and reading its footers (``plan_shards``), and the duplicate-id
   pass (``mark_duplicate_ids``), in this process;
@@ -15,8 +17,10 @@ manifest index is not used, a local listing having no content hash). For each si
   had before ``run_job``;
 - ``status`` on the finished output.
 Growth per shard between sizes is (peak at the larger - peak at the smaller) / (shards
-difference). Prints a table and writes JSON. ``ILLADA_SCALE_PROFILE=1``: each driver's
-cProfile and tracemalloc diff beside its log (``_Profile``).
+difference). The resume's driver CPU is also given by thread (its own, fsspec's event loop
+where S3 responses are parsed, Ray's), with its S3 requests by operation. Prints a table and
+writes JSON. ``ILLADA_SCALE_PROFILE=1`` (or ``cpu``): each driver's cProfiles and tracemalloc
+diff beside its log (``_Profile``).
 """
 
 from __future__ import annotations

@@ -122,3 +122,42 @@ def test_a_manifests_bytes_are_its_fields_as_json_and_read_back_to_it(m):
     manifest it received is the replica's, byte for byte, and reads back to the same manifest."""
     assert m.to_json() == json.dumps(asdict(m)).encode()
     assert Manifest.from_json(json.loads(m.to_json())) == m
+
+
+def test_a_resumes_start_lists_each_of_its_folders_once(s3, monkeypatch):
+    """What the driver does before its first shard (``read_manifests``, ``foreign_files``,
+    ``damaged``) asks the store for one listing of ``_manifest/``, ``data/`` and
+    ``_attempts/`` each: at 10^5 shards a listing is a hundred requests and 10^5 entries parsed."""
+    fs, root = filesystem(f"s3://bucket/idx-{uuid.uuid4().hex[:8]}", s3.options)
+    out = Output(fs, root)
+    for k in range(3):
+        _commit(out, f"s{k}")
+    listed, iterdir = [], fs._iterdir
+
+    def counting(bucket, max_items=None, delimiter="/", prefix="", versions=False):
+        listed.append(prefix.rstrip("/").rsplit("/", 1)[-1])
+        return iterdir(bucket, max_items, delimiter, prefix, versions)
+
+    monkeypatch.setattr(fs, "_iterdir", counting)
+    manifests, unreadable = out.read_manifests()
+    assert out.foreign_files(manifests) == [] and out.untrusted(manifests, unreadable) == {}
+    assert sorted(k for k in listed if k in ("_manifest", "data", "_attempts")) == ["_attempts", "_manifest", "data"]
+
+
+def test_a_manifest_outside_the_index_costs_one_get(s3, monkeypatch):
+    """Manifests the index does not hold are read in one GET each, with no HEAD before it
+    (s3fs asks a file's size first unless told to read it whole): a resume after a crash reads
+    up to a segment's worth of them."""
+    fs, root = filesystem(f"s3://bucket/idx-{uuid.uuid4().hex[:8]}", s3.options)
+    out = Output(fs, root)
+    for k in range(3):
+        _commit(out, f"s{k}")
+    calls, call = [], fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        calls.append(method)
+        return await call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", counting)
+    assert sorted(out.read_manifests()[0]) == ["s0", "s1", "s2"]
+    assert sorted(c for c in calls if c != "list_objects_v2") == ["get_object"] * 3

@@ -163,6 +163,16 @@ def test_on_s3_foreign_files_are_named_and_only_recorded_attempts_removed(s3):
     fs.pipe_file("bucket/own/notes.txt", b"notes")
     fs.pipe_file("bucket/own/sub/keep.txt", b"folder")
     assert out.foreign_files(out.manifests()) == ["data/mine.parquet", "notes.txt", "sub/"]
+    # _manifest/ as read_manifests listed it stands for a second listing: the same names either way
+    fs.pipe_file("bucket/own/_manifest/notes.txt", b"notes")
+    fs.pipe_file("bucket/own/_manifest/sub/s9.json", b"{}")
+    strays = ["_manifest/notes.txt", "_manifest/sub/", "data/mine.parquet", "notes.txt", "sub/"]
+    assert out.foreign_files(out.manifests()) == strays
+    assert out.foreign_files(out.manifests()) == out.foreign_files(out.manifests()) == strays
+    out.manifests()
+    out.fs.invalidate_cache()
+    assert Output(*filesystem("s3://bucket/own", s3.options)).foreign_files(out.manifests()) == strays
+    fs.rm(["bucket/own/_manifest/notes.txt", "bucket/own/_manifest/sub/s9.json"])
     assert out.remove_orphans(out.manifests()) == 1
     fs.invalidate_cache()
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/own/data")) == sorted(

@@ -2,9 +2,11 @@
 
 The driver runs in a child process against simulated replicas (``sim_replica.py``: they
 commit each shard at once with the real ``Output.write_shard``) on a local Ray, with input
-and output on an S3-compatible server (moto) on 127.0.0.1, a bucket per size, or in local
-files (``store="local"``: the same code, without moto's 10-30 commits a second; there the
-manifest index is not used, a local listing having no content hash). For each size it measures:
+and output on an S3-compatible server on 127.0.0.1, a bucket per size, or in local files
+(``store="local"``: the same code, without the server's 30-40 commits a second; there the
+manifest index is not used, a local listing having no content hash). The server is moto with
+S3's listing complexity (``moto_listing.py``: moto's own answers, each page in O(page) as on
+S3; moto itself sorts the whole bucket for every page of 1,000). For each size it measures:
 
 - plan: listing the input and reading its footers (``plan_shards``), and the duplicate-id
   pass (``mark_duplicate_ids``), in this process;
@@ -15,8 +17,10 @@ manifest index is not used, a local listing having no content hash). For each si
   had before ``run_job``;
 - ``status`` on the finished output.
 Growth per shard between sizes is (peak at the larger - peak at the smaller) / (shards
-difference). Prints a table and writes JSON. ``ILLADA_SCALE_PROFILE=1``: each driver's
-cProfile and tracemalloc diff beside its log (``_Profile``).
+difference). The resume's driver CPU is also given by thread (its own, fsspec's event loop
+where S3 responses are parsed, Ray's), with its S3 requests by operation. Prints a table and
+writes JSON. ``ILLADA_SCALE_PROFILE=1`` (or ``cpu``): each driver's cProfiles and tracemalloc
+diff beside its log (``_Profile``).
 """
 
 from __future__ import annotations
@@ -86,7 +90,8 @@ def _child(args: dict) -> None:
     ray.init(address=args["gcs"], log_to_driver=False)
     spec = spec_from_dict(args["spec"])
     replica = sim_replica(args["counter"], args["crash_at"], os.getpid(), args["first_call"])
-    rss0 = _rss_kb()
+    requests = _count_requests(spec)
+    rss0, threads0 = _rss_kb(), _thread_cpu()
     profiler = _Profile(args["profile"]) if args.get("profile") else None
     t0, cpu0 = time.time(), time.process_time()
     summary = run_job(spec, show_progress=False, log=lambda *a: print(*a, flush=True), replica=replica)
@@ -96,33 +101,86 @@ def _child(args: dict) -> None:
     Path(args["result"]).write_text(json.dumps({
         "t_start": t0, "run_s": wall, "driver_cpu_s": cpu, "shards_this_run": summary.this_run.shards,
         "skipped": summary.this_run.skipped, "status": summary.verdict(), "rss_before_kb": rss0,
-        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "s3_requests": dict(requests),
+        "cpu_by_thread_s": {
+            name: round(t - threads0.get(name, 0.0), 2) for name, t in sorted(_thread_cpu().items())}}))
 
 
 class _Profile:
-    """``ILLADA_SCALE_PROFILE=1``: the driver's cProfile (``<tag>.prof``) and its Python
-    allocations still held after ``run_job`` against those before, by line
-    (``<tag>.mem.txt``: tracemalloc, which slows the driver: its CPU figures are not kept)."""
+    """``ILLADA_SCALE_PROFILE=1``: the driver's cProfile in CPU time of its main thread
+    (``<tag>.prof``) and of fsspec's event loop, where its S3 requests are made and parsed
+    (``<tag>.io.prof``), and its Python allocations still held after ``run_job`` against those
+    before, by line (``<tag>.mem.txt``: tracemalloc, which slows the driver: its CPU figures
+    are not kept). ``ILLADA_SCALE_PROFILE=cpu``: the profiles without tracemalloc."""
 
     def __init__(self, path: str) -> None:
         import cProfile
         import tracemalloc
 
-        self.path = path
-        tracemalloc.start(4)
-        self.before = tracemalloc.take_snapshot()
-        self.prof = cProfile.Profile()
+        from fsspec.asyn import get_loop
+
+        self.path, self.mem = path, os.environ.get("ILLADA_SCALE_PROFILE") != "cpu"
+        if self.mem:
+            tracemalloc.start(4)
+            self.before = tracemalloc.take_snapshot()
+        self.prof, self.io = cProfile.Profile(time.thread_time), cProfile.Profile(time.thread_time)
+        self.loop = get_loop()
+        self.loop.call_soon_threadsafe(self.io.enable)  # a profiler covers the thread that enables it
         self.prof.enable()
 
     def stop(self) -> None:
+        import asyncio
         import tracemalloc
 
         self.prof.disable()
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result()
+        self.loop.call_soon_threadsafe(self.io.disable)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result()
         self.prof.dump_stats(f"{self.path}.prof")
-        peak = tracemalloc.get_traced_memory()[1]
-        diff = tracemalloc.take_snapshot().compare_to(self.before, "lineno")
-        Path(f"{self.path}.mem.txt").write_text(f"peak traced {peak / 1e6:.1f} MB\n" +
-                                                 "\n".join(str(d) for d in diff[:40]))
+        self.io.dump_stats(f"{self.path}.io.prof")
+        if self.mem:
+            peak = tracemalloc.get_traced_memory()[1]
+            diff = tracemalloc.take_snapshot().compare_to(self.before, "lineno")
+            Path(f"{self.path}.mem.txt").write_text(f"peak traced {peak / 1e6:.1f} MB\n" +
+                                                     "\n".join(str(d) for d in diff[:40]))
+
+
+def _count_requests(spec):
+    """The driver's S3 requests by operation (a Counter filled as it runs; empty on local files):
+    counted on the s3fs instance the driver's ``filesystem`` calls get (fsspec caches it)."""
+    from collections import Counter
+
+    from illada_batch.job.storage import filesystem
+
+    counts, (fs, _) = Counter(), filesystem(spec.output.url, spec.output.storage_options)
+    call = getattr(fs, "_call_s3", None)
+    if call is not None:
+        async def counted(method, *args, **kwargs):
+            counts[method] += 1
+            return await call(method, *args, **kwargs)
+        fs._call_s3 = counted
+    return counts
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's threads, summed by thread name: the
+    driver's (``MainThread``), fsspec's event loop (``fsspecIO``), Ray's own threads (a thread
+    that ended is left out)."""
+    import threading
+
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    python = {str(t.native_id): t.name for t in threading.enumerate()}  # the OS knows them all as python3
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = python.get(tid) or f.read().strip()
+        except FileNotFoundError:  # the thread ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _rss_kb() -> int:
@@ -164,6 +222,7 @@ def bench_scale(n_shards: int, store: "_Store", gcs: str, tmp: Path, rows_per_sh
         "driver_peak_rss_mb": resumed.get("peak_rss_kb", 0) / 1024,
         "driver_growth_mb": (resumed.get("peak_rss_kb", 0) - resumed.get("rss_before_kb", 0)) / 1024,
         "status_finished_s": status_s, "final_status": final.verdict(),
+        "driver_cpu_by_thread_s": resumed.get("cpu_by_thread_s"), "driver_s3_requests": resumed.get("s3_requests"),
         "complete": final.shards_committed == n_shards and final.samples == rows}
 
 
@@ -249,6 +308,13 @@ def main(sizes: list[int], out_path: str = "bench-scale.json", rows_per_shard: i
     for g in report["growth"]:
         print(f"{g['from']:,} -> {g['to']:,} shards: driver peak memory growth {g['kb_per_shard']:.2f} KB/shard, "
               f"driver CPU {g['marginal_cpu_ms_per_shard']:.2f} ms/shard at the margin")
+    for r in results:
+        top = sorted((r.get("driver_cpu_by_thread_s") or {}).items(), key=lambda kv: -kv[1])[:6]
+        print(f"{r['shards']:,} shards: the resume's driver CPU by thread: " +
+              ", ".join(f"{name} {s:.1f} s" for name, s in top))
+        if r.get("driver_s3_requests"):
+            print(f"{r['shards']:,} shards: the resume's driver S3 requests: " +
+                  ", ".join(f"{op} {n:,}" for op, n in sorted(r["driver_s3_requests"].items())))
     for r in id_checks:
         print(f"duplicate-id check ({r['check']}) of {r['ids']:,} ids: {r['seconds']:.1f} s, peak memory "
               f"{r['peak_rss_mb']:.0f} MB, {r['repeats']:,} repeats")

@@ -59,6 +59,9 @@ class Output:
         self.fs, self.root = fs, root.rstrip("/")
         self.store = Store(fs)
         self.unindexed: list[Manifest] = []  # manifests the last ``manifests()`` read outside the index
+        # (name, is a folder) of what the last ``read_manifests()`` listed in _manifest/ that is
+        # not a manifest: the next ``foreign_files`` takes it instead of listing _manifest/ again
+        self.manifest_others: list[tuple[str, bool]] | None = None
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -162,8 +165,8 @@ class Output:
         """(readable manifests, {shard id: why its manifest cannot be read}), through the index
         where the listing confirms it (``manifest_index.py``)."""
         self.fs.invalidate_cache()
-        self.unindexed = []
-        return read_manifests(self.fs, self.root, self.unindexed)
+        self.unindexed, self.manifest_others = [], []
+        return read_manifests(self.fs, self.root, self.unindexed, self.manifest_others)
 
     def manifests(self) -> dict[str, Manifest]:
         return self.read_manifests()[0]
@@ -209,6 +212,7 @@ class Output:
         write: anything but its records, the data files its manifests or attempt records
         name, a README.md that carries ``CARD_MARK`` and the PNGs under ``_card/`` that carry
         ``PNG_MARK``. Folders are named, not walked."""
+        others, self.manifest_others = self.manifest_others, None  # _manifest/ as ``read_manifests`` just saw it
         self.fs.invalidate_cache()
         try:
             top = self.fs.ls(self.root, detail=True)
@@ -222,13 +226,15 @@ class Output:
             if entry["name"].rstrip("/") == self.root:
                 continue
             if is_dir and name in (*RECORD_FOLDERS, "data", CARD_FOLDER):
-                for child in self.fs.ls(self.key(name), detail=True):
-                    cname = child["name"].rstrip("/").rsplit("/", 1)[-1]
-                    ok = child["type"] != "directory" and (
+                children = others if name == "_manifest" and others is not None else [
+                    (c["name"].rstrip("/").rsplit("/", 1)[-1], c["type"] == "directory")
+                    for c in self.fs.ls(self.key(name), detail=True)]
+                for cname, child_is_dir in children:
+                    ok = not child_is_dir and (
                         cname in own_data if name == "data" else self._own_figure(cname) if name == CARD_FOLDER
                         else cname.endswith((".json", ".jsonl")))
                     if not ok:
-                        foreign.append(f"{name}/{cname}" + ("/" if child["type"] == "directory" else ""))
+                        foreign.append(f"{name}/{cname}" + ("/" if child_is_dir else ""))
             elif is_dir or not (name in TOP_FILES or (name == "README.md" and self._own_card())):
                 foreign.append(name + ("/" if is_dir else ""))
         return sorted(foreign)

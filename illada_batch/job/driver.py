@@ -205,10 +205,9 @@ class _Job:
                 if not inflight:  # replicas still starting, or retries waiting out their backoff
                     time.sleep(0.2)
                     continue
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-                for ref in done:
+                for ref, value in _finished(list(inflight)):
                     r, shard, attempt = inflight.pop(ref)
-                    m = self._result(ref, r, shard, attempt, queue, pool)
+                    m = self._result(ref, value, r, shard, attempt, queue, pool)
                     if m is not None:
                         last_commit = time.time()
                         progress.update(m.stats.samples, m.stats.tokens, len(self.failed))
@@ -217,10 +216,12 @@ class _Job:
             progress.close()
             pool.close(graceful=drained)
 
-    def _result(self, ref, r: int, shard: Shard, attempt: int, queue: deque, pool: ReplicaPool) -> Manifest | None:
-        """The manifest a shard's call returned, or None after scheduling its retry or recording its failure."""
+    def _result(self, ref, value, r: int, shard: Shard, attempt: int, queue: deque,
+                pool: ReplicaPool) -> Manifest | None:
+        """The manifest a shard's call returned (``value``, or ``_UNREAD`` when it raised), or
+        None after scheduling its retry or recording its failure."""
         try:
-            m = ray.get(ref)
+            m = ray.get(ref) if value is _UNREAD else value
         except RayTaskError as exc:  # raised inside process(): a bad shard, or a bug
             cause = cause_of(exc)
             if isinstance(cause, (*FATAL, OutputError)):  # the same on every try: stop once
@@ -303,6 +304,25 @@ def _connect(address: str | None) -> bool:
             # address="local": a new Ray even where `ray start` left a cluster that a bare init would join
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return bool(address)
+
+
+_UNREAD = object()  # a finished call whose value ``_finished`` did not fetch: it raised
+
+
+def _finished(refs: list) -> list:
+    """(ref, value) of the calls among ``refs`` that have finished, waiting up to a second for
+    one: every one ready is taken at once, with one ``ray.wait`` and one ``ray.get`` for them
+    all when commits come fast. A call that raised gets ``_UNREAD`` (the caller's ``ray.get``
+    raises its error), and so do the others of a batch that held one."""
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    if not done:
+        done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+    if not done:
+        return []
+    try:
+        return list(zip(done, ray.get(done)))
+    except (RayTaskError, RayActorError):
+        return [(ref, _UNREAD) for ref in done]
 
 
 def _busy_seconds(busy: dict) -> float:

@@ -19,7 +19,7 @@ import time
 import uuid
 
 from illada_batch.job.records import Manifest
-from illada_batch.job.storage import writing
+from illada_batch.job.storage import cat_files, writing
 
 SEGMENT_MANIFESTS = 1000  # manifests per index segment
 SEGMENT_SECONDS = 60.0  # or a segment at least this often while manifests arrive
@@ -57,14 +57,24 @@ class IndexWriter:
         self.last = time.time()
 
 
-def read_manifests(fs, root: str, unindexed: list | None = None) -> tuple[dict[str, Manifest], dict[str, str]]:
+def read_manifests(fs, root: str, unindexed: list | None = None,
+                   others: list | None = None) -> tuple[dict[str, Manifest], dict[str, str]]:
     """(every readable manifest under ``root``, {shard id: why its manifest cannot be read}):
     index entries the listing confirms, the rest read (and appended to ``unindexed``, for a
-    writer to index them: a resume compacts what a crashed run left unindexed)."""
+    writer to index them: a resume compacts what a crashed run left unindexed). ``others``
+    gets the listing's entries that are not manifests (name, is a folder): what
+    ``Output.foreign_files`` would list ``_manifest/`` again for."""
     try:
-        listed = {f["name"]: _etag(f) for f in fs.ls(f"{root}/_manifest", detail=True) if f["name"].endswith(".json")}
+        entries = fs.ls(f"{root}/_manifest", detail=True)
     except FileNotFoundError:
         return {}, {}
+    listed = {}
+    for f in entries:
+        if f["name"].endswith(".json") and f["type"] != "directory":
+            listed[f["name"]] = _etag(f)
+        elif others is not None:
+            others.append((f["name"].rstrip("/").rsplit("/", 1)[-1], f["type"] == "directory"))
+    del entries
     fs.invalidate_cache(f"{root}/_manifest")  # the listing's details are not kept for the run
     hashed = any(listed.values())  # else the index cannot be checked: not used
     indexed = _index_entries(fs, root) if hashed else {}
@@ -95,7 +105,7 @@ def _fetch(fs, paths: list[str]):
     """(path, bytes) of each file, ``READ_BATCH`` fetched at once (concurrently on an async store)."""
     for i in range(0, len(paths), READ_BATCH):
         chunk = paths[i:i + READ_BATCH]
-        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
+        bodies = cat_files(fs, chunk)
         for p in chunk:
             yield p, bodies[p]
 
@@ -109,7 +119,7 @@ def _index_entries(fs, root: str) -> dict[str, tuple[str, str]]:
     entries: dict[str, tuple[str, str]] = {}
     for i in range(0, len(segments), SEGMENT_BATCH):
         chunk = segments[i:i + SEGMENT_BATCH]
-        bodies = fs.cat(chunk) if len(chunk) > 1 else {chunk[0]: fs.cat_file(chunk[0])}
+        bodies = cat_files(fs, chunk)
         for seg in chunk:
             for line in bodies.pop(seg).decode().splitlines():
                 if line:

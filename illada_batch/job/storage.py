@@ -7,6 +7,7 @@ which protocol it runs on.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import time
@@ -15,6 +16,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from illada_batch.errors import InputError, OutputError
+from illada_batch.job import timestamps
+
+timestamps.install()  # an S3 listing's timestamps parsed without dateutil (``timestamps.py``)
 
 _NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"}
 
@@ -56,6 +60,25 @@ def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
         raise InputError(f"{url}: cannot open this URL ({exc})") from None
     return fs, path
 
+
+
+def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+    """{path: bytes} of small files, fetched concurrently on an async store, each in one GET:
+    s3fs would otherwise ask each file's size first (a HEAD, to split a large file into
+    ranges) unless a listing of its folder is cached."""
+    if len(paths) == 1:
+        return {paths[0]: fs.cat_file(paths[0], **_ONE_GET.get(type(fs), {}))}
+    return fs.cat(paths, **_ONE_GET.get(type(fs), {}))
+
+
+try:
+    from s3fs import S3FileSystem
+
+    # an s3fs without this parameter reads a whole file in one GET
+    _ONE_GET = {S3FileSystem: {"max_concurrency": 1}} if "max_concurrency" in inspect.signature(
+        S3FileSystem._cat_file).parameters else {}
+except ImportError:  # no S3 support installed
+    _ONE_GET = {}
 
 
 ORPHAN_TAG = "illada-batch:orphan"

@@ -5,11 +5,14 @@ prefix, runs of pages and a row's own keys)."""
 
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 from torch import Tensor
 
 from illada_batch.model.layers import traffic
 
+_TINY = torch.finfo(torch.float32).tiny
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
@@ -39,9 +42,9 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple
 def merge_lse(parts: list[tuple[Tensor, Tensor]], keep_lse: bool = False):
     """Softmax over the union of key sets from each part's (out [..., L, hd], lse [..., L]):
     the parts weighted by exp(lse_part - lse_total), in float32 -> out (and its lse)."""
-    top = torch.stack([lse for _, lse in parts]).amax(0)  # [..., L]
+    top = reduce(torch.maximum, [lse for _, lse in parts])  # [..., L]
     top = top.masked_fill(top == -torch.inf, 0)  # a query no part gives a key: out 0, lse -inf (no NaN)
     w = [(lse - top).exp()[..., None] for _, lse in parts]  # [..., L, 1]
-    total = sum(w)
-    out = sum(o.float() * wi for (o, _), wi in zip(parts, w)) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    total = reduce(torch.add, w)  # (reduce, not sum(): no 0 + first, the same numbers in fewer ops)
+    out = reduce(torch.add, [o.float() * wi for (o, _), wi in zip(parts, w)]) / total.clamp_min(_TINY)
     return (out, top + total[..., 0].log()) if keep_lse else out

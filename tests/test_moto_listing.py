@@ -117,3 +117,24 @@ def test_the_benchmarks_server_pages_as_moto_does(s3):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(when=st.datetimes(min_value=__import__("datetime").datetime(1970, 1, 2)),
+       form=st.sampled_from(["%Y-%m-%dT%H:%M:%S.000Z", "%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ",
+                             "%Y-%m-%dT%H:%M:%S+00:00", "%a, %d %b %Y %H:%M:%S GMT"]),
+       fmt=st.sampled_from(["iso8601", "iso8601_zeroed", "rfc822", "unixtimestamp"]))
+def test_the_servers_timestamps_are_written_as_moto_writes_them(when, form, fmt):
+    """The server writes a key's LastModified (moto's ISO text, parsed back and formatted) with
+    the same text as moto's own serializer, whatever the form and the output format."""
+    from moto.core import serialize
+
+    text = when.strftime(form)
+    theirs = serialize.TimestampSerializer("iso8601")._convert_timestamp_to_str(text, fmt)
+    saved = serialize.parse_to_aware_datetime
+    serialize.parse_to_aware_datetime = moto_listing.aware_datetime
+    try:
+        ours = serialize.TimestampSerializer("iso8601")._convert_timestamp_to_str(text, fmt)
+    finally:
+        serialize.parse_to_aware_datetime = saved
+    assert ours == theirs

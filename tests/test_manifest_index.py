@@ -18,6 +18,7 @@ from illada_batch.job.commit import Output
 from illada_batch.job.driver import status
 from illada_batch.job.manifest_index import IndexWriter, read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardCounts, ShardStats
+from illada_batch.job.shards import Shard
 from illada_batch.job.storage import filesystem
 
 
@@ -124,24 +125,31 @@ def test_a_manifests_bytes_are_its_fields_as_json_and_read_back_to_it(m):
     assert Manifest.from_json(json.loads(m.to_json())) == m
 
 
-def test_a_resumes_start_lists_each_of_its_folders_once(s3, monkeypatch):
-    """What the driver does before its first shard (``read_manifests``, ``foreign_files``,
-    ``damaged``) asks the store for one listing of ``_manifest/``, ``data/`` and
-    ``_attempts/`` each: at 10^5 shards a listing is a hundred requests and 10^5 entries parsed."""
+def test_a_resumes_start_lists_each_of_its_folders_once_and_at_once(s3, monkeypatch):
+    """What the driver does before its first shard (``read_at_start``: manifests, foreign
+    files; then ``damaged``) asks the store for one listing of ``_manifest/``, ``data/`` and
+    ``_attempts/`` each, the three at once: at 10^5 shards a listing is a hundred requests
+    and 10^5 entries parsed."""
     fs, root = filesystem(f"s3://bucket/idx-{uuid.uuid4().hex[:8]}", s3.options)
     out = Output(fs, root)
     for k in range(3):
         _commit(out, f"s{k}")
-    listed, iterdir = [], fs._iterdir
+    listed, going, most, iterdir = [], set(), [0], fs._iterdir
 
-    def counting(bucket, max_items=None, delimiter="/", prefix="", versions=False):
-        listed.append(prefix.rstrip("/").rsplit("/", 1)[-1])
-        return iterdir(bucket, max_items, delimiter, prefix, versions)
+    async def counting(bucket, max_items=None, delimiter="/", prefix="", versions=False):
+        name = prefix.rstrip("/").rsplit("/", 1)[-1]
+        listed.append(name)
+        going.add(name)
+        async for entry in iterdir(bucket, max_items, delimiter, prefix, versions):
+            most[0] = max(most[0], len(going))
+            yield entry
+        going.discard(name)
 
     monkeypatch.setattr(fs, "_iterdir", counting)
-    manifests, unreadable = out.read_manifests()
-    assert out.foreign_files(manifests) == [] and out.untrusted(manifests, unreadable) == {}
+    manifests, unreadable, foreign = out.read_at_start()
+    assert foreign == [] and out.untrusted(manifests, unreadable) == {} and sorted(manifests) == ["s0", "s1", "s2"]
     assert sorted(k for k in listed if k in ("_manifest", "data", "_attempts")) == ["_attempts", "_manifest", "data"]
+    assert most[0] == 3  # all three listings were under way together
 
 
 def test_a_manifest_outside_the_index_costs_one_get(s3, monkeypatch):
@@ -161,3 +169,12 @@ def test_a_manifest_outside_the_index_costs_one_get(s3, monkeypatch):
     monkeypatch.setattr(fs, "_call_s3", counting)
     assert sorted(out.read_manifests()[0]) == ["s0", "s1", "s2"]
     assert sorted(c for c in calls if c != "list_objects_v2") == ["get_object"] * 3
+
+
+@given(st.builds(Shard, _text, _text, st.integers(0, 10**9), st.integers(0, 10**6), st.integers(0, 10**9),
+                 st.none() | _text, st.lists(st.tuples(st.integers(0, 10**6), _text), max_size=3).map(tuple)))
+def test_a_shard_sent_to_a_replica_is_its_fields_and_reads_back_to_it(shard):
+    """The driver sends each shard as ``to_dict()`` (one per shard: no deep copies); a replica
+    rebuilds the same shard from it."""
+    assert shard.to_dict() == asdict(shard)
+    assert Shard.from_dict(shard.to_dict()) == shard

@@ -41,7 +41,7 @@ from illada_batch.job.figures import FOLDER as CARD_FOLDER
 from illada_batch.job.figures import PNG_MARK
 from illada_batch.job.manifest_index import read_manifests
 from illada_batch.job.records import JobSummary, Manifest, RowRange, ShardStats
-from illada_batch.job.storage import Store, writing
+from illada_batch.job.storage import Store, list_at_once, writing
 
 LOCK_STALE_SECONDS = 60  # a run whose heartbeat is older than this is presumed dead
 LOCK_HEARTBEAT_SECONDS = 10
@@ -161,10 +161,22 @@ class Output:
                 bad[sid] = f"{folder}/{sid}.json cannot be read ({type(exc).__name__}: {exc or 'empty'})"
         return out, bad
 
-    def read_manifests(self) -> tuple[dict[str, Manifest], dict[str, str]]:
-        """(readable manifests, {shard id: why its manifest cannot be read}), through the index
-        where the listing confirms it (``manifest_index.py``)."""
+    def read_at_start(self) -> tuple[dict[str, Manifest], dict[str, str], list[str]]:
+        """(manifests, {shard id: why unreadable}, foreign files) as a run's start reads them,
+        with ``_manifest/``, ``_attempts/`` and ``data/`` listed once each and at once
+        (concurrently on S3: at 10^5 shards each is a hundred pages); ``resume_state`` then
+        checks the data files against the same listing of ``data/``."""
         self.fs.invalidate_cache()
+        list_at_once(self.fs, [self.key(folder) for folder in ("_manifest", ATTEMPTS, "data")])
+        manifests, unreadable = self.read_manifests(fresh=False)
+        return manifests, unreadable, self.foreign_files(manifests, fresh=False)
+
+    def read_manifests(self, fresh: bool = True) -> tuple[dict[str, Manifest], dict[str, str]]:
+        """(readable manifests, {shard id: why its manifest cannot be read}), through the index
+        where the listing confirms it (``manifest_index.py``); ``fresh=False``: a listing this
+        process made of ``_manifest/`` (``read_at_start``) is used."""
+        if fresh:
+            self.fs.invalidate_cache()
         self.unindexed, self.manifest_others = [], []
         return read_manifests(self.fs, self.root, self.unindexed, self.manifest_others)
 
@@ -207,13 +219,15 @@ class Output:
             return set()
         return {f.rsplit("/", 1)[-1].removesuffix(".json") for f in files if f.endswith(".json")}
 
-    def foreign_files(self, manifests: dict[str, Manifest]) -> list[str]:
+    def foreign_files(self, manifests: dict[str, Manifest], fresh: bool = True) -> list[str]:
         """Paths under the output (relative; a folder ends in ``/``) that this job did not
         write: anything but its records, the data files its manifests or attempt records
         name, a README.md that carries ``CARD_MARK`` and the PNGs under ``_card/`` that carry
-        ``PNG_MARK``. Folders are named, not walked."""
+        ``PNG_MARK``. Folders are named, not walked. ``fresh=False``: listings this process
+        made are used (``read_at_start``)."""
         others, self.manifest_others = self.manifest_others, None  # _manifest/ as ``read_manifests`` just saw it
-        self.fs.invalidate_cache()
+        if fresh:
+            self.fs.invalidate_cache()
         try:
             top = self.fs.ls(self.root, detail=True)
         except (FileNotFoundError, NotADirectoryError):

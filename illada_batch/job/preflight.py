@@ -136,8 +136,7 @@ def foreign_problems(url: str, storage_options: dict) -> list[str]:
     fs, root = filesystem(url, storage_options)
     out = Output(fs, root)
     with storage_errors(f"output.url {url}", OutputError, "cannot read"):
-        manifests, _ = out.read_manifests()
-        foreign = out.foreign_files(manifests)
+        foreign = out.read_at_start()[2]
     return [foreign_refusal(url, foreign)] if foreign else []
 
 

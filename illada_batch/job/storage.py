@@ -6,6 +6,7 @@ which protocol it runs on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import json
@@ -16,9 +17,10 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from illada_batch.errors import InputError, OutputError
-from illada_batch.job import timestamps
+from illada_batch.job import timestamps, xml_parse
 
 timestamps.install()  # an S3 listing's timestamps parsed without dateutil (``timestamps.py``)
+xml_parse.install()  # and its keys with each structure's plan made once (``xml_parse.py``)
 
 _NETWORK_LIBRARIES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure"}
 
@@ -69,6 +71,21 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
     if len(paths) == 1:
         return {paths[0]: fs.cat_file(paths[0], **_ONE_GET.get(type(fs), {}))}
     return fs.cat(paths, **_ONE_GET.get(type(fs), {}))
+
+
+def list_at_once(fs: fsspec.AbstractFileSystem, folders: list[str]) -> None:
+    """List ``folders`` concurrently into the store's listing cache (an async store with one,
+    as s3fs), so that the ``fs.ls`` calls that follow read them from there; a folder that is
+    not there is left to those calls. Elsewhere nothing: each ``ls`` lists for itself."""
+    cache = getattr(fs, "dircache", None)
+    if not (getattr(fs, "async_impl", False) and getattr(cache, "use_listings_cache", False)):
+        return
+    from fsspec.asyn import sync
+
+    async def listings():
+        await asyncio.gather(*(fs._ls(f, detail=True) for f in folders), return_exceptions=True)
+
+    sync(fs.loop, listings)
 
 
 try:

@@ -25,15 +25,26 @@ _UTC = tzutc()
 
 
 def parse(value):
-    """``botocore.utils.parse_timestamp(value)``, without dateutil for S3's form."""
+    """``botocore.utils.parse_timestamp(value)``, without dateutil for S3's form (the keys of a
+    listing mostly share their second: a text seen lately is not parsed again)."""
+    seen = _SEEN.get(value) if isinstance(value, str) else None
+    if seen is not None:
+        return seen
     match = _S3_FORM.match(value) if isinstance(value, str) else None
     if match is None:
         return parse_timestamp(value)
     *parts, fraction = match.groups()
     try:
-        return datetime.datetime(*map(int, parts), int((fraction or "0").ljust(6, "0")), tzinfo=_UTC)
+        when = datetime.datetime(*map(int, parts), int((fraction or "0").ljust(6, "0")), tzinfo=_UTC)
     except ValueError:  # out of range (month 13): botocore's parser says it its way
         return parse_timestamp(value)
+    if len(_SEEN) >= 4096:
+        _SEEN.clear()
+    _SEEN[value] = when  # a datetime cannot change: one object serves every key that has the text
+    return when
+
+
+_SEEN: dict[str, datetime.datetime] = {}
 
 
 def install() -> None:

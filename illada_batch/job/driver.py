@@ -76,8 +76,7 @@ class _Job:
         if problems:
             raise OutputError("; ".join(problems))
         with storage_errors(f"output.url {self.out_url}", OutputError, "cannot read"):
-            manifests, unreadable = out.read_manifests()
-            foreign = out.foreign_files(manifests)
+            manifests, unreadable, foreign = out.read_at_start()
         if foreign:
             raise OutputError(foreign_refusal(self.out_url, foreign))
         i = spec.input
@@ -195,6 +194,7 @@ class _Job:
                     pool.retire_idle({r for r, _, _ in inflight.values()})
                 if time.time() - last_gauges >= 1.0:
                     last_gauges = time.time()
+                    self.metrics.flush()  # the counts of the shards committed since the last second
                     self.metrics.replicas(len(pool.slots), pool.placed(), len({r for r, _, _ in inflight.values()}),
                                           progress.tokens / max(time.time() - progress.t0, 1e-9))
                 if time.time() - last_commit > spec.stall_warning_s:
@@ -213,6 +213,7 @@ class _Job:
                         progress.update(m.stats.samples, m.stats.tokens, len(self.failed))
             drained = True
         finally:
+            self.metrics.flush()
             progress.close()
             pool.close(graceful=drained)
 
@@ -310,13 +311,11 @@ _UNREAD = object()  # a finished call whose value ``_finished`` did not fetch: i
 
 
 def _finished(refs: list) -> list:
-    """(ref, value) of the calls among ``refs`` that have finished, waiting up to a second for
-    one: every one ready is taken at once, with one ``ray.wait`` and one ``ray.get`` for them
-    all when commits come fast. A call that raised gets ``_UNREAD`` (the caller's ``ray.get``
-    raises its error), and so do the others of a batch that held one."""
-    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-    if not done:
-        done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+    """[(ref, value)] of a call among ``refs`` that has finished, waiting up to a second for
+    one: one ``ray.wait`` and one ``ray.get`` a shard (a zero-timeout wait for all that are
+    ready first mostly found none, and cost a second wait a shard). A call that raised gets
+    ``_UNREAD`` (the caller's ``ray.get`` raises its error)."""
+    done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
     if not done:
         return []
     try:

@@ -19,7 +19,7 @@ import hashlib
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import fsspec
 import pyarrow as pa
@@ -47,7 +47,9 @@ class Shard:
         return RowRange(self.path, self.file_size, self.file_version, self.row_start, self.num_rows)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """``asdict(self)`` without its deep copies (every field is immutable): the driver sends
+        one per shard."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Shard":

@@ -44,7 +44,9 @@ def test_a_tensor_parallel_job_writes_every_row_once_as_tp_1_would(tmp_path, ray
 
 def _rank_1_pid(out) -> int | None:
     """Rank 1's pid, once the replica has committed a shard (so it is busy with the next)."""
-    from ray._private import state  # the GCS's actor table, as job/pool.py reads it
+    # the GCS's actor table, read here only (the ranks are the replica's own actors, and the
+    # local Ray has no dashboard for ray.util.state); the job reads none of Ray's private state
+    from ray._private import state
 
     if not (out / "_manifest").exists() or not any((out / "_manifest").iterdir()):
         return None

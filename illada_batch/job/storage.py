@@ -76,7 +76,8 @@ def cat_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
 def list_at_once(fs: fsspec.AbstractFileSystem, folders: list[str]) -> None:
     """List ``folders`` concurrently into the store's listing cache (an async store with one,
     as s3fs), so that the ``fs.ls`` calls that follow read them from there; a folder that is
-    not there is left to those calls. Elsewhere nothing: each ``ls`` lists for itself."""
+    not there, or whose listing failed, is left to those calls (which list it, and raise
+    what they raise). Elsewhere nothing: each ``ls`` lists for itself."""
     cache = getattr(fs, "dircache", None)
     if not (getattr(fs, "async_impl", False) and getattr(cache, "use_listings_cache", False)):
         return

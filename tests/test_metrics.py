@@ -68,8 +68,12 @@ def test_every_metric_reaches_prometheus_from_a_local_cluster(ray_with_metrics, 
     # pages: whichever shards the replacement replica ends up with (a kill that lands late, on a
     # loaded machine, leaves it only the last), its hit rate is above 0 from its first shard.
     write_prompts(fs, str(tmp_path / "in" / "a.parquet"), ids, [None] + [GOOD] * 23)
+    # 32 steps a shard (about 0.2 s here), so that a kill made just after the first commit lands
+    # with shards left: at 8 steps the twelve shards took 0.6 s in all, and a kill 0.3 s after
+    # the first commit came after the last one (CI, once)
     spec = spec_from_dict(job_dict(str(tmp_path / "in"), str(tmp_path / "out"), None, name="metrics", shard_rows=2,
-                                   error_budget=0.5, resources__num_cpus=1))
+                                   error_budget=0.5, resources__num_cpus=1, sampling__steps=32,
+                                   sampling__gen_length=32, sampling__block_length=32))
 
     def committed_pid():
         manifests = list((tmp_path / "out" / "_manifest").glob("*.json"))
@@ -82,7 +86,7 @@ def test_every_metric_reaches_prometheus_from_a_local_cluster(ray_with_metrics, 
                                   resources__num_cpus=1))
     scraper = Scraper(ray_with_metrics)
     scraper.start()
-    summary = run_job_killing_a_replica(spec, committed_pid, delay=0.3)
+    summary = run_job_killing_a_replica(spec, committed_pid, delay=0.05)
     bad_summary = run_job(bad, show_progress=False, log=lambda *_: None)
     time.sleep(3)  # a last export of the counters
     scraper.stop.set()

@@ -280,10 +280,11 @@ def cmd_bench(args) -> int:
         sizes = [int(n) for n in args.shards.split(",") if n]
         return bench_scale(sizes, args.out, args.rows_per_shard, ids=[int(n) for n in args.ids.split(",") if n],
                            store=args.store)
+    model = args.model or "tiny-llada"  # --only blockdiff alone makes its own when --model is not given
     if args.backend == "vllm":  # the diffusion engine and vLLM side by side
         from illada_batch.bench.versus_vllm import main as bench_vllm
 
-        return bench_vllm(model=args.model or "tiny-llada", ar_model=args.ar_model, rows=args.rows, out_path=args.out)
+        return bench_vllm(model=model, ar_model=args.ar_model, rows=args.rows, out_path=args.out)
     from illada_batch.bench.modes import ON_REQUEST, SECTIONS
     from illada_batch.bench.shape import shapes
     from illada_batch.errors import UserError
@@ -314,7 +315,7 @@ def cmd_bench(args) -> int:
 
         # the same weights with a 4k context: room for gen 1024 and a 2k-token prompt
         block_causal = str(write_tiny_llada2(tempfile.mkdtemp(prefix="tiny-llada2-"), max_position_embeddings=4096))
-    return bench_main(args.model or "tiny-llada", args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
+    return bench_main(model, args.rows, args.out, args.only.split(",") if args.only else None, caches, args.tp,
                       write_tiny=write_tiny, block_causal_model=block_causal)
 
 

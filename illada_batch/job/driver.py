@@ -205,9 +205,12 @@ class _Job:
                 if not inflight:  # replicas still starting, or retries waiting out their backoff
                     time.sleep(0.2)
                     continue
-                for ref, value in _finished(list(inflight)):
+                # one finished call a turn (one ray.wait, one ray.get): a zero-timeout wait for all
+                # that were ready first mostly found none, and cost a second wait a shard
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+                for ref in done:
                     r, shard, attempt = inflight.pop(ref)
-                    m = self._result(ref, value, r, shard, attempt, queue, pool)
+                    m = self._result(ref, r, shard, attempt, queue, pool)
                     if m is not None:
                         last_commit = time.time()
                         progress.update(m.stats.samples, m.stats.tokens, len(self.failed))
@@ -217,12 +220,12 @@ class _Job:
             progress.close()
             pool.close(graceful=drained)
 
-    def _result(self, ref, value, r: int, shard: Shard, attempt: int, queue: deque,
+    def _result(self, ref, r: int, shard: Shard, attempt: int, queue: deque,
                 pool: ReplicaPool) -> Manifest | None:
-        """The manifest a shard's call returned (``value``, or ``_UNREAD`` when it raised), or
-        None after scheduling its retry or recording its failure."""
+        """The manifest a shard's finished call returned, or None after scheduling its retry or
+        recording its failure."""
         try:
-            m = ray.get(ref) if value is _UNREAD else value
+            m = ray.get(ref)
         except RayTaskError as exc:  # raised inside process(): a bad shard, or a bug
             cause = cause_of(exc)
             if isinstance(cause, (*FATAL, OutputError)):  # the same on every try: stop once
@@ -305,23 +308,6 @@ def _connect(address: str | None) -> bool:
             # address="local": a new Ray even where `ray start` left a cluster that a bare init would join
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     return bool(address)
-
-
-_UNREAD = object()  # a finished call whose value ``_finished`` did not fetch: it raised
-
-
-def _finished(refs: list) -> list:
-    """[(ref, value)] of a call among ``refs`` that has finished, waiting up to a second for
-    one: one ``ray.wait`` and one ``ray.get`` a shard (a zero-timeout wait for all that are
-    ready first mostly found none, and cost a second wait a shard). A call that raised gets
-    ``_UNREAD`` (the caller's ``ray.get`` raises its error)."""
-    done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
-    if not done:
-        return []
-    try:
-        return list(zip(done, ray.get(done)))
-    except (RayTaskError, RayActorError):
-        return [(ref, _UNREAD) for ref in done]
 
 
 def _busy_seconds(busy: dict) -> float:

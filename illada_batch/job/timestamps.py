@@ -27,10 +27,12 @@ _UTC = tzutc()
 def parse(value):
     """``botocore.utils.parse_timestamp(value)``, without dateutil for S3's form (the keys of a
     listing mostly share their second: a text seen lately is not parsed again)."""
-    seen = _SEEN.get(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return parse_timestamp(value)
+    seen = _SEEN.get(value)
     if seen is not None:
         return seen
-    match = _S3_FORM.match(value) if isinstance(value, str) else None
+    match = _S3_FORM.match(value)
     if match is None:
         return parse_timestamp(value)
     *parts, fraction = match.groups()
